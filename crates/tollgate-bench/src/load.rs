@@ -44,7 +44,13 @@ where
 {
     let send = Arc::new(send);
     if plan.warmup > 0 {
-        let _ = phase(plan.concurrency, plan.warmup, plan.max_duration, Arc::clone(&send)).await;
+        let _ = phase(
+            plan.concurrency,
+            plan.warmup,
+            plan.max_duration,
+            Arc::clone(&send),
+        )
+        .await;
     }
     phase(plan.concurrency, plan.requests, plan.max_duration, send).await
 }

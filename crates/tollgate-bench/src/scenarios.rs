@@ -16,7 +16,11 @@ use crate::Args;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn plan(args: &Args) -> Plan {
-    let (requests, secs) = if args.quick { (100_000, 10) } else { (1_000_000, 60) };
+    let (requests, secs) = if args.quick {
+        (100_000, 10)
+    } else {
+        (1_000_000, 60)
+    };
     Plan {
         concurrency: args.concurrency,
         warmup: (requests / 20).min(1_000),
@@ -64,7 +68,10 @@ pub(crate) async fn baseline(args: &Args) -> Result<(), BoxError> {
     report::table(
         "baseline: hyper client -> simulated provider over 127.0.0.1 (no Tollgate layer)",
         &[
-            ("requests", format!("{} ok, {} failed", outcome.ok, outcome.errors)),
+            (
+                "requests",
+                format!("{} ok, {} failed", outcome.ok, outcome.errors),
+            ),
             ("concurrency", plan.concurrency.to_string()),
             ("elapsed", format!("{:.2} s", outcome.elapsed.as_secs_f64())),
             ("throughput", format!("{:.0} req/s", outcome.rps())),
@@ -72,7 +79,14 @@ pub(crate) async fn baseline(args: &Args) -> Result<(), BoxError> {
             ("latency p90", ms(h.value_at_quantile(0.90))),
             ("latency p99", ms(h.value_at_quantile(0.99))),
             ("latency max", ms(h.max())),
-            ("provider saw", format!("{} requests, {} tokens", served.requests, served.tokens_served())),
+            (
+                "provider saw",
+                format!(
+                    "{} requests, {} tokens",
+                    served.requests,
+                    served.tokens_served()
+                ),
+            ),
         ],
     );
     if let Some(e) = &outcome.first_error {

@@ -76,7 +76,9 @@ pub fn parse_go_duration(input: &str) -> Option<Duration> {
         // Integer part, saturating: anything past the clamp is the clamp.
         let mut value: u128 = 0;
         for b in int_part.bytes() {
-            value = value.saturating_mul(10).saturating_add(u128::from(b - b'0'));
+            value = value
+                .saturating_mul(10)
+                .saturating_add(u128::from(b - b'0'));
         }
         let mut nanos = value.saturating_mul(per);
         // Fraction: only the digits that can still matter at nanosecond precision.

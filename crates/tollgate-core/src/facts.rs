@@ -162,7 +162,12 @@ impl FactsError {
             Self::Body(_) => "body_read_error",
             Self::MalformedJson(_) => "invalid_json",
         };
-        openai_error(self.status(), "invalid_request_error", code, &self.to_string())
+        openai_error(
+            self.status(),
+            "invalid_request_error",
+            code,
+            &self.to_string(),
+        )
     }
 }
 
@@ -484,7 +489,10 @@ impl<'a> Prompt<'a> {
 /// and the body they hold becomes the request body: the incoming body is dropped unread,
 /// and nothing is parsed again. Either way the returned request's `Content-Length` matches
 /// its body.
-pub async fn buffer_request<B>(req: Request<B>, limit: usize) -> Result<Request<ReplayBody>, FactsError>
+pub async fn buffer_request<B>(
+    req: Request<B>,
+    limit: usize,
+) -> Result<Request<ReplayBody>, FactsError>
 where
     B: Body,
     B::Error: Into<BoxError>,
@@ -549,28 +557,53 @@ mod tests {
         assert_eq!(f.kind(), ApiKind::ChatCompletions);
         assert_eq!(f.model(), Some("gpt-4o-mini"));
         assert!(f.is_stream() && f.include_usage());
-        assert_eq!(f.max_output_tokens(), Some(50), "max_completion_tokens wins");
+        assert_eq!(
+            f.max_output_tokens(),
+            Some(50),
+            "max_completion_tokens wins"
+        );
         assert_eq!(f.choices(), 3);
         let p = f.prompt();
         assert_eq!(p.messages, 3);
         assert_eq!(p.media, 1);
         let texts = sorted(&p);
         assert_eq!(texts.len(), 9);
-        for want in ["system", "Be brief.", "user", "ann", "What is this?", "assistant", "lookup", "{\"q\":1}"] {
+        for want in [
+            "system",
+            "Be brief.",
+            "user",
+            "ann",
+            "What is this?",
+            "assistant",
+            "lookup",
+            "{\"q\":1}",
+        ] {
             assert!(texts.contains(&want), "{want} missing from {texts:?}");
         }
-        assert!(p.texts[8].contains("\"lookup\""), "tool definitions count as text");
-        assert!(!p.texts.iter().any(|t| t.contains("base64")), "image data is not text");
+        assert!(
+            p.texts[8].contains("\"lookup\""),
+            "tool definitions count as text"
+        );
+        assert!(
+            !p.texts.iter().any(|t| t.contains("base64")),
+            "image data is not text"
+        );
     }
 
     #[test]
     fn completions_and_embeddings_take_strings_or_token_ids() {
-        let c = facts("/v1/completions", json!({"model": "gpt-3.5-turbo-instruct", "prompt": ["a", "b"], "max_tokens": 7}));
+        let c = facts(
+            "/v1/completions",
+            json!({"model": "gpt-3.5-turbo-instruct", "prompt": ["a", "b"], "max_tokens": 7}),
+        );
         assert_eq!(c.kind(), ApiKind::Completions);
         assert_eq!(c.prompt().texts, ["a", "b"]);
         assert_eq!(c.max_output_tokens(), Some(7));
 
-        let e = facts("/v1/embeddings", json!({"model": "text-embedding-3-small", "input": [[1, 2, 3], [4]]}));
+        let e = facts(
+            "/v1/embeddings",
+            json!({"model": "text-embedding-3-small", "input": [[1, 2, 3], [4]]}),
+        );
         assert_eq!(e.kind(), ApiKind::Embeddings);
         assert!(!e.kind().generates());
         assert_eq!(e.prompt().token_ids, 4);
@@ -624,18 +657,38 @@ mod tests {
     #[test]
     fn kind_from_shape_when_the_path_says_nothing() {
         let k = |v: Value| facts("/proxy", v).kind();
-        assert_eq!(k(json!({"model": "m", "messages": []})), ApiKind::ChatCompletions);
-        assert_eq!(k(json!({"model": "m", "system": "s", "messages": []})), ApiKind::AnthropicMessages);
-        assert_eq!(k(json!({"model": "m", "prompt": "p"})), ApiKind::Completions);
-        assert_eq!(k(json!({"model": "text-embedding-3-large", "input": "x"})), ApiKind::Embeddings);
-        assert_eq!(k(json!({"model": "gpt-4.1", "input": "x"})), ApiKind::Responses);
+        assert_eq!(
+            k(json!({"model": "m", "messages": []})),
+            ApiKind::ChatCompletions
+        );
+        assert_eq!(
+            k(json!({"model": "m", "system": "s", "messages": []})),
+            ApiKind::AnthropicMessages
+        );
+        assert_eq!(
+            k(json!({"model": "m", "prompt": "p"})),
+            ApiKind::Completions
+        );
+        assert_eq!(
+            k(json!({"model": "text-embedding-3-large", "input": "x"})),
+            ApiKind::Embeddings
+        );
+        assert_eq!(
+            k(json!({"model": "gpt-4.1", "input": "x"})),
+            ApiKind::Responses
+        );
         assert_eq!(k(json!({"contents": []})), ApiKind::GeminiGenerate);
         assert_eq!(k(json!({"hello": "world"})), ApiKind::Unknown);
     }
 
     #[test]
     fn unknown_shapes_yield_facts_not_errors() {
-        for body in [json!([1, 2, 3]), json!("text"), json!(42), json!({"model": 7, "max_tokens": -1, "n": "x"})] {
+        for body in [
+            json!([1, 2, 3]),
+            json!("text"),
+            json!(42),
+            json!({"model": 7, "max_tokens": -1, "n": "x"}),
+        ] {
             let f = facts("/v1/chat/completions", body);
             assert_eq!(f.model(), None);
             assert_eq!(f.max_output_tokens(), None);
@@ -647,7 +700,8 @@ mod tests {
     #[test]
     fn malformed_json_is_an_error_only_for_json_requests() {
         let bad = Bytes::from_static(b"{\"model\": ");
-        let err = RequestFacts::parse("/v1/chat/completions", &HeaderMap::new(), bad.clone()).unwrap_err();
+        let err = RequestFacts::parse("/v1/chat/completions", &HeaderMap::new(), bad.clone())
+            .unwrap_err();
         assert!(matches!(err, FactsError::MalformedJson(_)));
         assert_eq!(err.status(), StatusCode::BAD_REQUEST);
 
@@ -657,7 +711,10 @@ mod tests {
         assert!(f.json().is_none());
 
         let mut vendor = HeaderMap::new();
-        vendor.insert(CONTENT_TYPE, HeaderValue::from_static("application/vnd.api+JSON; charset=utf-8"));
+        vendor.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/vnd.api+JSON; charset=utf-8"),
+        );
         assert!(RequestFacts::parse("/x", &vendor, Bytes::from_static(b"nope")).is_err());
 
         let empty = RequestFacts::parse("/v1/models", &HeaderMap::new(), Bytes::new()).unwrap();
@@ -666,11 +723,16 @@ mod tests {
 
     #[test]
     fn rewrite_leaves_the_original_alone() {
-        let f = facts("/v1/chat/completions", json!({"model": "gpt-4o", "messages": []}));
+        let f = facts(
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o", "messages": []}),
+        );
         let g = f.rewrite(|v| v["model"] = json!("gpt-4o-mini")).unwrap();
         assert_eq!(f.model(), Some("gpt-4o"));
         assert_eq!(g.model(), Some("gpt-4o-mini"));
-        assert!(std::str::from_utf8(g.body()).unwrap().contains("gpt-4o-mini"));
+        assert!(std::str::from_utf8(g.body())
+            .unwrap()
+            .contains("gpt-4o-mini"));
         assert_eq!(g.kind(), ApiKind::ChatCompletions);
     }
 }

@@ -31,8 +31,8 @@ use std::time::{Duration, SystemTime};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 
-pub use crate::duration::MAX_HINT;
 use crate::duration::parse_go_duration;
+pub use crate::duration::MAX_HINT;
 
 /// `retry-after-ms`: OpenAI's wait hint in milliseconds.
 pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
@@ -100,7 +100,9 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 }
 
 fn until(at: SystemTime, now: SystemTime) -> Duration {
-    at.duration_since(now).unwrap_or(Duration::ZERO).min(MAX_HINT)
+    at.duration_since(now)
+        .unwrap_or(Duration::ZERO)
+        .min(MAX_HINT)
 }
 
 /// What a gRPC server's `grpc-retry-pushback-ms` says.
@@ -361,7 +363,10 @@ mod tests {
             ra("Sunday, 06-Nov-94 08:49:47 GMT"),
             Some(Duration::from_secs(10))
         );
-        assert_eq!(ra("Sun Nov  6 08:49:57 1994"), Some(Duration::from_secs(20)));
+        assert_eq!(
+            ra("Sun Nov  6 08:49:57 1994"),
+            Some(Duration::from_secs(20))
+        );
         assert_eq!(ra("tomorrow"), None);
         assert_eq!(ra(""), None);
     }
@@ -418,7 +423,10 @@ mod tests {
             ("anthropic-ratelimit-requests-reset", "2025-01-01T00:00:01Z"),
             ("anthropic-ratelimit-input-tokens-limit", "40000"),
             ("anthropic-ratelimit-input-tokens-remaining", "39000"),
-            ("anthropic-ratelimit-input-tokens-reset", "2025-01-01T00:00:01.500Z"),
+            (
+                "anthropic-ratelimit-input-tokens-reset",
+                "2025-01-01T00:00:01.500Z",
+            ),
             ("anthropic-ratelimit-output-tokens-reset", "not a date"),
         ]);
         let info = RateLimitInfo::from_headers(&h, now);
@@ -466,7 +474,13 @@ mod tests {
         .append_to(&mut h);
         let policies: Vec<_> = h.get_all("ratelimit-policy").iter().collect();
         let states: Vec<_> = h.get_all("ratelimit").iter().collect();
-        assert_eq!(policies, ["\"rpm\";q=3000;w=60", "\"t_pm_\";q=100000;w=60;qu=\"tokens\""]);
+        assert_eq!(
+            policies,
+            [
+                "\"rpm\";q=3000;w=60",
+                "\"t_pm_\";q=100000;w=60;qu=\"tokens\""
+            ]
+        );
         assert_eq!(states, ["\"rpm\";r=0;t=2", "\"t_pm_\";r=42;t=0"]);
     }
 }

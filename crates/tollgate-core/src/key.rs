@@ -218,7 +218,7 @@ impl KeyExtractor for Header {
 pub struct ApiKey;
 
 impl ApiKey {
-    fn raw<'h>(headers: &'h HeaderMap) -> Option<&'h [u8]> {
+    fn raw(headers: &HeaderMap) -> Option<&[u8]> {
         if let Some(v) = headers.get(AUTHORIZATION) {
             let v = v.as_bytes();
             let scheme = b"bearer ";
@@ -327,7 +327,10 @@ mod tests {
         let c = key(&ApiKey, &req(&[("x-api-key", "sk-abc")])).unwrap();
         let d = key(&ApiKey, &req(&[("authorization", "Bearer sk-abd")])).unwrap();
         assert_eq!(a, b);
-        assert_eq!(a, c, "the same secret is the same caller whichever header carries it");
+        assert_eq!(
+            a, c,
+            "the same secret is the same caller whichever header carries it"
+        );
         assert_ne!(a, d);
         assert!(a.starts_with("apikey:") && a.len() == "apikey:".len() + 32);
         assert!(!a.contains("sk-abc"));
@@ -348,7 +351,10 @@ mod tests {
     #[test]
     fn tenant_header_is_trimmed_bounded_and_optional() {
         let t = Header::new("x-tenant-id");
-        assert_eq!(key(&t, &req(&[("x-tenant-id", " acme ")])).as_deref(), Some("tenant:acme"));
+        assert_eq!(
+            key(&t, &req(&[("x-tenant-id", " acme ")])).as_deref(),
+            Some("tenant:acme")
+        );
         assert_eq!(key(&t, &req(&[("x-tenant-id", "")])), None);
         assert_eq!(key(&t, &req(&[])), None);
         let long = "x".repeat(1000);
@@ -359,8 +365,13 @@ mod tests {
     #[test]
     fn or_falls_back_in_order() {
         let e = Header::new("x-tenant-id").or(ApiKey).or(Global);
-        assert_eq!(key(&e, &req(&[("x-tenant-id", "a")])).as_deref(), Some("tenant:a"));
-        assert!(key(&e, &req(&[("x-api-key", "k")])).unwrap().starts_with("apikey:"));
+        assert_eq!(
+            key(&e, &req(&[("x-tenant-id", "a")])).as_deref(),
+            Some("tenant:a")
+        );
+        assert!(key(&e, &req(&[("x-api-key", "k")]))
+            .unwrap()
+            .starts_with("apikey:"));
         assert_eq!(key(&e, &req(&[])).as_deref(), Some("global"));
     }
 

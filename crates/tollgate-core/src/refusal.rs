@@ -199,7 +199,12 @@ impl fmt::Display for Refusal {
             write!(f, " for {key}")?;
         }
         if let Some(q) = &self.quota {
-            write!(f, " (limit {} per {}s)", q.limit, headers::ceil_secs(q.window))?;
+            write!(
+                f,
+                " (limit {} per {}s)",
+                q.limit,
+                headers::ceil_secs(q.window)
+            )?;
         }
         match self.retry_after {
             Some(wait) => write!(f, "; try again in {:.3}s", wait.as_secs_f64()),
@@ -225,7 +230,10 @@ mod tests {
         let res: Response<Bytes> = r.to_response();
         assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(res.headers()["retry-after"], "1");
-        assert!(res.headers().get("ratelimit").is_none(), "no quota, no RateLimit fields");
+        assert!(
+            res.headers().get("ratelimit").is_none(),
+            "no quota, no RateLimit fields"
+        );
         let v = body(res);
         assert_eq!(v["error"]["type"], "tokens");
         assert_eq!(v["error"]["code"], "rate_limit_exceeded");
@@ -244,7 +252,10 @@ mod tests {
         let res: Response<Bytes> = r.to_response();
         assert!(res.headers().get("retry-after").is_none());
         assert_eq!(res.headers()["x-should-retry"], "false");
-        assert_eq!(res.headers()["ratelimit-policy"], "\"tpm\";q=1000;w=60;qu=\"tokens\"");
+        assert_eq!(
+            res.headers()["ratelimit-policy"],
+            "\"tpm\";q=1000;w=60;qu=\"tokens\""
+        );
         assert_eq!(body(res)["error"]["code"], "request_too_large");
     }
 

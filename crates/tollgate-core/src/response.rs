@@ -64,7 +64,9 @@ pub fn openai_error<B: From<Bytes>>(
 ///
 /// Looks through the error's `source()` chain, so a refusal wrapped by another layer's
 /// error is still found.
-pub fn error_response<B: From<Bytes>>(err: &(dyn std::error::Error + 'static)) -> Option<Response<B>> {
+pub fn error_response<B: From<Bytes>>(
+    err: &(dyn std::error::Error + 'static),
+) -> Option<Response<B>> {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(r) = e.downcast_ref::<Refusal>() {
@@ -166,7 +168,7 @@ where
             Ok(res) => Poll::Ready(Ok(res)),
             Err(e) => {
                 let e: BoxError = e.into();
-                Poll::Ready(error_response(&*e).map_or(Err(e), Ok))
+                Poll::Ready(error_response(&*e).ok_or(e))
             }
         }
     }
@@ -201,7 +203,10 @@ mod tests {
             let e = err.take();
             async move { Err::<Response<Full<Bytes>>, _>(e.unwrap_or_else(|| "twice".into())) }
         });
-        ErrorResponseLayer::new().layer(svc).oneshot(Request::new(())).await
+        ErrorResponseLayer::new()
+            .layer(svc)
+            .oneshot(Request::new(()))
+            .await
     }
 
     #[tokio::test]
@@ -211,7 +216,9 @@ mod tests {
         assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(res.headers()["retry-after"], "2");
 
-        let res = run(Box::new(FactsError::TooLarge { limit: 10 })).await.unwrap();
+        let res = run(Box::new(FactsError::TooLarge { limit: 10 }))
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
         let body = res.into_body().collect().await.unwrap().to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();

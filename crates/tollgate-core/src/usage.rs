@@ -94,7 +94,9 @@ impl Partial {
             let sum = |ks: &[&str]| {
                 ks.iter()
                     .filter_map(|k| n(k))
-                    .fold(None, |acc: Option<u64>, x| Some(acc.unwrap_or(0).saturating_add(x)))
+                    .fold(None, |acc: Option<u64>, x| {
+                        Some(acc.unwrap_or(0).saturating_add(x))
+                    })
             };
             // OpenAI chat/completions/embeddings.
             if let Some(p) = n("prompt_tokens") {
@@ -104,7 +106,11 @@ impl Partial {
                 self.output = Some(c);
             }
             // Anthropic and the Responses API.
-            if let Some(i) = sum(&["input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"]) {
+            if let Some(i) = sum(&[
+                "input_tokens",
+                "cache_creation_input_tokens",
+                "cache_read_input_tokens",
+            ]) {
                 self.input = Some(i);
             }
             if let Some(o) = n("output_tokens") {
@@ -352,9 +358,7 @@ impl SseState {
 
     fn dispatch(&mut self, partial: &mut Partial) {
         let skipped = std::mem::take(&mut self.skipping_event);
-        if !skipped
-            && !self.data.is_empty()
-            && memchr::memmem::find(&self.data, b"sage").is_some()
+        if !skipped && !self.data.is_empty() && memchr::memmem::find(&self.data, b"sage").is_some()
         {
             // Only events that mention `usage` or `usageMetadata` are parsed.
             if let Ok(v) = serde_json::from_slice::<Value>(&self.data) {
@@ -420,7 +424,8 @@ mod tests {
 
     #[test]
     fn json_scanner_joins_frames_and_respects_its_cap() {
-        let body = br#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        let body =
+            br#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
         let mut s = UsageScanner::json(1024);
         for part in body.chunks(5) {
             s.feed(&Bytes::copy_from_slice(part));
@@ -448,7 +453,11 @@ mod tests {
     #[test]
     fn openai_stream_at_every_split() {
         for split in 1..OPENAI_STREAM.len() {
-            assert_eq!(scan_sse(OPENAI_STREAM, split), usage(11, 2, 13, 0), "split {split}");
+            assert_eq!(
+                scan_sse(OPENAI_STREAM, split),
+                usage(11, 2, 13, 0),
+                "split {split}"
+            );
         }
     }
 
@@ -496,13 +505,19 @@ mod tests {
 
     #[test]
     fn a_stream_without_usage_reports_none() {
-        assert_eq!(scan_sse("data: {\"choices\":[]}\n\ndata: [DONE]\n\n", 3), None);
+        assert_eq!(
+            scan_sse("data: {\"choices\":[]}\n\ndata: [DONE]\n\n", 3),
+            None
+        );
         assert_eq!(scan_sse(": keep-alive\n\n", 1), None);
     }
 
     #[test]
     fn oversized_lines_are_skipped_not_kept() {
-        let huge = format!("data: {{\"pad\":\"{}\"}}\n\n", "x".repeat(MAX_SSE_EVENT + 10));
+        let huge = format!(
+            "data: {{\"pad\":\"{}\"}}\n\n",
+            "x".repeat(MAX_SSE_EVENT + 10)
+        );
         let body = format!("{huge}{OPENAI_STREAM}");
         let mut s = UsageScanner::sse();
         for part in body.as_bytes().chunks(4096) {
@@ -517,8 +532,14 @@ mod tests {
     #[test]
     fn for_response_picks_the_mode_from_content_type() {
         let mut h = HeaderMap::new();
-        h.insert(CONTENT_TYPE, "text/event-stream; charset=utf-8".parse().unwrap());
+        h.insert(
+            CONTENT_TYPE,
+            "text/event-stream; charset=utf-8".parse().unwrap(),
+        );
         assert!(matches!(UsageScanner::for_response(&h).mode, Mode::Sse(_)));
-        assert!(matches!(UsageScanner::for_response(&HeaderMap::new()).mode, Mode::Json { .. }));
+        assert!(matches!(
+            UsageScanner::for_response(&HeaderMap::new()).mode,
+            Mode::Json { .. }
+        ));
     }
 }

@@ -14,11 +14,8 @@ use tollgate_core::usage::{Usage, UsageScanner};
 
 /// Any byte string a `HeaderValue` accepts: visible ASCII, space, tab and obs-text.
 fn header_value() -> impl Strategy<Value = HeaderValue> {
-    prop::collection::vec(
-        prop_oneof![Just(b'\t'), 0x20u8..0x7f, 0x80u8..=0xff],
-        0..40,
-    )
-    .prop_map(|b| HeaderValue::from_bytes(&b).unwrap())
+    prop::collection::vec(prop_oneof![Just(b'\t'), 0x20u8..0x7f, 0x80u8..=0xff], 0..40)
+        .prop_map(|b| HeaderValue::from_bytes(&b).unwrap())
 }
 
 /// Header values that look like what the parsers expect, give or take.
@@ -60,7 +57,12 @@ fn check_all(h: &HeaderMap) {
     let _ = headers::grpc_retry_pushback(h);
     let _ = headers::should_retry(h);
     let info = RateLimitInfo::from_headers(h, now);
-    for s in [info.requests, info.tokens, info.input_tokens, info.output_tokens] {
+    for s in [
+        info.requests,
+        info.tokens,
+        info.input_tokens,
+        info.output_tokens,
+    ] {
         assert!(s.reset.is_none_or(|d| d <= MAX_HINT));
     }
     let mut req = Request::new(());
@@ -182,9 +184,15 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
             prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
             prop::collection::btree_map(
                 prop_oneof![
-                    Just("model".to_owned()), Just("messages".to_owned()), Just("content".to_owned()),
-                    Just("input".to_owned()), Just("type".to_owned()), Just("max_tokens".to_owned()),
-                    Just("stream".to_owned()), Just("usage".to_owned()), "[a-z]{1,6}",
+                    Just("model".to_owned()),
+                    Just("messages".to_owned()),
+                    Just("content".to_owned()),
+                    Just("input".to_owned()),
+                    Just("type".to_owned()),
+                    Just("max_tokens".to_owned()),
+                    Just("stream".to_owned()),
+                    Just("usage".to_owned()),
+                    "[a-z]{1,6}",
                 ],
                 inner,
                 0..6,

@@ -277,8 +277,14 @@ fn set_limit_headers(h: &mut HeaderMap, snap: &Snapshot) {
             }
         };
         put(format!("x-ratelimit-limit-{what}"), s.limit.to_string());
-        put(format!("x-ratelimit-remaining-{what}"), s.remaining.to_string());
-        put(format!("x-ratelimit-reset-{what}"), format_go_duration(round_ms(s.reset)));
+        put(
+            format!("x-ratelimit-remaining-{what}"),
+            s.remaining.to_string(),
+        );
+        put(
+            format!("x-ratelimit-reset-{what}"),
+            format_go_duration(round_ms(s.reset)),
+        );
     }
 }
 
@@ -313,7 +319,12 @@ enum JobKind {
 }
 
 fn bad_request(message: &str) -> Response<ProviderBody> {
-    error(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request", message)
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "invalid_request",
+        message,
+    )
 }
 
 fn parse_job(
@@ -321,20 +332,20 @@ fn parse_job(
     path: &str,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<Job, Response<ProviderBody>> {
+) -> Result<Job, String> {
     let v: Value = serde_json::from_slice(body)
-        .map_err(|e| bad_request(&format!("We could not parse the JSON body of your request: {e}")))?;
+        .map_err(|e| format!("We could not parse the JSON body of your request: {e}"))?;
     let model = v
         .get("model")
         .and_then(Value::as_str)
-        .ok_or_else(|| bad_request("you must provide a model parameter"))?
+        .ok_or_else(|| String::from("you must provide a model parameter"))?
         .to_owned();
     if path == "/v1/embeddings" {
         let input = v
             .get("input")
-            .ok_or_else(|| bad_request("'input' is a required property"))?;
+            .ok_or_else(|| String::from("'input' is a required property"))?;
         let prompt_tokens =
-            tokens::embedding_input(input).ok_or_else(|| bad_request("'input' is invalid"))?;
+            tokens::embedding_input(input).ok_or_else(|| String::from("'input' is invalid"))?;
         let inputs = match input {
             Value::Array(items) if items.iter().all(|i| !i.is_number()) => items.len(),
             _ => 1,
@@ -354,7 +365,7 @@ fn parse_job(
         .get("messages")
         .and_then(Value::as_array)
         .filter(|m| !m.is_empty())
-        .ok_or_else(|| bad_request("'messages' must be a non-empty array"))?;
+        .ok_or_else(|| String::from("'messages' must be a non-empty array"))?;
     let cap = v
         .get("max_completion_tokens")
         .or_else(|| v.get("max_tokens"))
@@ -448,12 +459,16 @@ impl Job {
         };
         let mut events = Vec::new();
         for i in 0..self.choices {
-            events.push(chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": null, "finish_reason": null}])));
+            events.push(chunk(
+                json!([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": null, "finish_reason": null}]),
+            ));
             let pieces: Vec<&str> = tokens::answer_pieces(self.completion_tokens).collect();
             for group in pieces.chunks(per_chunk.max(1) as usize) {
-                events.push(chunk(json!([{"index": i, "delta": {"content": group.concat()},
-                                          "logprobs": null, "finish_reason": null}])));
+                events.push(chunk(
+                    json!([{"index": i, "delta": {"content": group.concat()},
+                                          "logprobs": null, "finish_reason": null}]),
+                ));
             }
             events.push(chunk(json!([{"index": i, "delta": {}, "logprobs": null,
                                       "finish_reason": self.finish_reason}])));
@@ -520,7 +535,12 @@ impl State {
                 } else {
                     StatusCode::BAD_REQUEST
                 };
-                return Ok(error(status, "invalid_request_error", "body", &e.to_string()));
+                return Ok(error(
+                    status,
+                    "invalid_request_error",
+                    "body",
+                    &e.to_string(),
+                ));
             }
         };
 
@@ -546,9 +566,9 @@ impl State {
 
         let job = match parse_job(&self.config, path, &parts.headers, &bytes) {
             Ok(job) => job,
-            Err(res) => {
+            Err(message) => {
                 self.count(&key, |s| s.bad_requests += 1);
-                return Ok(res);
+                return Ok(bad_request(&message));
             }
         };
 
@@ -579,7 +599,8 @@ impl State {
             let mut events = job.sse_events(&id, self.config.tokens_per_chunk);
             if malformed {
                 let mid = events.len() / 2;
-                events[mid] = Bytes::from_static(b"data: {\"id\": \"chatcmpl-broken\", \"choices\": [\n\n");
+                events[mid] =
+                    Bytes::from_static(b"data: {\"id\": \"chatcmpl-broken\", \"choices\": [\n\n");
             }
             let cut_after = cut.then_some(events.len() / 2);
             let mut res = Response::new(
@@ -597,8 +618,10 @@ impl State {
             } else if cut {
                 let len = body.len();
                 let halves = vec![body.slice(..len / 2), body.slice(len / 2..)];
-                let mut res = Response::new(ScriptedBody::new(halves, Duration::ZERO, Some(1)).boxed());
-                res.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(len));
+                let mut res =
+                    Response::new(ScriptedBody::new(halves, Duration::ZERO, Some(1)).boxed());
+                res.headers_mut()
+                    .insert(CONTENT_LENGTH, HeaderValue::from(len));
                 res
             } else {
                 Response::new(full(body))
@@ -617,7 +640,11 @@ impl State {
 }
 
 fn rate_limited(job: &Job, r: &Refused, snapshot: &Snapshot) -> Response<ProviderBody> {
-    let per = if r.kind == "requests" { "requests per min (RPM)" } else { "tokens per min (TPM)" };
+    let per = if r.kind == "requests" {
+        "requests per min (RPM)"
+    } else {
+        "tokens per min (TPM)"
+    };
     let message = match r.wait {
         Some(wait) => format!(
             "Rate limit reached for {} on {per}: Limit {}, Requested {}. Please try again in {}.",
@@ -631,14 +658,21 @@ fn rate_limited(job: &Job, r: &Refused, snapshot: &Snapshot) -> Response<Provide
             job.model, r.limit, r.requested,
         ),
     };
-    let code = if r.wait.is_some() { "rate_limit_exceeded" } else { "request_too_large" };
+    let code = if r.wait.is_some() {
+        "rate_limit_exceeded"
+    } else {
+        "request_too_large"
+    };
     let mut res = error(StatusCode::TOO_MANY_REQUESTS, r.kind, code, &message);
     let h = res.headers_mut();
     match r.wait {
         Some(wait) => {
             let ms = wait.as_nanos().div_ceil(1_000_000) as u64;
             h.insert("retry-after-ms", HeaderValue::from(ms));
-            h.insert(http::header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+            h.insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(ms.div_ceil(1000)),
+            );
         }
         None => {
             h.insert("x-should-retry", HeaderValue::from_static("false"));
@@ -657,8 +691,14 @@ mod tests {
         let d = Duration::from_millis(100);
         assert_eq!(parse_fault("reset", d), Some(Fault::Reset));
         assert_eq!(parse_fault("slow", d), Some(Fault::Slow(d)));
-        assert_eq!(parse_fault("slow=2s", d), Some(Fault::Slow(Duration::from_secs(2))));
-        assert_eq!(parse_fault("529", d), Some(Fault::Status(StatusCode::from_u16(529).unwrap())));
+        assert_eq!(
+            parse_fault("slow=2s", d),
+            Some(Fault::Slow(Duration::from_secs(2)))
+        );
+        assert_eq!(
+            parse_fault("529", d),
+            Some(Fault::Status(StatusCode::from_u16(529).unwrap()))
+        );
         assert_eq!(parse_fault("200", d), None, "a success is not a fault");
         assert_eq!(parse_fault("nonsense", d), None);
     }
@@ -701,7 +741,11 @@ mod tests {
         let (snap, refused) = state.admit("k", 20);
         let r = refused.err().unwrap();
         assert_eq!(r.kind, "tokens");
-        assert_eq!(snap.requests.unwrap().remaining, 9, "a refused request spends nothing");
+        assert_eq!(
+            snap.requests.unwrap().remaining,
+            9,
+            "a refused request spends nothing"
+        );
         // 10 tokens short at 100 per minute: 6 seconds.
         assert_eq!(r.wait, Some(Duration::from_secs(6)));
         tokio::time::advance(Duration::from_secs(6)).await;

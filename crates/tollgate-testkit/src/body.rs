@@ -19,7 +19,9 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) type ProviderBody = BoxBody<Bytes, BoxError>;
 
 pub(crate) fn full(bytes: impl Into<Bytes>) -> ProviderBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// Chunks sent one after another, `delay` apart, and optionally cut (the body fails, so
@@ -60,7 +62,9 @@ impl Body for ScriptedBody {
         if this.cut_after == Some(this.sent) {
             this.cut_after = None;
             this.chunks.clear();
-            return Poll::Ready(Some(Err("the simulated provider cut this body short".into())));
+            return Poll::Ready(Some(Err(
+                "the simulated provider cut this body short".into()
+            )));
         }
         if this.chunks.is_empty() {
             return Poll::Ready(None);
