@@ -231,8 +231,9 @@ fn is_json_content_type(headers: &HeaderMap) -> bool {
     };
     let Ok(ct) = ct.to_str() else { return false };
     let essence = ct.split(';').next().unwrap_or("").trim();
+    let b = essence.as_bytes();
     essence.eq_ignore_ascii_case("application/json")
-        || essence.len() > 5 && essence[essence.len() - 5..].eq_ignore_ascii_case("+json")
+        || b.len() > 5 && b[b.len() - 5..].eq_ignore_ascii_case(b"+json")
 }
 
 impl RequestFacts {

@@ -1,5 +1,14 @@
 //! Helpers for Tollgate's cross-crate tests: a small HTTP client for talking to the
-//! simulated provider over real sockets.
+//! simulated provider over real sockets. The tests themselves live in `tests/`.
+//!
+//! ```no_run
+//! use tollgate_integration_tests::{chat, client, post};
+//!
+//! # async fn demo(base: &str) -> Result<(), tollgate_integration_tests::BoxError> {
+//! let answer = post(&client(), &format!("{base}/v1/chat/completions"), "sk-test", &chat("Hi"), &[]).await?;
+//! assert_eq!(answer.status, 200);
+//! # Ok(()) }
+//! ```
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
