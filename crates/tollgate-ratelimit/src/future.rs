@@ -1,0 +1,148 @@
+//! The response future of [`RateLimit`](crate::RateLimit).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use http::Response;
+use pin_project_lite::pin_project;
+use tollgate_core::clock::Clock;
+use tollgate_core::headers::RateLimitInfo;
+use tollgate_core::key::Key;
+use tollgate_core::refusal::Refusal;
+use tollgate_core::BoxError;
+use tower::Service;
+
+use crate::shared::{Acquire, Shared};
+
+pin_project! {
+    /// The response future of [`RateLimit`](crate::RateLimit): waits for a cell when it
+    /// must, calls the inner service, and reads the provider's rate-limit headers for
+    /// adaptive limits.
+    pub struct ResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S, Req>,
+        shared: Option<Arc<Shared>>,
+        keys: Option<Vec<Key>>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Waiting { acquire: Acquire, svc: Option<S>, req: Option<Req> },
+        Called { #[pin] fut: S::Future },
+        Refused { refusal: Option<Refusal> },
+    }
+}
+
+impl<S: Service<Req>, Req> std::fmt::Debug for ResponseFuture<S, Req> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+    pub(crate) fn called(fut: S::Future, shared: Arc<Shared>, keys: Option<Vec<Key>>) -> Self {
+        Self {
+            state: State::Called { fut },
+            shared: Some(shared),
+            keys,
+        }
+    }
+
+    pub(crate) fn waiting(
+        acquire: Acquire,
+        svc: S,
+        req: Req,
+        shared: Arc<Shared>,
+        keys: Option<Vec<Key>>,
+    ) -> Self {
+        Self {
+            state: State::Waiting {
+                acquire,
+                svc: Some(svc),
+                req: Some(req),
+            },
+            shared: Some(shared),
+            keys,
+        }
+    }
+
+    pub(crate) fn refused(refusal: Refusal) -> Self {
+        Self {
+            state: State::Refused {
+                refusal: Some(refusal),
+            },
+            shared: None,
+            keys: None,
+        }
+    }
+}
+
+impl<S, Req, ResB> Future for ResponseFuture<S, Req>
+where
+    S: Service<Req, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ResB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Waiting { acquire, svc, req } => {
+                    if let Err(refusal) = ready!(Pin::new(acquire).poll(cx)) {
+                        return Poll::Ready(Err(refusal.into()));
+                    }
+                    if let Some(shared) = this.shared.as_ref() {
+                        shared.count_admitted();
+                    }
+                    let (Some(mut svc), Some(req)) = (svc.take(), req.take()) else {
+                        return Poll::Ready(
+                            Err("rate limit future polled after completion".into()),
+                        );
+                    };
+                    // `svc` was made ready by `poll_ready` before the request was accepted.
+                    let fut = svc.call(req);
+                    this.state.set(State::Called { fut });
+                }
+                StateProj::Called { fut } => {
+                    let res = ready!(fut.poll(cx)).map_err(Into::into);
+                    if let (Ok(res), Some(shared), Some(keys)) =
+                        (&res, this.shared.as_ref(), this.keys.as_ref())
+                    {
+                        follow_provider(shared, keys, res);
+                    }
+                    return Poll::Ready(res);
+                }
+                StateProj::Refused { refusal } => {
+                    return Poll::Ready(Err(match refusal.take() {
+                        Some(r) => r.into(),
+                        None => "rate limit future polled after completion".into(),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+fn follow_provider<B>(shared: &Shared, keys: &[Key], res: &Response<B>) {
+    let info = RateLimitInfo::from_headers(res.headers(), shared.clock.system_now());
+    if info.requests.remaining.is_none() {
+        return;
+    }
+    let now = shared.clock.now();
+    for (limit, key) in shared.limits.iter().zip(keys) {
+        if limit.limit.adaptive {
+            limit.follow_provider(key, &info.requests, now);
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! [`RateLimitLayer`] and its builder.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tollgate_core::clock::{Clock, SharedClock};
+use tower::Layer;
+
+use crate::limit::{ActiveLimit, Limit};
+use crate::priority::{ExtensionPriority, PriorityExtractor};
+use crate::service::RateLimit;
+use crate::shared::{Mode, Shared};
+
+/// Applies one or more [`Limit`]s to every request; see the [crate docs](crate).
+///
+/// Every service this layer makes, and every clone of those, draws on the same limits:
+/// the state lives in an `Arc` inside the layer.
+#[derive(Clone, Debug)]
+pub struct RateLimitLayer {
+    shared: Arc<Shared>,
+}
+
+impl RateLimitLayer {
+    /// One limit, refusing what is over it.
+    pub fn new(limit: Limit) -> Self {
+        Self::builder().limit(limit).build()
+    }
+
+    /// A builder for several limits, wait mode, priorities, a clock.
+    pub fn builder() -> RateLimitBuilder {
+        RateLimitBuilder {
+            limits: Vec::new(),
+            mode: Mode::Refuse,
+            priority: Arc::new(ExtensionPriority),
+            clock: SharedClock::default(),
+            housekeeping: Some(Duration::from_secs(60)),
+        }
+    }
+
+    /// How many keys the limits hold state for, summed over the limits.
+    pub fn keys(&self) -> usize {
+        self.shared.limits.iter().map(ActiveLimit::len).sum()
+    }
+
+    /// How many requests are waiting for a cell now.
+    pub fn waiting(&self) -> usize {
+        self.shared.waiting()
+    }
+
+    /// Drops the state of every key that has been idle long enough to be indistinguishable
+    /// from a fresh one (governor's `retain_recent`). The layer does this by itself on a
+    /// schedule (see [`RateLimitBuilder::housekeeping`]); call it to do it now.
+    pub fn retain_recent(&self) {
+        for l in &self.shared.limits {
+            l.retain_recent();
+        }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit::new(inner, Arc::clone(&self.shared))
+    }
+}
+
+/// Builds a [`RateLimitLayer`].
+#[derive(Debug)]
+pub struct RateLimitBuilder {
+    limits: Vec<Limit>,
+    mode: Mode,
+    priority: Arc<dyn PriorityExtractor>,
+    clock: SharedClock,
+    housekeeping: Option<Duration>,
+}
+
+impl std::fmt::Debug for dyn PriorityExtractor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PriorityExtractor")
+    }
+}
+
+impl RateLimitBuilder {
+    /// Adds a limit. A request passes only when every limit admits it, and spends a cell
+    /// of none of them when one refuses.
+    pub fn limit(mut self, limit: Limit) -> Self {
+        self.limits.push(limit);
+        self
+    }
+
+    /// Over a limit, refuse at once (the default).
+    pub fn refuse(mut self) -> Self {
+        self.mode = Mode::Refuse;
+        self
+    }
+
+    /// Over a limit, wait for a cell — up to `max_wait`, beyond which the request is
+    /// refused at once, so a failover layer above can move on. At most 1024 requests wait
+    /// at once unless [`max_queue`](Self::max_queue) says otherwise.
+    pub fn wait(mut self, max_wait: Duration) -> Self {
+        let max_queue = match self.mode {
+            Mode::Wait { max_queue, .. } => max_queue,
+            Mode::Refuse => 1024,
+        };
+        self.mode = Mode::Wait {
+            max_wait,
+            max_queue,
+        };
+        self
+    }
+
+    /// In wait mode, the most requests that may wait at once; more are refused.
+    pub fn max_queue(mut self, n: usize) -> Self {
+        if let Mode::Wait { max_wait, .. } = self.mode {
+            self.mode = Mode::Wait {
+                max_wait,
+                max_queue: n,
+            };
+        }
+        self
+    }
+
+    /// Where a waiting request's [`Priority`](crate::Priority) comes from (by default the
+    /// request's extensions).
+    pub fn priority(mut self, extractor: impl PriorityExtractor) -> Self {
+        self.priority = Arc::new(extractor);
+        self
+    }
+
+    /// The clock to wait and count on (tokio's by default).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = SharedClock::new(clock);
+        self
+    }
+
+    /// How often idle keys are dropped, by a background task on the tokio runtime the
+    /// layer is built in (every 60 s by default; `None` to leave it to
+    /// [`RateLimitLayer::retain_recent`]). Without a runtime at build time, no task is
+    /// started. The task holds no strong reference and ends when the layer and its
+    /// services are gone.
+    pub fn housekeeping(mut self, every: Option<Duration>) -> Self {
+        self.housekeeping = every;
+        self
+    }
+
+    /// The layer.
+    pub fn build(self) -> RateLimitLayer {
+        let limits = self
+            .limits
+            .into_iter()
+            .map(|l| ActiveLimit::new(l, self.clock.clone()))
+            .collect();
+        let shared = Arc::new(Shared::new(
+            limits,
+            self.mode,
+            self.clock.clone(),
+            self.priority,
+        ));
+        if let (Some(every), Ok(handle)) =
+            (self.housekeeping, tokio::runtime::Handle::try_current())
+        {
+            let weak = Arc::downgrade(&shared);
+            handle.spawn(housekeeping(
+                weak,
+                self.clock,
+                every.max(Duration::from_millis(1)),
+            ));
+        }
+        RateLimitLayer { shared }
+    }
+}
+
+async fn housekeeping(shared: Weak<Shared>, clock: SharedClock, every: Duration) {
+    loop {
+        clock.sleep(every).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        for l in &shared.limits {
+            l.retain_recent();
+        }
+    }
+}

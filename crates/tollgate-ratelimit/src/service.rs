@@ -1,0 +1,81 @@
+//! [`RateLimit`], the service.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tollgate_core::key::RequestHead;
+use tollgate_core::BoxError;
+use tower::Service;
+
+use crate::future::ResponseFuture;
+use crate::shared::{Admission, Shared};
+
+/// Applies the limits of a [`RateLimitLayer`](crate::RateLimitLayer) to an inner service.
+///
+/// Admission happens in `call`, not `poll_ready`: the key a request counts against comes
+/// from the request, which `poll_ready` never sees, so a cell cannot be reserved before
+/// the request is known (tower's `ConcurrencyLimit` can, because all its permits are
+/// alike). `poll_ready` only asks the inner service. A request that must wait takes the
+/// inner service that was made ready with it (a fresh clone stays behind for the next
+/// request) and calls it once admitted.
+#[derive(Clone, Debug)]
+pub struct RateLimit<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> RateLimit<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B, ResB> Service<Request<B>> for RateLimit<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<ResB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Request<B>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let shared = &self.shared;
+        let head = RequestHead::new(&req);
+        let keys: Vec<_> = shared.limits.iter().map(|l| l.key_for(&head)).collect();
+        let priority = shared.priority.priority(&head);
+        let adaptive_keys = shared.adaptive.then(|| keys.clone());
+        match shared.admit(keys, priority) {
+            Admission::Now => {
+                shared.count_admitted();
+                ResponseFuture::called(self.inner.call(req), Arc::clone(shared), adaptive_keys)
+            }
+            Admission::Wait(acquire) => {
+                let fresh = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, fresh);
+                ResponseFuture::waiting(acquire, ready, req, Arc::clone(shared), adaptive_keys)
+            }
+            Admission::Refused(refusal) => ResponseFuture::refused(refusal),
+        }
+    }
+}
