@@ -10,11 +10,15 @@
 //! - `baseline`: a hyper client straight to the simulated provider at fixed concurrency
 //!   (no Tollgate layer): requests per second and p50/p99 latency, the denominator every
 //!   overhead figure uses.
+//! - `ratelimit`: the per-request cost of `RateLimitLayer` on the admit path, in process
+//!   over a no-op service, against governor's keyed `check_key`, with 1 and 10,000 keys.
+//!   `ratio` in the `RESULT` line is the worse of the two (goal: at most 3).
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod load;
+mod ratelimit;
 mod report;
 mod scenarios;
 
@@ -43,6 +47,8 @@ struct Args {
 enum Scenario {
     /// A hyper client straight to the simulated provider.
     Baseline,
+    /// The rate-limit layer's admit path against governor's `check_key`.
+    Ratelimit,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +66,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match args.scenario {
             Scenario::Baseline => scenarios::baseline(&args).await,
+            Scenario::Ratelimit => ratelimit::run(&args),
         }
     });
     match result {

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use http::header::{HeaderName, AUTHORIZATION};
 use http::{Extensions, HeaderMap, Method, Request, Uri};
 use sha2::{Digest, Sha256};
+use smol_str::SmolStr;
 
 use crate::facts::RequestFacts;
 
@@ -33,18 +34,40 @@ use crate::facts::RequestFacts;
 const MAX_PLAIN_KEY_LEN: usize = 128;
 
 /// The name of the bucket a request draws from. Cheap to clone.
+///
+/// Keys up to 23 bytes (`tenant:acme`, `model:gpt-4o`) are stored inline and cost no
+/// allocation — a key is made for every request, so this matters; longer ones share an
+/// `Arc<str>`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(Arc<str>);
+pub struct Key(SmolStr);
 
 impl Key {
     /// A key from a plain name. Use [`Key::hashed`] for anything secret.
-    pub fn new(name: impl Into<Arc<str>>) -> Self {
-        Self(name.into())
+    pub fn new(name: impl AsRef<str>) -> Self {
+        Self(SmolStr::new(name))
+    }
+
+    /// `prefix:value` as a key, built with one allocation.
+    pub fn prefixed(prefix: &str, value: &str) -> Self {
+        // Assemble on the stack when it fits: short keys then cost no allocation at all,
+        // long ones a single one.
+        let mut buf = [0u8; 192];
+        let len = prefix.len() + 1 + value.len();
+        if len <= buf.len() {
+            buf[..prefix.len()].copy_from_slice(prefix.as_bytes());
+            buf[prefix.len()] = b':';
+            buf[prefix.len() + 1..len].copy_from_slice(value.as_bytes());
+            if let Ok(s) = std::str::from_utf8(&buf[..len]) {
+                return Self(SmolStr::new(s));
+            }
+        }
+        Self(SmolStr::from(format!("{prefix}:{value}")))
     }
 
     /// The key everyone shares.
     pub fn global() -> Self {
-        Self::new("global")
+        static GLOBAL: std::sync::OnceLock<Key> = std::sync::OnceLock::new();
+        GLOBAL.get_or_init(|| Self::new("global")).clone()
     }
 
     /// `prefix:` followed by the hex of the first 128 bits of SHA-256 of `secret`.
@@ -57,7 +80,7 @@ impl Key {
             s.push(char::from(HEX[usize::from(b >> 4)]));
             s.push(char::from(HEX[usize::from(b & 0xf)]));
         }
-        Self(s.into())
+        Self(SmolStr::from(s))
     }
 
     /// The key as text.
@@ -70,7 +93,7 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
+        fmt::Debug::fmt(self.0.as_str(), f)
     }
 }
 
@@ -208,7 +231,7 @@ impl KeyExtractor for Header {
         if value.len() > MAX_PLAIN_KEY_LEN {
             return Some(Key::hashed("tenant", value.as_bytes()));
         }
-        Some(Key::new(format!("tenant:{value}")))
+        Some(Key::prefixed("tenant", value))
     }
 }
 
@@ -255,7 +278,7 @@ impl KeyExtractor for Model {
         if model.len() > MAX_PLAIN_KEY_LEN {
             return Some(Key::hashed("model", model.as_bytes()));
         }
-        Some(Key::new(format!("model:{model}")))
+        Some(Key::prefixed("model", model))
     }
 }
 
@@ -360,6 +383,17 @@ mod tests {
         let long = "x".repeat(1000);
         let k = key(&t, &req(&[("x-tenant-id", &long)])).unwrap();
         assert!(k.len() < 64, "long tenant names are hashed: {k}");
+    }
+
+    #[test]
+    fn prefixed_keys_read_as_prefix_colon_value() {
+        assert_eq!(Key::prefixed("tenant", "acme").as_str(), "tenant:acme");
+        let long = "é".repeat(200);
+        assert_eq!(
+            Key::prefixed("tenant", &long).as_str(),
+            format!("tenant:{long}")
+        );
+        assert_eq!(Key::global(), Key::new("global"));
     }
 
     #[test]

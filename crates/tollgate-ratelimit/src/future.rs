@@ -9,12 +9,11 @@ use http::Response;
 use pin_project_lite::pin_project;
 use tollgate_core::clock::Clock;
 use tollgate_core::headers::RateLimitInfo;
-use tollgate_core::key::Key;
 use tollgate_core::refusal::Refusal;
 use tollgate_core::BoxError;
 use tower::Service;
 
-use crate::shared::{Acquire, Shared};
+use crate::shared::{Acquire, Keys, Shared};
 
 pin_project! {
     /// The response future of [`RateLimit`](crate::RateLimit): waits for a cell when it
@@ -26,8 +25,10 @@ pin_project! {
     {
         #[pin]
         state: State<S, Req>,
+        // Set while waiting (to count the admission) and for adaptive limits.
         shared: Option<Arc<Shared>>,
-        keys: Option<Vec<Key>>,
+        // The keys, for adaptive limits only.
+        keys: Option<Keys>,
     }
 }
 
@@ -37,10 +38,18 @@ pin_project! {
     where
         S: Service<Req>,
     {
-        Waiting { acquire: Acquire, svc: Option<S>, req: Option<Req> },
+        // Boxed: waiting is the rare path, and unboxed it would make every future as large
+        // as a whole request.
+        Waiting { waiting: Box<Waiting<S, Req>> },
         Called { #[pin] fut: S::Future },
         Refused { refusal: Option<Refusal> },
     }
+}
+
+struct Waiting<S, Req> {
+    acquire: Acquire,
+    svc: Option<S>,
+    req: Option<Req>,
 }
 
 impl<S: Service<Req>, Req> std::fmt::Debug for ResponseFuture<S, Req> {
@@ -50,10 +59,11 @@ impl<S: Service<Req>, Req> std::fmt::Debug for ResponseFuture<S, Req> {
 }
 
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
-    pub(crate) fn called(fut: S::Future, shared: Arc<Shared>, keys: Option<Vec<Key>>) -> Self {
+    pub(crate) fn called(fut: S::Future, adaptive: Option<(Arc<Shared>, Keys)>) -> Self {
+        let (shared, keys) = adaptive.unzip();
         Self {
             state: State::Called { fut },
-            shared: Some(shared),
+            shared,
             keys,
         }
     }
@@ -63,16 +73,18 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         svc: S,
         req: Req,
         shared: Arc<Shared>,
-        keys: Option<Vec<Key>>,
+        adaptive: Option<(Arc<Shared>, Keys)>,
     ) -> Self {
         Self {
             state: State::Waiting {
-                acquire,
-                svc: Some(svc),
-                req: Some(req),
+                waiting: Box::new(Waiting {
+                    acquire,
+                    svc: Some(svc),
+                    req: Some(req),
+                }),
             },
             shared: Some(shared),
-            keys,
+            keys: adaptive.map(|(_, keys)| keys),
         }
     }
 
@@ -98,7 +110,8 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Waiting { acquire, svc, req } => {
+                StateProj::Waiting { waiting } => {
+                    let Waiting { acquire, svc, req } = &mut **waiting;
                     if let Err(refusal) = ready!(Pin::new(acquire).poll(cx)) {
                         return Poll::Ready(Err(refusal.into()));
                     }
@@ -134,13 +147,13 @@ where
     }
 }
 
-fn follow_provider<B>(shared: &Shared, keys: &[Key], res: &Response<B>) {
+fn follow_provider<B>(shared: &Shared, keys: &Keys, res: &Response<B>) {
     let info = RateLimitInfo::from_headers(res.headers(), shared.clock.system_now());
     if info.requests.remaining.is_none() {
         return;
     }
     let now = shared.clock.now();
-    for (limit, key) in shared.limits.iter().zip(keys) {
+    for (limit, key) in shared.limits.iter().zip(keys.iter()) {
         if limit.limit.adaptive {
             limit.follow_provider(key, &info.requests, now);
         }

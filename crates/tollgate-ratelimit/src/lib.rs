@@ -87,6 +87,7 @@ mod future;
 mod gov;
 mod layer;
 mod limit;
+mod metrics;
 mod priority;
 mod quota;
 mod service;

@@ -12,6 +12,7 @@ use tollgate_core::headers::LimitState as ProviderLimit;
 use tollgate_core::key::{Global, Key, KeyExtractor, RequestHead};
 
 use crate::gov::{GovClock, Limiter, Store};
+use crate::metrics::LimitMetrics;
 use crate::quota::Quota;
 
 /// One limit of a [`RateLimitLayer`](crate::RateLimitLayer): a name (for headers, logs
@@ -92,6 +93,7 @@ impl Limit {
 /// A limit with its running state.
 pub(crate) struct ActiveLimit {
     pub(crate) limit: Limit,
+    pub(crate) metrics: LimitMetrics,
     /// `None` for a closed (zero) quota.
     limiter: Option<Limiter>,
     store: Store,
@@ -131,6 +133,7 @@ impl ActiveLimit {
             .governor()
             .map(|q| Limiter::new(q, store.clone(), clock.clone()));
         Self {
+            metrics: LimitMetrics::new(&limit.name),
             limit,
             limiter,
             store,

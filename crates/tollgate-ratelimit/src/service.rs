@@ -9,7 +9,8 @@ use tollgate_core::BoxError;
 use tower::Service;
 
 use crate::future::ResponseFuture;
-use crate::shared::{Admission, Shared};
+use crate::priority::Priority;
+use crate::shared::{Admission, Keys, Mode, Shared};
 
 /// Applies the limits of a [`RateLimitLayer`](crate::RateLimitLayer) to an inner service.
 ///
@@ -62,18 +63,22 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let shared = &self.shared;
         let head = RequestHead::new(&req);
-        let keys: Vec<_> = shared.limits.iter().map(|l| l.key_for(&head)).collect();
-        let priority = shared.priority.priority(&head);
-        let adaptive_keys = shared.adaptive.then(|| keys.clone());
+        let keys: Keys = shared.limits.iter().map(|l| l.key_for(&head)).collect();
+        let priority = match shared.mode {
+            Mode::Wait { .. } => shared.priority.priority(&head),
+            Mode::Refuse => Priority::default(),
+        };
+        // Only adaptive limits need the keys and the limits again once the answer is in.
+        let adaptive = shared.adaptive.then(|| (Arc::clone(shared), keys.clone()));
         match shared.admit(keys, priority) {
             Admission::Now => {
                 shared.count_admitted();
-                ResponseFuture::called(self.inner.call(req), Arc::clone(shared), adaptive_keys)
+                ResponseFuture::called(self.inner.call(req), adaptive)
             }
             Admission::Wait(acquire) => {
                 let fresh = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, fresh);
-                ResponseFuture::waiting(acquire, ready, req, Arc::clone(shared), adaptive_keys)
+                ResponseFuture::waiting(acquire, ready, req, Arc::clone(shared), adaptive)
             }
             Admission::Refused(refusal) => ResponseFuture::refused(refusal),
         }

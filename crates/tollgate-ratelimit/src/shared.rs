@@ -54,6 +54,34 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// A request's keys, one per limit. One limit is the common case: its key is kept inline,
+/// with no allocation.
+#[derive(Clone, Debug)]
+pub(crate) enum Keys {
+    One([Key; 1]),
+    Many(Vec<Key>),
+}
+
+impl std::ops::Deref for Keys {
+    type Target = [Key];
+    fn deref(&self) -> &[Key] {
+        match self {
+            Keys::One(k) => k,
+            Keys::Many(v) => v,
+        }
+    }
+}
+
+impl FromIterator<Key> for Keys {
+    fn from_iter<I: IntoIterator<Item = Key>>(iter: I) -> Self {
+        let mut iter = iter.into_iter();
+        match (iter.next(), iter.next()) {
+            (Some(a), None) => Keys::One([a]),
+            (first, second) => Keys::Many(first.into_iter().chain(second).chain(iter).collect()),
+        }
+    }
+}
+
 /// What happens to a request on arrival.
 pub(crate) enum Admission {
     Now,
@@ -153,15 +181,13 @@ impl Shared {
     ) -> Refusal {
         let limit = &self.limits[i].limit;
         let q = limit.quota;
-        let reason_label = match reason {
-            Reason::OverLimit => "over_limit",
-            Reason::WaitTooLong => "wait_too_long",
-            Reason::QueueFull => "queue_full",
-            _ => "too_large",
-        };
-        metrics::counter!("tollgate_ratelimit_refused_total", "limit" => limit.name.to_string(), "reason" => reason_label)
-            .increment(1);
-        tracing::debug!(limit = %limit.name, reason = reason_label, retry_after_ms = wait.map(|w| w.as_millis() as u64), "rate limit refused a request");
+        self.limits[i].metrics.refused(reason);
+        tracing::debug!(
+            limit = %limit.name,
+            reason = crate::metrics::reason_label(reason),
+            retry_after_ms = wait.map(|w| w.as_millis() as u64),
+            "rate limit refused a request"
+        );
         Refusal::new(LimitKind::Requests, Arc::clone(&limit.name), wait)
             .with_key(key.clone())
             .with_reason(reason)
@@ -174,13 +200,12 @@ impl Shared {
 
     pub(crate) fn count_admitted(&self) {
         for l in &self.limits {
-            metrics::counter!("tollgate_ratelimit_admitted_total", "limit" => l.limit.name.to_string())
-                .increment(1);
+            l.metrics.admitted();
         }
     }
 
     /// Decides what happens to a request with these keys and priority.
-    pub(crate) fn admit(self: &Arc<Self>, keys: Vec<Key>, priority: Priority) -> Admission {
+    pub(crate) fn admit(self: &Arc<Self>, keys: Keys, priority: Priority) -> Admission {
         let (max_wait, max_queue) = match self.mode {
             Mode::Refuse => {
                 return match self.try_admit(&keys) {
@@ -217,7 +242,7 @@ impl Shared {
             }
         }
         let now = self.clock.now();
-        let keys: Arc<[Key]> = keys.into();
+        let keys: Arc<[Key]> = keys.iter().cloned().collect();
         let mut wakers = Vec::new();
         let result = {
             let mut q = lock(&self.queue);
@@ -386,7 +411,7 @@ impl std::fmt::Debug for Acquire {
 }
 
 enum Step {
-    Done(Result<(), Refusal>),
+    Done(Result<usize, Refusal>),
     SleepUntil(Instant),
 }
 
@@ -421,8 +446,9 @@ impl Future for Acquire {
                 match q.entries.get_mut(&self.slot) {
                     None => Step::Done(Err(Refusal::new(LimitKind::Requests, "queue", None))),
                     Some(e) if e.granted => {
+                        let binding = e.binding;
                         q.entries.remove(&self.slot);
-                        Step::Done(Ok(()))
+                        Step::Done(Ok(binding))
                     }
                     Some(e) if now >= self.deadline => {
                         let (binding, keys) = (e.binding, Arc::clone(&e.keys));
@@ -457,16 +483,16 @@ impl Future for Acquire {
                 Step::Done(result) => {
                     self.finish();
                     let waited = now.saturating_duration_since(self.enqueued_at);
-                    if result.is_ok() {
-                        metrics::counter!("tollgate_ratelimit_waited_total").increment(1);
-                        metrics::histogram!("tollgate_ratelimit_wait_seconds")
-                            .record(waited.as_secs_f64());
+                    if let Ok(binding) = result {
+                        let limit = &shared.limits[binding];
+                        limit.metrics.waited(waited);
                         tracing::debug!(
+                            limit = %limit.limit.name,
                             waited_ms = waited.as_millis() as u64,
-                            "rate limit admitted a waiting request"
+                            "rate limit admitted a request after a wait"
                         );
                     }
-                    return Poll::Ready(result.map(|()| waited));
+                    return Poll::Ready(result.map(|_| waited));
                 }
                 Step::SleepUntil(until) => {
                     if self.sleep.as_ref().map(|(t, _)| *t) != Some(until) {
