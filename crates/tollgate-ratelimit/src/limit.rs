@@ -23,6 +23,11 @@ use crate::quota::Quota;
 /// so leaving out a tenant header never escapes a per-tenant limit. Chain extractors with
 /// [`KeyExtractor::or`] to choose another fallback.
 ///
+/// This layer counts requests and never reads bodies, so a limit keyed by
+/// [`Model`](tollgate_core::key::Model) needs the request facts put there by a layer
+/// outside it that buffers the body (`tollgate_core::facts::buffer_request`); without them
+/// every request falls to `unkeyed`.
+///
 /// ```
 /// use tollgate_core::key::{ApiKey, Header, KeyExtractor};
 /// use tollgate_ratelimit::{Limit, Quota};
