@@ -13,6 +13,7 @@
 //! | [`refusal`] | the typed error a limit returns, and its 429 response |
 //! | [`response`] | errors in OpenAI's error shape; the layer that turns Tollgate errors into responses |
 //! | [`clock`] | one place to take time from: tokio's (pausable) clock or a manual one |
+//! | [`wait`] | the bounded, prioritised wait queue every limit that can wait shares |
 //!
 //! # Example
 //!
@@ -56,6 +57,7 @@ pub mod key;
 pub mod refusal;
 pub mod response;
 pub mod usage;
+pub mod wait;
 
 /// The boxed error type of tower stacks.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

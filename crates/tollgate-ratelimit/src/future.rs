@@ -13,7 +13,9 @@ use tollgate_core::refusal::Refusal;
 use tollgate_core::BoxError;
 use tower::Service;
 
-use crate::shared::{Acquire, Keys, Shared};
+use tollgate_core::wait::Acquire;
+
+use crate::shared::{Keys, Limits, Shared};
 
 pin_project! {
     /// The response future of [`RateLimit`](crate::RateLimit): waits for a cell when it
@@ -47,7 +49,7 @@ pin_project! {
 }
 
 struct Waiting<S, Req> {
-    acquire: Acquire,
+    acquire: Acquire<Limits>,
     svc: Option<S>,
     req: Option<Req>,
 }
@@ -69,7 +71,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     }
 
     pub(crate) fn waiting(
-        acquire: Acquire,
+        acquire: Acquire<Limits>,
         svc: S,
         req: Req,
         shared: Arc<Shared>,
@@ -116,7 +118,7 @@ where
                         return Poll::Ready(Err(refusal.into()));
                     }
                     if let Some(shared) = this.shared.as_ref() {
-                        shared.count_admitted();
+                        shared.admitter().count_admitted();
                     }
                     let (Some(mut svc), Some(req)) = (svc.take(), req.take()) else {
                         return Poll::Ready(
@@ -148,12 +150,12 @@ where
 }
 
 fn follow_provider<B>(shared: &Shared, keys: &Keys, res: &Response<B>) {
-    let info = RateLimitInfo::from_headers(res.headers(), shared.clock.system_now());
+    let info = RateLimitInfo::from_headers(res.headers(), shared.clock().system_now());
     if info.requests.remaining.is_none() {
         return;
     }
-    let now = shared.clock.now();
-    for (limit, key) in shared.limits.iter().zip(keys.iter()) {
+    let now = shared.clock().now();
+    for (limit, key) in shared.admitter().limits.iter().zip(keys.iter()) {
         if limit.limit.adaptive {
             limit.follow_provider(key, &info.requests, now);
         }

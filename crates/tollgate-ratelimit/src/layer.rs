@@ -6,10 +6,11 @@ use std::time::Duration;
 use tollgate_core::clock::{Clock, SharedClock};
 use tower::Layer;
 
+use tollgate_core::wait::{ExtensionPriority, Mode, PriorityExtractor};
+
 use crate::limit::{ActiveLimit, Limit};
-use crate::priority::{ExtensionPriority, PriorityExtractor};
 use crate::service::RateLimit;
-use crate::shared::{Mode, Shared};
+use crate::shared::{Limits, Shared};
 
 /// Applies one or more [`Limit`]s to every request; see the [crate docs](crate).
 ///
@@ -39,7 +40,12 @@ impl RateLimitLayer {
 
     /// How many keys the limits hold state for, summed over the limits.
     pub fn keys(&self) -> usize {
-        self.shared.limits.iter().map(ActiveLimit::len).sum()
+        self.shared
+            .admitter()
+            .limits
+            .iter()
+            .map(ActiveLimit::len)
+            .sum()
     }
 
     /// How many requests are waiting for a cell now.
@@ -51,7 +57,7 @@ impl RateLimitLayer {
     /// from a fresh one (governor's `retain_recent`). The layer does this by itself on a
     /// schedule (see [`RateLimitBuilder::housekeeping`]); call it to do it now.
     pub fn retain_recent(&self) {
-        for l in &self.shared.limits {
+        for l in &self.shared.admitter().limits {
             l.retain_recent();
         }
     }
@@ -65,7 +71,6 @@ impl<S> Layer<S> for RateLimitLayer {
 }
 
 /// Builds a [`RateLimitLayer`].
-#[derive(Debug)]
 pub struct RateLimitBuilder {
     limits: Vec<Limit>,
     mode: Mode,
@@ -74,9 +79,13 @@ pub struct RateLimitBuilder {
     housekeeping: Option<Duration>,
 }
 
-impl std::fmt::Debug for dyn PriorityExtractor {
+impl std::fmt::Debug for RateLimitBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PriorityExtractor")
+        f.debug_struct("RateLimitBuilder")
+            .field("limits", &self.limits)
+            .field("mode", &self.mode)
+            .field("housekeeping", &self.housekeeping)
+            .finish_non_exhaustive()
     }
 }
 
@@ -151,10 +160,9 @@ impl RateLimitBuilder {
             .map(|l| ActiveLimit::new(l, self.clock.clone()))
             .collect();
         let shared = Arc::new(Shared::new(
-            limits,
+            Limits::new(limits, self.priority),
             self.mode,
             self.clock.clone(),
-            self.priority,
         ));
         if let (Some(every), Ok(handle)) =
             (self.housekeeping, tokio::runtime::Handle::try_current())
@@ -176,7 +184,7 @@ async fn housekeeping(shared: Weak<Shared>, clock: SharedClock, every: Duration)
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        for l in &shared.limits {
+        for l in &shared.admitter().limits {
             l.retain_recent();
         }
     }

@@ -88,7 +88,6 @@ mod gov;
 mod layer;
 mod limit;
 mod metrics;
-mod priority;
 mod quota;
 mod service;
 mod shared;
@@ -96,9 +95,9 @@ mod shared;
 pub use future::ResponseFuture;
 pub use layer::{RateLimitBuilder, RateLimitLayer};
 pub use limit::Limit;
-pub use priority::{
-    priority_fn, ExtensionPriority, HeaderPriority, Priority, PriorityExtractor, PriorityFn,
-};
 pub use quota::Quota;
 pub use service::RateLimit;
-pub use shared::Mode;
+/// The wait queue's priorities and modes, shared with every Tollgate limit that can wait.
+pub use tollgate_core::wait::{
+    priority_fn, ExtensionPriority, HeaderPriority, Mode, Priority, PriorityExtractor, PriorityFn,
+};

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tollgate_core::clock::SharedClock;
 use tollgate_core::headers::LimitState as ProviderLimit;
 use tollgate_core::key::{Global, Key, KeyExtractor, RequestHead};
+use tollgate_core::wait::Denial;
 
 use crate::gov::{GovClock, Limiter, Store};
 use crate::metrics::LimitMetrics;
@@ -114,15 +115,6 @@ impl fmt::Debug for ActiveLimit {
             .field("keys", &self.len())
             .finish()
     }
-}
-
-/// A limit said no.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Denial {
-    /// Passes again after this long.
-    Wait(Duration),
-    /// Never passes (a closed quota).
-    Never,
 }
 
 impl ActiveLimit {

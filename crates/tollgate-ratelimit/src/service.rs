@@ -9,8 +9,9 @@ use tollgate_core::BoxError;
 use tower::Service;
 
 use crate::future::ResponseFuture;
-use crate::priority::Priority;
-use crate::shared::{Admission, Keys, Mode, Shared};
+use tollgate_core::wait::{Admission, Mode, Priority};
+
+use crate::shared::{Keys, Shared};
 
 /// Applies the limits of a [`RateLimitLayer`](crate::RateLimitLayer) to an inner service.
 ///
@@ -62,17 +63,18 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let shared = &self.shared;
+        let limits = shared.admitter();
         let head = RequestHead::new(&req);
-        let keys: Keys = shared.limits.iter().map(|l| l.key_for(&head)).collect();
-        let priority = match shared.mode {
-            Mode::Wait { .. } => shared.priority.priority(&head),
+        let keys: Keys = limits.limits.iter().map(|l| l.key_for(&head)).collect();
+        let priority = match shared.mode() {
+            Mode::Wait { .. } => limits.priority.priority(&head),
             Mode::Refuse => Priority::default(),
         };
         // Only adaptive limits need the keys and the limits again once the answer is in.
-        let adaptive = shared.adaptive.then(|| (Arc::clone(shared), keys.clone()));
+        let adaptive = limits.adaptive.then(|| (Arc::clone(shared), keys.clone()));
         match shared.admit(keys, priority) {
             Admission::Now => {
-                shared.count_admitted();
+                limits.count_admitted();
                 ResponseFuture::called(self.inner.call(req), adaptive)
             }
             Admission::Wait(acquire) => {

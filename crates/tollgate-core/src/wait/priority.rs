@@ -2,8 +2,8 @@
 
 use std::fmt;
 
+use crate::key::RequestHead;
 use http::header::HeaderName;
-use tollgate_core::key::RequestHead;
 
 /// A request's priority in the wait queue: higher goes first; equal priorities go in
 /// arrival order. Put it in a request's extensions, or read it from a header with

@@ -1,0 +1,101 @@
+//! Waiting for capacity, shared by every Tollgate limit that can wait: a bounded queue
+//! ordered by [`Priority`], then arrival, that releases one waiter per free unit of
+//! capacity instead of waking all of them to race.
+//!
+//! A limit describes what it admits through [`Admit`]: a *ticket* (the keys a request
+//! draws on, and how much from each), an all-or-nothing `try_admit`, a `refund` for a
+//! ticket granted to a caller who then went away, and whether two tickets draw on a
+//! common bucket. [`WaitQueue::admit`] then decides for each request: admitted now,
+//! refused now (in [`Mode::Refuse`], or when the wait would pass `max_wait`, or the queue
+//! is full), or an [`Acquire`] future that completes when the request is admitted.
+//!
+//! The rules the queue keeps:
+//!
+//! - A waiter is never overtaken by a later one that shares a bucket with it, unless the
+//!   later one has a higher priority; a waiter never blocks one whose buckets it does not
+//!   share.
+//! - Only the first waiter in line for a set of buckets holds a timer (for the moment its
+//!   capacity frees); when it is admitted, the next in line is woken, and nobody else.
+//! - A waiter whose future is dropped leaves the queue; if it had already been granted its
+//!   capacity, that capacity is given back.
+//! - Time comes from the [`Clock`](crate::clock::Clock), so paused-clock tests drive it.
+
+mod priority;
+mod queue;
+
+pub use priority::{
+    priority_fn, ExtensionPriority, HeaderPriority, Priority, PriorityExtractor, PriorityFn,
+};
+pub use queue::{Acquire, Admission, WaitQueue};
+
+use std::time::Duration;
+
+use crate::refusal::{Reason, Refusal};
+
+/// Refuse at once, or wait up to a bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Over the limit, answer at once with a [`Refusal`].
+    Refuse,
+    /// Over the limit, wait in a prioritised queue; refuse at once when the wait would be
+    /// longer than `max_wait` or the queue holds `max_queue` requests.
+    Wait {
+        /// The longest a request may wait.
+        max_wait: Duration,
+        /// The most requests that may wait at once.
+        max_queue: usize,
+    },
+}
+
+/// A limit said no.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Denial {
+    /// Passes after this long (if nothing else takes the capacity first).
+    Wait(Duration),
+    /// Never passes: the request needs more than the limit can ever hold.
+    Never,
+}
+
+impl Denial {
+    /// Whether `self` is further from passing than `other`.
+    pub fn is_worse_than(self, other: Denial) -> bool {
+        match (self, other) {
+            (Denial::Never, _) => true,
+            (_, Denial::Never) => false,
+            (Denial::Wait(a), Denial::Wait(b)) => a > b,
+        }
+    }
+}
+
+/// What a set of limits admits, as the [`WaitQueue`] sees it.
+pub trait Admit: Send + Sync + 'static {
+    /// What one request draws on: its keys, and how much from each.
+    type Ticket: Send + Sync + 'static;
+
+    /// Takes what `ticket` needs from every limit, or nothing. On refusal: the index of the
+    /// limit that binds (the one furthest from passing), and how far it is.
+    fn try_admit(&self, ticket: &Self::Ticket) -> Result<(), (usize, Denial)>;
+
+    /// Gives back everything a granted `ticket` took.
+    fn refund(&self, ticket: &Self::Ticket);
+
+    /// Whether two tickets draw on a common bucket, so one must not overtake the other.
+    fn shares(&self, a: &Self::Ticket, b: &Self::Ticket) -> bool;
+
+    /// About how much longer each waiter ahead makes the wait for `ticket` (used to refuse
+    /// at once what could not pass within `max_wait`).
+    fn pace(&self, ticket: &Self::Ticket) -> Duration;
+
+    /// The refusal of `ticket` by the limit at `binding`.
+    fn refusal(
+        &self,
+        ticket: &Self::Ticket,
+        binding: usize,
+        wait: Option<Duration>,
+        reason: Reason,
+    ) -> Refusal;
+
+    /// Told when a ticket is admitted after waiting `waited` on the limit at `binding`
+    /// (for metrics and logs).
+    fn waited(&self, _binding: usize, _waited: Duration) {}
+}
