@@ -344,8 +344,8 @@ fn parse_job(
         let input = v
             .get("input")
             .ok_or_else(|| String::from("'input' is a required property"))?;
-        let prompt_tokens =
-            tokens::embedding_input(input).ok_or_else(|| String::from("'input' is invalid"))?;
+        let prompt_tokens = tokens::embedding_input(tokens::Vocab::for_model(&model), input)
+            .ok_or_else(|| String::from("'input' is invalid"))?;
         let inputs = match input {
             Value::Array(items) if items.iter().all(|i| !i.is_number()) => items.len(),
             _ => 1,
@@ -379,10 +379,11 @@ fn parse_job(
         Some(cap) if cap < wanted => (cap, "length"),
         _ => (wanted, "stop"),
     };
+    let prompt_tokens = tokens::chat_prompt(tokens::Vocab::for_model(&model), messages);
     Ok(Job {
         model,
         kind: JobKind::Chat,
-        prompt_tokens: tokens::chat_prompt(messages),
+        prompt_tokens,
         completion_tokens,
         choices: v.get("n").and_then(Value::as_u64).unwrap_or(1).clamp(1, 16),
         finish_reason,

@@ -1,14 +1,19 @@
 //! A tokens-per-interval budget for tower services calling LLM APIs.
 //!
-//! **Status: not built yet.** This crate holds only its documentation until the TPM
-//! issue lands; nothing here works yet, and nothing pretends to.
+//! **Status: partly built.** [`estimate`] — what a request will cost before it is sent,
+//! counted exactly for OpenAI encodings — works and is tested. The budget layer itself is
+//! not built yet; nothing here pretends to limit anything.
 //!
-//! What it will hold:
+//! What the layer will add:
 //!
-//! - `TpmLayer`: before the call, estimate the request's cost (prompt tokens counted with
-//!   the model's tokenizer, plus the most it may generate) and reserve it from one or more
-//!   keyed budgets, all or nothing; refuse or wait like the rate limiter.
+//! - `TpmLayer`: reserve the estimate from one or more keyed budgets, all or nothing;
+//!   refuse or wait in `tollgate-core`'s wait queue, like the rate limiter.
 //! - After the call, read the real `usage` from the response body as it passes (JSON or
-//!   SSE, never buffering the stream, using `tollgate-core`'s usage scanners) and settle:
+//!   SSE, never buffering the stream, using `tollgate-core`'s usage scanner) and settle:
 //!   give back what was over-reserved, take what was under-reserved.
 //! - An adaptive mode that reads `x-ratelimit-remaining-tokens` / `-reset-tokens`.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod estimate;
