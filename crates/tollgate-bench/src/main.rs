@@ -13,6 +13,9 @@
 //! - `ratelimit`: the per-request cost of `RateLimitLayer` on the admit path, in process
 //!   over a no-op service, against governor's keyed `check_key`, with 1 and 10,000 keys.
 //!   `ratio` in the `RESULT` line is the worse of the two (goal: at most 3).
+//! - `tpm`: estimating a request's tokens for 1, 10 and 100 KB prompts (µs, MB/s), and
+//!   whether the estimate equals the simulated provider's own count (`exact`). The budget
+//!   layer is not built yet, so `layer_ns=na`.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -21,6 +24,7 @@ mod load;
 mod ratelimit;
 mod report;
 mod scenarios;
+mod tpm;
 
 use std::process::ExitCode;
 
@@ -49,6 +53,8 @@ enum Scenario {
     Baseline,
     /// The rate-limit layer's admit path against governor's `check_key`.
     Ratelimit,
+    /// Token estimation: speed for 1/10/100 KB prompts, exactness against the provider.
+    Tpm,
 }
 
 fn main() -> ExitCode {
@@ -67,6 +73,7 @@ fn main() -> ExitCode {
         match args.scenario {
             Scenario::Baseline => scenarios::baseline(&args).await,
             Scenario::Ratelimit => ratelimit::run(&args),
+            Scenario::Tpm => tpm::run(&args).await,
         }
     });
     match result {
