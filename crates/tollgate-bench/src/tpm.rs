@@ -50,7 +50,7 @@ fn text(bytes: usize, seed: u64) -> String {
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
         out.push_str(WORDS[(x >> 33) as usize % WORDS.len()]);
-        if x % 5 == 0 {
+        if x.is_multiple_of(5) {
             n += 1;
             out.push_str(&format!("{} ", n.wrapping_mul(7919) % 1_000_003));
         }
