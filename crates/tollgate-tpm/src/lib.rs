@@ -16,4 +16,14 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod body;
+mod budget;
 pub mod estimate;
+mod layer;
+mod metrics;
+mod sse;
+
+pub use body::TpmBody;
+pub use budget::{Budget, TokenQuota};
+pub use layer::{ResponseFuture, Tpm, TpmBuilder, TpmLayer};
+pub use tollgate_core::wait::{HeaderPriority, Mode, Priority, PriorityExtractor};

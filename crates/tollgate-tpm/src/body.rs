@@ -1,0 +1,172 @@
+//! The response body: watched as it passes, settled when it ends.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tollgate_core::key::Key;
+use tollgate_core::usage::{Usage, UsageScanner};
+use tollgate_core::wait::WaitQueue;
+use tollgate_core::BoxError;
+
+use crate::budget::Budgets;
+use crate::sse::UsageChunkFilter;
+
+/// A reservation waiting for the real count.
+#[derive(Debug)]
+pub(crate) struct Settlement {
+    pub(crate) queue: Arc<WaitQueue<Budgets>>,
+    pub(crate) keys: Vec<Key>,
+    pub(crate) reserved: u64,
+}
+
+impl Settlement {
+    /// Settles with what the provider reported; without a report, the reservation stands.
+    pub(crate) fn settle(self, usage: Option<Usage>) {
+        let Some(u) = usage else {
+            tracing::debug!(
+                reserved = self.reserved,
+                "no usage in the response: the reservation stands"
+            );
+            return;
+        };
+        self.settle_at(u.total_tokens);
+    }
+
+    /// Settles as if the request cost `actual` tokens.
+    pub(crate) fn settle_at(self, actual: u64) {
+        let budgets = self.queue.admitter();
+        budgets.settle(&self.keys, self.reserved, actual);
+        for l in &budgets.ledgers {
+            crate::metrics::settled(
+                &l.budget.name,
+                actual,
+                self.reserved.saturating_sub(actual),
+                actual.saturating_sub(self.reserved),
+            );
+        }
+    }
+}
+
+pin_project! {
+    /// The body of a response that passed a [`Tpm`](crate::Tpm) service. It reads the
+    /// provider's `usage` as frames pass (never holding the stream) and settles the
+    /// reservation when the body ends; for a stream the caller did not ask usage for, it
+    /// drops the usage-only chunk the layer asked for on the caller's behalf.
+    ///
+    /// A body that fails midway, or is dropped before its end, keeps its reservation: the
+    /// provider will have counted at least part of it, and nobody can say how much.
+    pub struct TpmBody<B> {
+        #[pin]
+        inner: B,
+        scanner: Option<UsageScanner>,
+        filter: Option<UsageChunkFilter>,
+        settlement: Option<Settlement>,
+    }
+}
+
+impl<B: std::fmt::Debug> std::fmt::Debug for TpmBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TpmBody")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> TpmBody<B> {
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self {
+            inner,
+            scanner: None,
+            filter: None,
+            settlement: None,
+        }
+    }
+
+    pub(crate) fn settling(
+        inner: B,
+        scanner: UsageScanner,
+        filter: bool,
+        settlement: Settlement,
+    ) -> Self {
+        Self {
+            inner,
+            scanner: Some(scanner),
+            filter: filter.then(UsageChunkFilter::default),
+            settlement: Some(settlement),
+        }
+    }
+}
+
+impl<B> Body for TpmBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        loop {
+            match ready!(this.inner.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    let Some(data) = frame.data_ref() else {
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
+                    if let Some(s) = this.scanner.as_mut() {
+                        s.feed(data);
+                    }
+                    match this.filter.as_mut() {
+                        None => return Poll::Ready(Some(Ok(frame))),
+                        Some(f) => {
+                            let out = f.push(data);
+                            if !out.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::data(out))));
+                            }
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    // Cut midway: the reservation stands (dropping the settlement keeps it).
+                    this.settlement.take();
+                    this.scanner.take();
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                None => {
+                    if let (Some(settlement), Some(scanner)) =
+                        (this.settlement.take(), this.scanner.take())
+                    {
+                        settlement.settle(scanner.finish());
+                    }
+                    if let Some(tail) = this.filter.as_mut().map(UsageChunkFilter::finish) {
+                        this.filter.take();
+                        if !tail.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(tail))));
+                        }
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // A pending settlement must see the end, so never claim it early.
+        self.settlement.is_none() && self.filter.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.filter.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Token budgets: a ledger per key that can reserve, give back and charge.
+//!
+//! governor cannot give cells back or charge after the fact (governor#152), and a token
+//! budget must do both, so each budget keeps its own ledger: a bucket per key that holds
+//! up to a window's tokens and refills continuously. Reserving takes the estimate;
+//! settling gives back what was over-reserved or takes what was under-reserved (a bucket
+//! may go below zero: a debt the next requests wait out). A key whose bucket is full is
+//! indistinguishable from a key never seen, so idle keys are dropped.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tollgate_core::clock::{Clock, SharedClock};
+use tollgate_core::key::{Global, Key, KeyExtractor, RequestHead};
+use tollgate_core::refusal::{LimitKind, Quota as QuotaInfo, Reason, Refusal};
+use tollgate_core::wait::{Admit, Denial};
+
+/// Tokens per interval.
+///
+/// `TokenQuota::per_minute(100_000)` lets 100,000 tokens through a minute, refilled
+/// continuously, all of them at once when idle (as providers' TPM buckets do). A zero
+/// quota lets nothing through.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenQuota {
+    capacity: u64,
+    window: Duration,
+}
+
+impl TokenQuota {
+    /// `n` tokens per minute.
+    pub fn per_minute(n: u64) -> Self {
+        Self::per(n, Duration::from_secs(60))
+    }
+
+    /// `n` tokens per `window` (a zero window is taken as one nanosecond).
+    pub fn per(n: u64, window: Duration) -> Self {
+        Self {
+            capacity: n,
+            window: window.max(Duration::from_nanos(1)),
+        }
+    }
+
+    /// The most tokens at once.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The window.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    fn per_sec(&self) -> f64 {
+        self.capacity as f64 / self.window.as_secs_f64()
+    }
+}
+
+/// One token budget: a name (for headers, logs and metrics — never the key), a
+/// [`TokenQuota`], and whose bucket a request draws from (a global one by default).
+/// A request whose key cannot be named draws from one shared `unkeyed` bucket.
+#[derive(Clone)]
+pub struct Budget {
+    pub(crate) name: Arc<str>,
+    pub(crate) quota: TokenQuota,
+    pub(crate) extractor: Arc<dyn KeyExtractor>,
+    pub(crate) adaptive: bool,
+}
+
+impl fmt::Debug for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Budget")
+            .field("name", &self.name)
+            .field("quota", &self.quota)
+            .field("adaptive", &self.adaptive)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Budget {
+    /// A budget every request shares until [`keyed_by`](Self::keyed_by) says otherwise.
+    pub fn new(name: impl Into<Arc<str>>, quota: TokenQuota) -> Self {
+        Self {
+            name: name.into(),
+            quota,
+            extractor: Arc::new(Global),
+            adaptive: false,
+        }
+    }
+
+    /// Whose bucket a request draws from.
+    pub fn keyed_by(mut self, extractor: impl KeyExtractor) -> Self {
+        self.extractor = Arc::new(extractor);
+        self
+    }
+
+    /// Follows the provider's `x-ratelimit-remaining-tokens`: this budget never holds more
+    /// than the provider says is left. Mark the budget that mirrors the provider's quota.
+    pub fn adaptive(mut self) -> Self {
+        self.adaptive = true;
+        self
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    level: f64,
+    last: Instant,
+}
+
+/// A budget with its ledger.
+pub(crate) struct Ledger {
+    pub(crate) budget: Budget,
+    clock: SharedClock,
+    buckets: Mutex<HashMap<Key, Bucket>>,
+}
+
+impl fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ledger")
+            .field("budget", &self.budget)
+            .field("keys", &self.len())
+            .finish()
+    }
+}
+
+impl Ledger {
+    pub(crate) fn new(budget: Budget, clock: SharedClock) -> Self {
+        Self {
+            budget,
+            clock,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Bucket>> {
+        // Each critical section below is a few arithmetic steps on one entry; a panic
+        // elsewhere cannot leave it half-written.
+        self.buckets.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn key_for(&self, head: &RequestHead<'_>) -> Key {
+        self.budget
+            .extractor
+            .extract(head)
+            .unwrap_or_else(|| Key::new("unkeyed"))
+    }
+
+    /// Runs `f` on `key`'s bucket, refilled to now.
+    fn with<R>(&self, key: &Key, f: impl FnOnce(&mut f64, f64, f64) -> R) -> R {
+        let now = self.clock.now();
+        let q = self.budget.quota;
+        let cap = q.capacity as f64;
+        let mut buckets = self.lock();
+        let b = buckets.entry(key.clone()).or_insert(Bucket {
+            level: cap,
+            last: now,
+        });
+        let dt = now.saturating_duration_since(b.last).as_secs_f64();
+        b.level = (b.level + dt * q.per_sec()).min(cap);
+        b.last = now;
+        f(&mut b.level, cap, q.per_sec())
+    }
+
+    /// Takes `n` tokens, or says how long until they are there.
+    pub(crate) fn take(&self, key: &Key, n: u64) -> Result<(), Denial> {
+        if n > self.budget.quota.capacity {
+            return Err(Denial::Never);
+        }
+        self.with(key, |level, _, rate| {
+            let n = n as f64;
+            if *level >= n {
+                *level -= n;
+                Ok(())
+            } else {
+                Err(Denial::Wait(Duration::from_secs_f64((n - *level) / rate)))
+            }
+        })
+    }
+
+    /// Gives `n` tokens back (never above the capacity).
+    pub(crate) fn give(&self, key: &Key, n: u64) {
+        self.with(key, |level, cap, _| *level = (*level + n as f64).min(cap));
+    }
+
+    /// Takes `n` tokens whether or not they are there (the bucket may go below zero).
+    pub(crate) fn charge(&self, key: &Key, n: u64) {
+        self.with(key, |level, _, _| *level -= n as f64);
+    }
+
+    /// Lowers the bucket to at most `remaining` (the provider's view, when stricter).
+    pub(crate) fn cap_at(&self, key: &Key, remaining: u64) {
+        self.with(key, |level, _, _| *level = level.min(remaining as f64));
+    }
+
+    /// Tokens available to `key` now (negative while in debt).
+    pub(crate) fn available(&self, key: &Key) -> i64 {
+        self.with(key, |level, _, _| level.floor() as i64)
+    }
+
+    /// Drops the keys whose bucket is full again.
+    pub(crate) fn retain_recent(&self) {
+        let now = self.clock.now();
+        let q = self.budget.quota;
+        let cap = q.capacity as f64;
+        let mut buckets = self.lock();
+        buckets.retain(|_, b| {
+            let dt = now.saturating_duration_since(b.last).as_secs_f64();
+            b.level + dt * q.per_sec() < cap
+        });
+        buckets.shrink_to_fit();
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// What one request draws on: a key per budget, and its cost.
+#[derive(Clone, Debug)]
+pub(crate) struct Ticket {
+    pub(crate) keys: Vec<Key>,
+    pub(crate) cost: u64,
+}
+
+/// A layer's budgets, as the core wait queue sees them.
+#[derive(Debug)]
+pub(crate) struct Budgets {
+    pub(crate) ledgers: Vec<Ledger>,
+}
+
+impl Budgets {
+    /// Settles a reservation of `reserved` for a request that used `actual`.
+    pub(crate) fn settle(&self, keys: &[Key], reserved: u64, actual: u64) {
+        for (l, k) in self.ledgers.iter().zip(keys) {
+            if actual < reserved {
+                l.give(k, reserved - actual);
+            } else if actual > reserved {
+                l.charge(k, actual - reserved);
+            }
+        }
+    }
+}
+
+impl Admit for Budgets {
+    type Ticket = Ticket;
+
+    fn try_admit(&self, t: &Ticket) -> Result<(), (usize, Denial)> {
+        let mut denied: Option<(usize, Denial)> = None;
+        for (i, (l, k)) in self.ledgers.iter().zip(&t.keys).enumerate() {
+            match l.take(k, t.cost) {
+                Ok(()) if denied.is_some() => l.give(k, t.cost),
+                Ok(()) => {}
+                Err(d) => {
+                    if denied.is_none() {
+                        for (l, k) in self.ledgers[..i].iter().zip(&t.keys) {
+                            l.give(k, t.cost);
+                        }
+                    }
+                    denied = Some(match denied {
+                        Some(prev) if !d.is_worse_than(prev.1) => prev,
+                        _ => (i, d),
+                    });
+                }
+            }
+        }
+        denied.map_or(Ok(()), Err)
+    }
+
+    fn refund(&self, t: &Ticket) {
+        for (l, k) in self.ledgers.iter().zip(&t.keys) {
+            l.give(k, t.cost);
+        }
+    }
+
+    fn shares(&self, a: &Ticket, b: &Ticket) -> bool {
+        a.keys.iter().zip(&b.keys).any(|(x, y)| x == y)
+    }
+
+    fn pace(&self, t: &Ticket) -> Duration {
+        self.ledgers
+            .iter()
+            .map(|l| Duration::from_secs_f64(t.cost as f64 / l.budget.quota.per_sec().max(1e-9)))
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+
+    fn refusal(&self, t: &Ticket, i: usize, wait: Option<Duration>, reason: Reason) -> Refusal {
+        let Some(l) = self.ledgers.get(i) else {
+            return Refusal::new(LimitKind::Tokens, "tpm", wait).with_reason(reason);
+        };
+        crate::metrics::refused(&l.budget.name, reason, t.cost);
+        tracing::debug!(budget = %l.budget.name, tokens = t.cost, ?reason, "token budget refused a request");
+        let q = l.budget.quota;
+        let mut r = Refusal::new(LimitKind::Tokens, Arc::clone(&l.budget.name), wait)
+            .with_reason(reason)
+            .with_quota(QuotaInfo {
+                limit: q.capacity,
+                window: q.window,
+                remaining: t.keys.get(i).map_or(0, |k| l.available(k).max(0) as u64),
+            });
+        if let Some(k) = t.keys.get(i) {
+            r = r.with_key(k.clone());
+        }
+        r
+    }
+
+    fn waited(&self, binding: usize, waited: Duration) {
+        if let Some(l) = self.ledgers.get(binding) {
+            tracing::debug!(budget = %l.budget.name, waited_ms = waited.as_millis() as u64, "token budget admitted a request after a wait");
+        }
+    }
+}

@@ -1,0 +1,445 @@
+//! [`TpmLayer`], its builder, and the [`Tpm`] service.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::CONTENT_LENGTH;
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use serde_json::Value;
+use tollgate_core::clock::{Clock, SharedClock};
+use tollgate_core::facts::{buffer_request, ApiKind, ReplayBody, RequestFacts, DEFAULT_BODY_LIMIT};
+use tollgate_core::headers::RateLimitInfo;
+use tollgate_core::key::{Key, RequestHead};
+use tollgate_core::refusal::Refusal;
+use tollgate_core::usage::UsageScanner;
+use tollgate_core::wait::{
+    Admission, Admit, ExtensionPriority, Mode, Priority, PriorityExtractor, WaitQueue,
+};
+use tollgate_core::BoxError;
+use tower::{Layer, Service};
+
+use crate::body::{Settlement, TpmBody};
+use crate::budget::{Budget, Budgets, Ledger, Ticket};
+use crate::estimate::Estimator;
+
+struct Shared {
+    queue: Arc<WaitQueue<Budgets>>,
+    estimator: Estimator,
+    priority: Arc<dyn PriorityExtractor>,
+    body_limit: usize,
+    adaptive: bool,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("budgets", self.queue.admitter())
+            .field("estimator", &self.estimator)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Applies one or more token [`Budget`]s to every request; see the [crate docs](crate).
+/// Every service it makes, and every clone of those, draws on the same budgets.
+#[derive(Clone, Debug)]
+pub struct TpmLayer {
+    shared: Arc<Shared>,
+}
+
+impl TpmLayer {
+    /// One budget, refusing what is over it.
+    pub fn new(budget: Budget) -> Self {
+        Self::builder().budget(budget).build()
+    }
+
+    /// A builder.
+    pub fn builder() -> TpmBuilder {
+        TpmBuilder {
+            budgets: Vec::new(),
+            estimator: Estimator::default(),
+            mode: Mode::Refuse,
+            priority: Arc::new(ExtensionPriority),
+            clock: SharedClock::default(),
+            body_limit: DEFAULT_BODY_LIMIT,
+            housekeeping: Some(Duration::from_secs(60)),
+        }
+    }
+
+    /// Tokens the budget named `budget` holds for `key` now (negative while in debt), or
+    /// `None` when there is no such budget.
+    pub fn available(&self, budget: &str, key: &Key) -> Option<i64> {
+        self.shared
+            .queue
+            .admitter()
+            .ledgers
+            .iter()
+            .find(|l| &*l.budget.name == budget)
+            .map(|l| l.available(key))
+    }
+
+    /// How many keys the budgets hold state for.
+    pub fn keys(&self) -> usize {
+        self.shared
+            .queue
+            .admitter()
+            .ledgers
+            .iter()
+            .map(Ledger::len)
+            .sum()
+    }
+
+    /// How many requests are waiting for tokens now.
+    pub fn waiting(&self) -> usize {
+        self.shared.queue.waiting()
+    }
+
+    /// Drops the state of every key whose bucket is full again (the layer does this on a
+    /// schedule by itself; see [`TpmBuilder::housekeeping`]).
+    pub fn retain_recent(&self) {
+        for l in &self.shared.queue.admitter().ledgers {
+            l.retain_recent();
+        }
+    }
+}
+
+impl<S> Layer<S> for TpmLayer {
+    type Service = Tpm<S>;
+    fn layer(&self, inner: S) -> Tpm<S> {
+        Tpm {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// Builds a [`TpmLayer`].
+pub struct TpmBuilder {
+    budgets: Vec<Budget>,
+    estimator: Estimator,
+    mode: Mode,
+    priority: Arc<dyn PriorityExtractor>,
+    clock: SharedClock,
+    body_limit: usize,
+    housekeeping: Option<Duration>,
+}
+
+impl fmt::Debug for TpmBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TpmBuilder")
+            .field("budgets", &self.budgets)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TpmBuilder {
+    /// Adds a budget. A request passes only when every budget holds its estimate, and
+    /// takes from none of them when one refuses.
+    pub fn budget(mut self, budget: Budget) -> Self {
+        self.budgets.push(budget);
+        self
+    }
+
+    /// How requests are estimated (exact counting and a 1024-token default output
+    /// unless changed).
+    pub fn estimator(mut self, estimator: Estimator) -> Self {
+        self.estimator = estimator;
+        self
+    }
+
+    /// Over a budget, refuse at once (the default).
+    pub fn refuse(mut self) -> Self {
+        self.mode = Mode::Refuse;
+        self
+    }
+
+    /// Over a budget, wait for tokens up to `max_wait` (refused at once beyond it); at
+    /// most 1024 requests wait unless [`max_queue`](Self::max_queue) says otherwise.
+    pub fn wait(mut self, max_wait: Duration) -> Self {
+        let max_queue = match self.mode {
+            Mode::Wait { max_queue, .. } => max_queue,
+            Mode::Refuse => 1024,
+        };
+        self.mode = Mode::Wait {
+            max_wait,
+            max_queue,
+        };
+        self
+    }
+
+    /// In wait mode, the most requests that may wait at once.
+    pub fn max_queue(mut self, n: usize) -> Self {
+        if let Mode::Wait { max_wait, .. } = self.mode {
+            self.mode = Mode::Wait {
+                max_wait,
+                max_queue: n,
+            };
+        }
+        self
+    }
+
+    /// Where a waiting request's priority comes from (the request's extensions by default).
+    pub fn priority(mut self, extractor: impl PriorityExtractor) -> Self {
+        self.priority = Arc::new(extractor);
+        self
+    }
+
+    /// The clock (tokio's by default).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = SharedClock::new(clock);
+        self
+    }
+
+    /// The largest request body the layer buffers to estimate (10 MiB by default); larger
+    /// ones are refused with 413.
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+
+    /// How often keys whose bucket is full again are dropped, by a task on the tokio
+    /// runtime the layer is built in (every 60 s by default; `None` for never).
+    pub fn housekeeping(mut self, every: Option<Duration>) -> Self {
+        self.housekeeping = every;
+        self
+    }
+
+    /// The layer.
+    pub fn build(self) -> TpmLayer {
+        let adaptive = self.budgets.iter().any(|b| b.adaptive);
+        let ledgers = self
+            .budgets
+            .into_iter()
+            .map(|b| Ledger::new(b, self.clock.clone()))
+            .collect();
+        let queue = Arc::new(WaitQueue::new(
+            Budgets { ledgers },
+            self.mode,
+            self.clock.clone(),
+        ));
+        if let (Some(every), Ok(handle)) =
+            (self.housekeeping, tokio::runtime::Handle::try_current())
+        {
+            handle.spawn(housekeeping(
+                Arc::downgrade(&queue),
+                self.clock,
+                every.max(Duration::from_millis(1)),
+            ));
+        }
+        TpmLayer {
+            shared: Arc::new(Shared {
+                queue,
+                estimator: self.estimator,
+                priority: self.priority,
+                body_limit: self.body_limit,
+                adaptive,
+            }),
+        }
+    }
+}
+
+async fn housekeeping(queue: Weak<WaitQueue<Budgets>>, clock: SharedClock, every: Duration) {
+    loop {
+        clock.sleep(every).await;
+        let Some(queue) = queue.upgrade() else { return };
+        for l in &queue.admitter().ledgers {
+            l.retain_recent();
+        }
+    }
+}
+
+/// Applies the budgets of a [`TpmLayer`] to an inner service. See the [crate docs](crate).
+#[derive(Clone, Debug)]
+pub struct Tpm<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Tpm<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// The future of [`Tpm`]: boxed, because it buffers the body, estimates, may wait, and
+/// calls the inner service — a few microseconds of work next to which the allocation does
+/// not show.
+pub type ResponseFuture<B> =
+    Pin<Box<dyn Future<Output = Result<Response<TpmBody<B>>, BoxError>> + Send>>;
+
+/// Whether an error shows the request never reached the provider: a refusal by a limiter
+/// inside, a body that could not be read, or a connection that could not be made.
+fn never_reached(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.is::<Refusal>() || e.is::<tollgate_core::facts::FactsError>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                io.kind(),
+                ConnectionRefused
+                    | AddrNotAvailable
+                    | NotConnected
+                    | HostUnreachable
+                    | NetworkUnreachable
+            ) {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// Asks a streamed chat request for its usage chunk when the caller did not; returns the
+/// new facts, or `None` when the request needs no change (or cannot take one).
+fn with_usage_requested(facts: &RequestFacts) -> Option<RequestFacts> {
+    if facts.kind() != ApiKind::ChatCompletions || !facts.is_stream() || facts.include_usage() {
+        return None;
+    }
+    let options = facts.json()?.get("stream_options");
+    if options.is_some_and(|o| !o.is_object()) {
+        return None;
+    }
+    facts.rewrite(|v| {
+        if let Some(obj) = v.as_object_mut() {
+            let options = obj
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(serde_json::Map::new()));
+            if let Some(o) = options.as_object_mut() {
+                o.insert("include_usage".to_owned(), Value::Bool(true));
+            }
+        }
+    })
+}
+
+impl<S, B, ResB> Service<Request<B>> for Tpm<S>
+where
+    S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    ResB: Body<Data = bytes::Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = Response<TpmBody<ResB>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<ResB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let shared = Arc::clone(&self.shared);
+        // The service made ready by `poll_ready` goes with this request; a clone stays.
+        let fresh = self.inner.clone();
+        let mut svc = std::mem::replace(&mut self.inner, fresh);
+        Box::pin(async move {
+            let req = buffer_request(req, shared.body_limit).await?;
+            let Some(facts) = RequestFacts::get(&req).cloned() else {
+                return Err("request facts missing after buffering".into());
+            };
+            let estimate = shared.estimator.estimate(&facts);
+            let (req, strip_usage) = match with_usage_requested(&facts) {
+                Some(asked) => {
+                    let (parts, _) = req.into_parts();
+                    (asked.into_request(parts), true)
+                }
+                None => (req, false),
+            };
+            let budgets = shared.queue.admitter();
+            let head = RequestHead::new(&req);
+            let keys: Vec<Key> = budgets.ledgers.iter().map(|l| l.key_for(&head)).collect();
+            let priority = match shared.queue.mode() {
+                Mode::Wait { .. } => shared.priority.priority(&head),
+                Mode::Refuse => Priority::default(),
+            };
+            let ticket = Ticket {
+                keys: keys.clone(),
+                cost: estimate.total(),
+            };
+            match shared.queue.admit(ticket.clone(), priority) {
+                Admission::Now => {}
+                Admission::Wait(acquire) => {
+                    acquire.await?;
+                }
+                Admission::Refused(r) => return Err(r.into()),
+            }
+            for l in &budgets.ledgers {
+                crate::metrics::reserved(&l.budget.name, ticket.cost);
+            }
+            let settlement = Settlement {
+                queue: Arc::clone(&shared.queue),
+                keys,
+                reserved: ticket.cost,
+            };
+            let res = match svc.call(req).await {
+                Ok(res) => res,
+                Err(e) => {
+                    let e: BoxError = e.into();
+                    if never_reached(&*e) {
+                        budgets.refund(&ticket);
+                    } else {
+                        // It may have reached the provider, which will have counted the
+                        // prompt: keep that, give back the output that never came.
+                        settlement.settle_at(estimate.prompt_tokens);
+                    }
+                    return Err(e);
+                }
+            };
+            if shared.adaptive {
+                let info =
+                    RateLimitInfo::from_headers(res.headers(), shared.queue.clock().system_now());
+                if let Some(remaining) = info.tokens.remaining {
+                    for (l, k) in budgets.ledgers.iter().zip(&ticket.keys) {
+                        if l.budget.adaptive {
+                            l.cap_at(k, remaining);
+                        }
+                    }
+                }
+            }
+            let status = res.status();
+            let (mut parts, body) = res.into_parts();
+            let body = if status == StatusCode::TOO_MANY_REQUESTS || status.is_client_error() {
+                // Refused or rejected: the provider generated nothing and counts nothing.
+                budgets.refund(&ticket);
+                TpmBody::passthrough(body)
+            } else if status.is_server_error() {
+                settlement.settle_at(estimate.prompt_tokens);
+                TpmBody::passthrough(body)
+            } else {
+                let scanner = UsageScanner::for_response(&parts.headers);
+                let sse = parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with("text/event-stream"));
+                let strip = strip_usage && sse;
+                if strip {
+                    parts.headers.remove(CONTENT_LENGTH);
+                }
+                TpmBody::settling(body, scanner, strip, settlement)
+            };
+            Ok(Response::from_parts(parts, body))
+        })
+    }
+}
