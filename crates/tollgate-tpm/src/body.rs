@@ -21,6 +21,9 @@ pub(crate) struct Settlement {
     pub(crate) queue: Arc<WaitQueue<Budgets>>,
     pub(crate) keys: Vec<Key>,
     pub(crate) reserved: u64,
+    /// The provider's remaining tokens, for adaptive budgets: applied again after
+    /// settling, so a refund never lifts a budget above the provider's view.
+    pub(crate) provider_remaining: Option<u64>,
 }
 
 impl Settlement {
@@ -40,6 +43,9 @@ impl Settlement {
     pub(crate) fn settle_at(self, actual: u64) {
         let budgets = self.queue.admitter();
         budgets.settle(&self.keys, self.reserved, actual);
+        if let Some(remaining) = self.provider_remaining {
+            budgets.cap_adaptive(&self.keys, remaining);
+        }
         for l in &budgets.ledgers {
             crate::metrics::settled(
                 &l.budget.name,

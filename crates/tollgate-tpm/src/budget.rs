@@ -232,6 +232,15 @@ pub(crate) struct Budgets {
 }
 
 impl Budgets {
+    /// Lowers every adaptive budget to at most the provider's `remaining`.
+    pub(crate) fn cap_adaptive(&self, keys: &[Key], remaining: u64) {
+        for (l, k) in self.ledgers.iter().zip(keys) {
+            if l.budget.adaptive {
+                l.cap_at(k, remaining);
+            }
+        }
+    }
+
     /// Settles a reservation of `reserved` for a request that used `actual`.
     pub(crate) fn settle(&self, keys: &[Key], reserved: u64, actual: u64) {
         for (l, k) in self.ledgers.iter().zip(keys) {

@@ -387,10 +387,11 @@ where
             for l in &budgets.ledgers {
                 crate::metrics::reserved(&l.budget.name, ticket.cost);
             }
-            let settlement = Settlement {
+            let mut settlement = Settlement {
                 queue: Arc::clone(&shared.queue),
                 keys,
                 reserved: ticket.cost,
+                provider_remaining: None,
             };
             let res = match svc.call(req).await {
                 Ok(res) => res,
@@ -410,11 +411,8 @@ where
                 let info =
                     RateLimitInfo::from_headers(res.headers(), shared.queue.clock().system_now());
                 if let Some(remaining) = info.tokens.remaining {
-                    for (l, k) in budgets.ledgers.iter().zip(&ticket.keys) {
-                        if l.budget.adaptive {
-                            l.cap_at(k, remaining);
-                        }
-                    }
+                    budgets.cap_adaptive(&ticket.keys, remaining);
+                    settlement.provider_remaining = Some(remaining);
                 }
             }
             let status = res.status();

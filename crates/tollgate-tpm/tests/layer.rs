@@ -1,0 +1,195 @@
+//! The layer's rules on a paused clock, with fake providers.
+
+mod common;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{chat, drain, fake_provider};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+use tollgate_core::facts::ReplayBody;
+use tollgate_core::key::{Header, Key};
+use tollgate_core::refusal::{Reason, Refusal};
+use tollgate_tpm::estimate::Estimator;
+use tollgate_tpm::{Budget, TokenQuota, TpmLayer};
+use tower::{Layer, ServiceExt};
+
+fn refusal(e: tollgate_core::BoxError) -> Refusal {
+    *e.downcast::<Refusal>().expect("a refusal")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_larger_than_the_budget_is_refused_as_never_passing() {
+    let layer = TpmLayer::new(Budget::new("tpm", TokenQuota::per_minute(100)));
+    let svc = layer.layer(fake_provider());
+    let r = refusal(svc.oneshot(chat(10, 500, 0)).await.unwrap_err());
+    assert_eq!(r.reason(), Reason::TooLarge);
+    assert_eq!(r.retry_after(), None);
+    assert_eq!(r.limit(), "tpm");
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_mode_waits_for_the_tokens_to_refill() {
+    // Each request reserves its estimate and uses all of it; the budget holds six a
+    // minute, refilled continuously: one every 10 s once the first six are through.
+    let cost = {
+        let (parts, body) = chat(10, 83, 0).into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let facts =
+            tollgate_core::facts::RequestFacts::parse(parts.uri.path(), &parts.headers, bytes)
+                .unwrap();
+        Estimator::default().estimate(&facts).total()
+    };
+    let layer = TpmLayer::builder()
+        .budget(Budget::new("tpm", TokenQuota::per_minute(6 * cost)))
+        .wait(Duration::from_secs(60))
+        .build();
+    let svc = layer.layer(fake_provider());
+    let start = Instant::now();
+    for i in 0..8u64 {
+        let res = svc.clone().oneshot(chat(10, 83, cost)).await.unwrap();
+        drain(res.into_body());
+        let t = Instant::now() - start;
+        // Six fit in the first minute's bucket; then one every 10 s.
+        let want = Duration::from_secs(i.saturating_sub(5) * 10);
+        assert!(
+            t >= want && t <= want + Duration::from_millis(5),
+            "request {i} at {t:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn several_budgets_are_all_or_nothing() {
+    let layer = TpmLayer::builder()
+        .budget(
+            Budget::new("tenant", TokenQuota::per_minute(150)).keyed_by(Header::new("x-tenant-id")),
+        )
+        .budget(Budget::new("global", TokenQuota::per_minute(250)))
+        .estimator(Estimator::default())
+        .build();
+    let svc = layer.layer(fake_provider());
+    let with_tenant = |t: &str| {
+        let mut r = chat(10, 83, 100);
+        r.headers_mut().insert("x-tenant-id", t.parse().unwrap());
+        r
+    };
+    drain(
+        svc.clone()
+            .oneshot(with_tenant("a"))
+            .await
+            .unwrap()
+            .into_body(),
+    );
+    // Tenant a has 50 left: refused by its own budget, taking nothing from the global one.
+    assert_eq!(
+        refusal(svc.clone().oneshot(with_tenant("a")).await.unwrap_err()).limit(),
+        "tenant"
+    );
+    drain(
+        svc.clone()
+            .oneshot(with_tenant("b"))
+            .await
+            .unwrap()
+            .into_body(),
+    );
+    assert_eq!(layer.available("global", &Key::global()), Some(50));
+    assert_eq!(
+        refusal(svc.clone().oneshot(with_tenant("c")).await.unwrap_err()).limit(),
+        "global"
+    );
+    assert_eq!(layer.available("tenant", &Key::new("tenant:c")), Some(150));
+}
+
+#[tokio::test(start_paused = true)]
+async fn anthropic_streams_settle_with_input_and_final_output() {
+    let anthropic = tower::service_fn(|_: Request<ReplayBody>| async {
+        let sse = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":40,\"output_tokens\":1}}}\n\n\
+                   event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":12}}\n\n";
+        Ok::<_, Infallible>(
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Full::new(Bytes::from_static(sse.as_bytes())))
+                .unwrap(),
+        )
+    });
+    let layer = TpmLayer::builder()
+        .budget(Budget::new("tpm", TokenQuota::per_minute(10_000)))
+        .estimator(Estimator::default().default_output(1000))
+        .build();
+    let svc = layer.layer(anthropic);
+    let req = Request::post("/v1/messages")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"claude-sonnet-4","max_tokens":500,"stream":true,"messages":[{"role":"user","content":"Hello"}]}"#,
+        )))
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        body.starts_with(b"event: message_start"),
+        "Anthropic streams pass untouched"
+    );
+    assert_eq!(layer.available("tpm", &Key::global()), Some(10_000 - 52));
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_budgets_follow_the_providers_remaining_tokens() {
+    let provider = tower::service_fn(|_: Request<ReplayBody>| async {
+        Ok::<_, Infallible>(
+            Response::builder()
+                .header("x-ratelimit-remaining-tokens", "300")
+                .body(Full::new(Bytes::from_static(
+                    br#"{"usage":{"total_tokens":100}}"#,
+                )))
+                .unwrap(),
+        )
+    });
+    // A window of a year: no refill to speak of while the test runs.
+    let year = Duration::from_secs(365 * 24 * 3600);
+    let layer = TpmLayer::new(Budget::new("tpm", TokenQuota::per(100_000, year)).adaptive());
+    let svc = layer.layer(provider);
+    drain(svc.oneshot(chat(10, 83, 100)).await.unwrap().into_body());
+    // Reserved more than the 100 used; the refund must not lift it above the provider's 300.
+    assert_eq!(layer.available("tpm", &Key::global()), Some(300));
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_keys_are_dropped() {
+    let layer = TpmLayer::builder()
+        .budget(
+            Budget::new("tpm", TokenQuota::per_minute(60_000)).keyed_by(Header::new("x-tenant-id")),
+        )
+        .housekeeping(None)
+        .build();
+    let svc = layer.layer(fake_provider());
+    for i in 0..10_000 {
+        let mut r = chat(1, 10, 18);
+        r.headers_mut()
+            .insert("x-tenant-id", i.to_string().parse().unwrap());
+        drain(svc.clone().oneshot(r).await.unwrap().into_body());
+    }
+    assert_eq!(layer.keys(), 10_000);
+    layer.retain_recent();
+    assert_eq!(layer.keys(), 10_000, "still refilling");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    layer.retain_recent();
+    assert_eq!(layer.keys(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_over_the_cap_is_refused_before_any_token_is_taken() {
+    let layer = TpmLayer::builder()
+        .budget(Budget::new("tpm", TokenQuota::per_minute(1000)))
+        .body_limit(64)
+        .build();
+    let err = layer
+        .layer(fake_provider())
+        .oneshot(chat(100, 10, 0))
+        .await
+        .unwrap_err();
+    assert!(err.is::<tollgate_core::facts::FactsError>());
+    assert_eq!(layer.available("tpm", &Key::global()), Some(1000));
+}
