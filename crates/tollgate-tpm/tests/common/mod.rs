@@ -14,12 +14,15 @@ use serde_json::json;
 use tollgate_core::facts::ReplayBody;
 use tower::Service;
 
+/// What the fake provider answers.
+pub type Answer = Result<Response<Full<Bytes>>, Infallible>;
+
 /// Answers JSON whose `usage.total_tokens` is the request's `x-actual` header (prompt 0).
 pub fn fake_provider() -> impl Service<
     Request<ReplayBody>,
     Response = Response<Full<Bytes>>,
     Error = Infallible,
-    Future = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
+    Future = std::future::Ready<Answer>,
 > + Clone
        + Send
        + 'static {
