@@ -13,9 +13,9 @@
 //! - `ratelimit`: the per-request cost of `RateLimitLayer` on the admit path, in process
 //!   over a no-op service, against governor's keyed `check_key`, with 1 and 10,000 keys.
 //!   `ratio` in the `RESULT` line is the worse of the two (goal: at most 3).
-//! - `tpm`: estimating a request's tokens for 1, 10 and 100 KB prompts (µs, MB/s), and
-//!   whether the estimate equals the simulated provider's own count (`exact`). The budget
-//!   layer is not built yet, so `layer_ns=na`.
+//! - `tpm`: estimating a request's tokens for 1, 10 and 100 KB prompts (µs, MB/s), whether
+//!   the estimate equals the simulated provider's own count (`exact`), and the budget
+//!   layer's own cost per small request on the admit path (`layer_ns`).
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

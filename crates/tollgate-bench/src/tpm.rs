@@ -1,6 +1,6 @@
-//! Scenario `tpm`: what estimating a request's tokens costs, and whether the estimate is
-//! exact against the simulated provider's own count. (The budget layer is not built yet:
-//! `layer_ns` reads `na` until it is.)
+//! Scenario `tpm`: what estimating a request's tokens costs, whether the estimate is exact
+//! against the simulated provider's own count, and the layer's own cost per request on
+//! the admit path (reserve, call, settle) for a small chat request.
 
 use std::time::{Duration, Instant};
 
@@ -9,9 +9,15 @@ use http::{HeaderMap, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tollgate_core::facts::RequestFacts;
+use std::convert::Infallible;
+use std::task::{Context, Poll, Waker};
+
+use http::Response;
+use tollgate_core::facts::{ReplayBody, RequestFacts};
 use tollgate_testkit::Provider;
 use tollgate_tpm::estimate::Estimator;
+use tollgate_tpm::{Budget, TokenQuota, TpmLayer};
+use tower::{service_fn, Layer, Service};
 
 use crate::report;
 use crate::Args;
@@ -69,6 +75,84 @@ fn facts(body: &serde_json::Value) -> Result<RequestFacts, BoxError> {
         &HeaderMap::new(),
         Bytes::from(body.to_string()),
     )?)
+}
+
+fn ready<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => None,
+    }
+}
+
+fn drain<B: http_body::Body<Data = Bytes> + Unpin>(mut b: B) {
+    let mut cx = Context::from_waker(Waker::noop());
+    while let Poll::Ready(Some(Ok(_))) = std::pin::Pin::new(&mut b).poll_frame(&mut cx) {}
+}
+
+/// Nanoseconds per request through `svc` (call and read the answer to its end, which
+/// settles it), requests built before the clock starts.
+fn per_request_ns<S, B>(mut svc: S, n: usize) -> f64
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    let body = Bytes::from_static(
+        br#"{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"Say hello in a few words."}]}"#,
+    );
+    let mut elapsed = Duration::ZERO;
+    let mut done = 0;
+    let mut cx = Context::from_waker(Waker::noop());
+    while done < n {
+        let reqs: Vec<_> = (0..1000)
+            .map(|_| {
+                Request::post("/v1/chat/completions")
+                    .body(Full::new(body.clone()))
+                    .unwrap_or_default()
+            })
+            .collect();
+        let start = Instant::now();
+        for req in reqs {
+            let _ = svc.poll_ready(&mut cx);
+            if let Some(Ok(res)) = ready(svc.call(req)) {
+                drain(res.into_body());
+            }
+        }
+        elapsed += start.elapsed();
+        done += 1000;
+    }
+    elapsed.as_nanos() as f64 / done as f64
+}
+
+/// The layer's own cost per request: through it, less the same requests sent straight to
+/// the no-op provider. Medians of alternating rounds.
+fn layer_ns(n: usize) -> f64 {
+    let provider = || {
+        service_fn(|_: Request<ReplayBody>| {
+            let body = r#"{"usage":{"prompt_tokens":15,"completion_tokens":5,"total_tokens":20}}"#;
+            std::future::ready(Ok::<_, Infallible>(Response::new(Full::new(
+                Bytes::from_static(body.as_bytes()),
+            ))))
+        })
+    };
+    // The direct path still has to turn the request body into the one the provider takes.
+    let direct = || {
+        let mut p = provider();
+        service_fn(move |req: Request<Full<Bytes>>| p.call(req))
+    };
+    let layer = TpmLayer::builder()
+        .budget(Budget::new("tpm", TokenQuota::per_minute(u64::MAX / 4)))
+        .housekeeping(None)
+        .build();
+    let rounds = 9;
+    let (mut through, mut plain) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        through.push(per_request_ns(layer.layer(provider()), n / rounds));
+        plain.push(per_request_ns(direct(), n / rounds));
+    }
+    through.sort_by(f64::total_cmp);
+    plain.sort_by(f64::total_cmp);
+    (through[rounds / 2] - plain[rounds / 2]).max(0.0)
 }
 
 pub(crate) async fn run(args: &Args) -> Result<(), BoxError> {
@@ -130,6 +214,11 @@ pub(crate) async fn run(args: &Args) -> Result<(), BoxError> {
         ));
     }
     provider.shutdown().await;
+    let layer = layer_ns(if args.quick { 100_000 } else { 500_000 });
+    rows.push((
+        "layer, admit path".to_owned(),
+        format!("{layer:8.0} ns per small chat request (estimate, reserve, call, settle), over a no-op provider"),
+    ));
     let table: Vec<(&str, String)> = rows.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     report::table(
         &format!("tpm: estimating a gpt-4o chat request (o200k_base), {reps} fresh texts per size"),
@@ -140,7 +229,7 @@ pub(crate) async fn run(args: &Args) -> Result<(), BoxError> {
         &[
             ("est_mb_s_100k", format!("{mb_s_100k:.1}")),
             ("exact", exact.to_string()),
-            ("layer_ns", "na".to_owned()),
+            ("layer_ns", format!("{layer:.0}")),
             ("est_us_1k", format!("{:.1}", us[0])),
             ("est_us_10k", format!("{:.1}", us[1])),
             ("est_us_100k", format!("{:.1}", us[2])),
