@@ -12,7 +12,7 @@ use tollgate_core::usage::{Usage, UsageScanner};
 use tollgate_core::wait::WaitQueue;
 use tollgate_core::BoxError;
 
-use crate::budget::Budgets;
+use crate::budget::{Budgets, ProviderView};
 use crate::sse::UsageChunkFilter;
 
 /// A reservation waiting for the real count.
@@ -21,9 +21,9 @@ pub(crate) struct Settlement {
     pub(crate) queue: Arc<WaitQueue<Budgets>>,
     pub(crate) keys: Vec<Key>,
     pub(crate) reserved: u64,
-    /// The provider's remaining tokens, for adaptive budgets: applied again after
-    /// settling, so a refund never lifts a budget above the provider's view.
-    pub(crate) provider_remaining: Option<u64>,
+    /// The provider's view, for adaptive budgets: applied again after settling, so a
+    /// refund never lifts a budget above it.
+    pub(crate) provider: Option<ProviderView>,
 }
 
 impl Settlement {
@@ -43,8 +43,8 @@ impl Settlement {
     pub(crate) fn settle_at(self, actual: u64) {
         let budgets = self.queue.admitter();
         budgets.settle(&self.keys, self.reserved, actual);
-        if let Some(remaining) = self.provider_remaining {
-            budgets.cap_adaptive(&self.keys, remaining);
+        if let Some(view) = &self.provider {
+            budgets.follow_provider(&self.keys, view);
         }
         for l in &budgets.ledgers {
             crate::metrics::settled(

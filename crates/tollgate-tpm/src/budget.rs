@@ -96,8 +96,11 @@ impl Budget {
         self
     }
 
-    /// Follows the provider's `x-ratelimit-remaining-tokens`: this budget never holds more
-    /// than the provider says is left. Mark the budget that mirrors the provider's quota.
+    /// Follows the provider's `x-ratelimit-remaining-tokens` / `-reset-tokens` /
+    /// `-limit-tokens`: this budget never holds more than the provider says is left, and
+    /// when the provider refills more slowly than this budget would, it holds back enough
+    /// that it never gets ahead of the provider before the provider's reset. Mark the
+    /// budget that mirrors the provider's quota.
     pub fn adaptive(mut self) -> Self {
         self.adaptive = true;
         self
@@ -190,9 +193,23 @@ impl Ledger {
         self.with(key, |level, _, _| *level -= n as f64);
     }
 
-    /// Lowers the bucket to at most `remaining` (the provider's view, when stricter).
-    pub(crate) fn cap_at(&self, key: &Key, remaining: u64) {
-        self.with(key, |level, _, _| *level = level.min(remaining as f64));
+    /// Folds in the provider's view, when stricter: `remaining` tokens now, refilling to
+    /// `limit` over `reset`. The bucket is capped so it never holds more than the
+    /// provider's would at any moment until its reset: at most `remaining` now, and less
+    /// when this budget refills faster than the provider does.
+    pub(crate) fn follow(&self, key: &Key, view: &ProviderView) {
+        self.with(key, |level, cap, rate| {
+            let remaining = view.remaining as f64;
+            let mut ceiling = remaining;
+            if let Some(reset) = view.reset.filter(|d| !d.is_zero()) {
+                let limit = view.limit.map_or(cap, |l| l as f64).max(remaining);
+                let provider_rate = (limit - remaining) / reset.as_secs_f64();
+                if provider_rate < rate {
+                    ceiling += (provider_rate - rate) * reset.as_secs_f64();
+                }
+            }
+            *level = level.min(ceiling);
+        });
     }
 
     /// Tokens available to `key` now (negative while in debt).
@@ -231,12 +248,20 @@ pub(crate) struct Budgets {
     pub(crate) ledgers: Vec<Ledger>,
 }
 
+/// What the provider's `x-ratelimit-*-tokens` headers said.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ProviderView {
+    pub(crate) remaining: u64,
+    pub(crate) reset: Option<Duration>,
+    pub(crate) limit: Option<u64>,
+}
+
 impl Budgets {
-    /// Lowers every adaptive budget to at most the provider's `remaining`.
-    pub(crate) fn cap_adaptive(&self, keys: &[Key], remaining: u64) {
+    /// Folds the provider's view into every adaptive budget.
+    pub(crate) fn follow_provider(&self, keys: &[Key], view: &ProviderView) {
         for (l, k) in self.ledgers.iter().zip(keys) {
             if l.budget.adaptive {
-                l.cap_at(k, remaining);
+                l.follow(k, view);
             }
         }
     }

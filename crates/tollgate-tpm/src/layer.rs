@@ -24,7 +24,7 @@ use tollgate_core::BoxError;
 use tower::{Layer, Service};
 
 use crate::body::{Settlement, TpmBody};
-use crate::budget::{Budget, Budgets, Ledger, Ticket};
+use crate::budget::{Budget, Budgets, Ledger, ProviderView, Ticket};
 use crate::estimate::Estimator;
 
 struct Shared {
@@ -391,7 +391,7 @@ where
                 queue: Arc::clone(&shared.queue),
                 keys,
                 reserved: ticket.cost,
-                provider_remaining: None,
+                provider: None,
             };
             let res = match svc.call(req).await {
                 Ok(res) => res,
@@ -411,8 +411,13 @@ where
                 let info =
                     RateLimitInfo::from_headers(res.headers(), shared.queue.clock().system_now());
                 if let Some(remaining) = info.tokens.remaining {
-                    budgets.cap_adaptive(&ticket.keys, remaining);
-                    settlement.provider_remaining = Some(remaining);
+                    let view = ProviderView {
+                        remaining,
+                        reset: info.tokens.reset,
+                        limit: info.tokens.limit,
+                    };
+                    budgets.follow_provider(&ticket.keys, &view);
+                    settlement.provider = Some(view);
                 }
             }
             let status = res.status();

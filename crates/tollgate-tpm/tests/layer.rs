@@ -193,3 +193,38 @@ async fn a_body_over_the_cap_is_refused_before_any_token_is_taken() {
     assert!(err.is::<tollgate_core::facts::FactsError>());
     assert_eq!(layer.available("tpm", &Key::global()), Some(1000));
 }
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_budgets_never_run_ahead_of_a_slower_provider() {
+    // The provider has 0 of 1000 tokens left, full again in 60 s: it refills ~16.7 a
+    // second. Our budget would refill 1000 a second. After the answer, our budget must
+    // not hold more than the provider's would, at any moment before its reset.
+    let provider = tower::service_fn(|_: Request<ReplayBody>| async {
+        Ok::<_, Infallible>(
+            Response::builder()
+                .header("x-ratelimit-limit-tokens", "1000")
+                .header("x-ratelimit-remaining-tokens", "0")
+                .header("x-ratelimit-reset-tokens", "1m0s")
+                .body(Full::new(Bytes::from_static(
+                    br#"{"usage":{"total_tokens":100}}"#,
+                )))
+                .unwrap(),
+        )
+    });
+    let layer = TpmLayer::new(
+        Budget::new("tpm", TokenQuota::per(60_000, Duration::from_secs(60))).adaptive(),
+    );
+    let svc = layer.layer(provider);
+    drain(svc.oneshot(chat(10, 83, 100)).await.unwrap().into_body());
+    let mut at = 0u64;
+    for secs in [0u64, 1, 10, 30, 59] {
+        tokio::time::advance(Duration::from_secs(secs - at)).await;
+        at = secs;
+        let ours = layer.available("tpm", &Key::global()).unwrap() as f64;
+        let providers = 1000.0 * secs as f64 / 60.0;
+        assert!(
+            ours <= providers + 1.0,
+            "at {secs} s: ours {ours}, the provider's {providers}"
+        );
+    }
+}
