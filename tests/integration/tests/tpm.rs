@@ -186,3 +186,19 @@ async fn sixty_four_in_flight_cannot_overshoot() {
     );
     assert!(s.tokens_served() <= 1090);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_that_cannot_be_reached_costs_nothing() {
+    // A port nobody listens on: the connection is refused, the request never left.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://{}/v1/chat/completions",
+        closed.local_addr().unwrap()
+    );
+    drop(closed);
+    let l = layer(10_000);
+    let svc = l.layer(tollgate_integration_tests::client());
+    let body = json!({"model": "gpt-4o", "max_tokens": 50, "messages": [{"role": "user", "content": "Hi"}]});
+    assert!(svc.oneshot(request(&url, &body, &[])).await.is_err());
+    assert_eq!(available(&l), 10_000);
+}
