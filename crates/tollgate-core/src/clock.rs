@@ -240,6 +240,33 @@ impl Drop for ManualSleep {
     }
 }
 
+/// Runs `tick(&target)` every `every` (at least 1 ms) on the clock, in a task on the tokio
+/// runtime current at the call, for as long as `target` is alive: the task holds only a
+/// weak reference and ends at its first tick after the last strong one is dropped.
+/// Returns `false`, and starts nothing, outside a tokio runtime.
+///
+/// Layers use it to drop the state of idle keys.
+pub fn spawn_periodic<T: Send + Sync + 'static>(
+    target: &Arc<T>,
+    clock: SharedClock,
+    every: Duration,
+    tick: fn(&T),
+) -> bool {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return false;
+    };
+    let weak = Arc::downgrade(target);
+    let every = every.max(Duration::from_millis(1));
+    handle.spawn(async move {
+        loop {
+            clock.sleep(every).await;
+            let Some(target) = weak.upgrade() else { return };
+            tick(&target);
+        }
+    });
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

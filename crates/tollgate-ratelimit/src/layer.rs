@@ -1,6 +1,6 @@
 //! [`RateLimitLayer`] and its builder.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tollgate_core::clock::{Clock, SharedClock};
@@ -107,25 +107,13 @@ impl RateLimitBuilder {
     /// refused at once, so a failover layer above can move on. At most 1024 requests wait
     /// at once unless [`max_queue`](Self::max_queue) says otherwise.
     pub fn wait(mut self, max_wait: Duration) -> Self {
-        let max_queue = match self.mode {
-            Mode::Wait { max_queue, .. } => max_queue,
-            Mode::Refuse => 1024,
-        };
-        self.mode = Mode::Wait {
-            max_wait,
-            max_queue,
-        };
+        self.mode = self.mode.wait(max_wait);
         self
     }
 
     /// In wait mode, the most requests that may wait at once; more are refused.
     pub fn max_queue(mut self, n: usize) -> Self {
-        if let Mode::Wait { max_wait, .. } = self.mode {
-            self.mode = Mode::Wait {
-                max_wait,
-                max_queue: n,
-            };
-        }
+        self.mode = self.mode.max_queue(n);
         self
     }
 
@@ -164,28 +152,13 @@ impl RateLimitBuilder {
             self.mode,
             self.clock.clone(),
         ));
-        if let (Some(every), Ok(handle)) =
-            (self.housekeeping, tokio::runtime::Handle::try_current())
-        {
-            let weak = Arc::downgrade(&shared);
-            handle.spawn(housekeeping(
-                weak,
-                self.clock,
-                every.max(Duration::from_millis(1)),
-            ));
+        if let Some(every) = self.housekeeping {
+            tollgate_core::clock::spawn_periodic(&shared, self.clock, every, |s: &Shared| {
+                for l in &s.admitter().limits {
+                    l.retain_recent();
+                }
+            });
         }
         RateLimitLayer { shared }
-    }
-}
-
-async fn housekeeping(shared: Weak<Shared>, clock: SharedClock, every: Duration) {
-    loop {
-        clock.sleep(every).await;
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        for l in &shared.admitter().limits {
-            l.retain_recent();
-        }
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -161,25 +161,13 @@ impl TpmBuilder {
     /// Over a budget, wait for tokens up to `max_wait` (refused at once beyond it); at
     /// most 1024 requests wait unless [`max_queue`](Self::max_queue) says otherwise.
     pub fn wait(mut self, max_wait: Duration) -> Self {
-        let max_queue = match self.mode {
-            Mode::Wait { max_queue, .. } => max_queue,
-            Mode::Refuse => 1024,
-        };
-        self.mode = Mode::Wait {
-            max_wait,
-            max_queue,
-        };
+        self.mode = self.mode.wait(max_wait);
         self
     }
 
     /// In wait mode, the most requests that may wait at once.
     pub fn max_queue(mut self, n: usize) -> Self {
-        if let Mode::Wait { max_wait, .. } = self.mode {
-            self.mode = Mode::Wait {
-                max_wait,
-                max_queue: n,
-            };
-        }
+        self.mode = self.mode.max_queue(n);
         self
     }
 
@@ -222,14 +210,17 @@ impl TpmBuilder {
             self.mode,
             self.clock.clone(),
         ));
-        if let (Some(every), Ok(handle)) =
-            (self.housekeeping, tokio::runtime::Handle::try_current())
-        {
-            handle.spawn(housekeeping(
-                Arc::downgrade(&queue),
+        if let Some(every) = self.housekeeping {
+            tollgate_core::clock::spawn_periodic(
+                &queue,
                 self.clock,
-                every.max(Duration::from_millis(1)),
-            ));
+                every,
+                |q: &WaitQueue<Budgets>| {
+                    for l in &q.admitter().ledgers {
+                        l.retain_recent();
+                    }
+                },
+            );
         }
         TpmLayer {
             shared: Arc::new(Shared {
@@ -239,16 +230,6 @@ impl TpmBuilder {
                 body_limit: self.body_limit,
                 adaptive,
             }),
-        }
-    }
-}
-
-async fn housekeeping(queue: Weak<WaitQueue<Budgets>>, clock: SharedClock, every: Duration) {
-    loop {
-        clock.sleep(every).await;
-        let Some(queue) = queue.upgrade() else { return };
-        for l in &queue.admitter().ledgers {
-            l.retain_recent();
         }
     }
 }

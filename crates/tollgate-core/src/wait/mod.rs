@@ -47,6 +47,35 @@ pub enum Mode {
     },
 }
 
+/// How many requests may wait at once unless a layer is told otherwise.
+pub const DEFAULT_MAX_QUEUE: usize = 1024;
+
+impl Mode {
+    /// Wait up to `max_wait`, keeping the queue bound already set ([`DEFAULT_MAX_QUEUE`]
+    /// when coming from [`Mode::Refuse`]).
+    pub fn wait(self, max_wait: Duration) -> Mode {
+        let max_queue = match self {
+            Mode::Wait { max_queue, .. } => max_queue,
+            Mode::Refuse => DEFAULT_MAX_QUEUE,
+        };
+        Mode::Wait {
+            max_wait,
+            max_queue,
+        }
+    }
+
+    /// In wait mode, at most `n` waiters; refuse mode is left as it is.
+    pub fn max_queue(self, n: usize) -> Mode {
+        match self {
+            Mode::Wait { max_wait, .. } => Mode::Wait {
+                max_wait,
+                max_queue: n,
+            },
+            Mode::Refuse => Mode::Refuse,
+        }
+    }
+}
+
 /// A limit said no.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Denial {
