@@ -228,3 +228,39 @@ async fn adaptive_budgets_never_run_ahead_of_a_slower_provider() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn under_reserved_requests_are_charged_the_difference() {
+    let year = Duration::from_secs(365 * 24 * 3600);
+    let layer = TpmLayer::new(Budget::new("tpm", TokenQuota::per(10_000, year)));
+    let svc = layer.layer(fake_provider());
+    // Reserves its estimate (about 100), but the provider reports 2500 used.
+    drain(svc.oneshot(chat(10, 83, 2500)).await.unwrap().into_body());
+    assert_eq!(layer.available("tpm", &Key::global()), Some(10_000 - 2500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_without_usage_keeps_the_whole_reservation() {
+    let silent = tower::service_fn(|_: Request<ReplayBody>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+            br#"{"choices":[]}"#,
+        ))))
+    });
+    let year = Duration::from_secs(365 * 24 * 3600);
+    let layer = TpmLayer::new(Budget::new("tpm", TokenQuota::per(10_000, year)));
+    let svc = layer.layer(silent);
+    let req = chat(10, 83, 0);
+    let reserved = {
+        let (parts, body) = chat(10, 83, 0).into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let facts =
+            tollgate_core::facts::RequestFacts::parse(parts.uri.path(), &parts.headers, bytes)
+                .unwrap();
+        Estimator::default().estimate(&facts).total() as i64
+    };
+    drain(svc.oneshot(req).await.unwrap().into_body());
+    assert_eq!(
+        layer.available("tpm", &Key::global()),
+        Some(10_000 - reserved)
+    );
+}
