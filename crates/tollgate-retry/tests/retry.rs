@@ -389,3 +389,30 @@ async fn the_replayed_body_is_the_same_on_every_attempt() {
     assert_eq!(bodies[0], bodies[1]);
     assert_eq!(bodies[0], Bytes::from_static(b"{\"model\":\"m\"}"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn grpc_resource_exhausted_waits_for_the_pushback_and_negative_means_stop() {
+    let l = || {
+        RetryLayer::builder()
+            .classifier(tollgate_retry::GrpcClassifier)
+            .build()
+    };
+    let exhausted = |pushback: &str| {
+        status(
+            200,
+            &[
+                ("content-type", "application/grpc"),
+                ("grpc-status", "8"),
+                ("grpc-retry-pushback-ms", pushback),
+            ],
+            "",
+        )
+    };
+    let (r, calls, took) = run(l(), vec![exhausted("750")]).await;
+    assert_eq!((r, calls, took), (Ok(200), 2, Duration::from_millis(750)));
+    let (_, calls, _) = run(l(), vec![exhausted("-1")]).await;
+    assert_eq!(calls, 1, "a negative pushback means do not retry");
+    let invalid_argument = status(200, &[("grpc-status", "3")], "");
+    let (_, calls, _) = run(l(), vec![invalid_argument]).await;
+    assert_eq!(calls, 1);
+}
