@@ -16,6 +16,9 @@
 //! - `tpm`: estimating a request's tokens for 1, 10 and 100 KB prompts (µs, MB/s), whether
 //!   the estimate equals the simulated provider's own count (`exact`), and the budget
 //!   layer's own cost per small request on the admit path (`layer_ns`).
+//! - `retry`: N requests at concurrency 50 against the simulated provider at 600 RPM,
+//!   through the naive loop (`Retry-After × 1.5^n`, 3 tries) and through `RetryLayer`:
+//!   failures, 429s the provider sent, makespan ÷ (N / rate).
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -23,6 +26,7 @@
 mod load;
 mod ratelimit;
 mod report;
+mod retry;
 mod scenarios;
 mod tpm;
 
@@ -55,6 +59,8 @@ enum Scenario {
     Ratelimit,
     /// Token estimation: speed for 1/10/100 KB prompts, exactness against the provider.
     Tpm,
+    /// A burst against a rate-limited provider: the naive retry loop against RetryLayer.
+    Retry,
 }
 
 fn main() -> ExitCode {
@@ -74,6 +80,7 @@ fn main() -> ExitCode {
             Scenario::Baseline => scenarios::baseline(&args).await,
             Scenario::Ratelimit => ratelimit::run(&args),
             Scenario::Tpm => tpm::run(&args).await,
+            Scenario::Retry => retry::run(&args).await,
         }
     });
     match result {

@@ -3,14 +3,15 @@
 //! [`RetryLayer`] wraps tower's `Retry` with [`RetryPolicy`]. It fixes what the retry
 //! loop everyone writes by hand gets wrong:
 //!
-//! - **It obeys the server.** The wait is the server's hint when there is one —
-//!   `retry-after-ms`, then `Retry-After` (seconds or HTTP date), then for a 429 the
-//!   `x-ratelimit-reset-*` of the exhausted limit; gRPC's `grpc-retry-pushback-ms`; a
-//!   Tollgate refusal's own wait — never less than it (exactly it, unless a
-//!   [`hint_spread`](RetryBuilder::hint_spread) is set). A hint longer than `max_server_wait`
-//!   (120 s) is not waited out: the answer is returned so failover can act.
-//! - **Otherwise exponential backoff with jitter** ([`Backoff`], [`Jitter`]): 500 ms × 2ⁿ,
-//!   capped at 8 s, full jitter by default (the reason is on [`Jitter`]).
+//! - **It obeys the server.** It waits `max(server hint, backoff)`, as DESIGN.md's request
+//!   path says: never less than the server's hint — `retry-after-ms`, then `Retry-After`
+//!   (seconds or HTTP date), then for a 429 the `x-ratelimit-reset-*` of the exhausted
+//!   limit; gRPC's `grpc-retry-pushback-ms`; a Tollgate refusal's own wait — and, when a
+//!   server keeps asking many clients for the same short wait, growing like any backoff so
+//!   they stop colliding. A hint longer than `max_server_wait` (120 s) is not waited out:
+//!   the answer is returned so failover can act.
+//! - **Backoff with jitter** ([`Backoff`], [`Jitter`]): 500 ms × 2ⁿ, capped at 8 s, full
+//!   jitter by default (the reason is on [`Jitter`]).
 //! - **It retries what a wait can fix** ([`HttpClassifier`], replaceable): 429 — but not
 //!   `insufficient_quota` and other "the quota is gone" answers —, 408, 409, 500, 502,
 //!   503, 504, 529, connection and timeout errors, and Tollgate refusals that will pass.

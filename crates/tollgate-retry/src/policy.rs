@@ -97,19 +97,26 @@ impl<B, ResB> tower::retry::Policy<Request<RequestBody<B>>, Response<RetryBody<R
             Self::give_up("max_retries", reason);
             return None;
         }
+        let backoff = c
+            .backoff
+            .wait(self.retries, self.previous_wait, &mut self.rng);
         let (wait, why) = match hint {
             Some(h) if h > c.max_server_wait => {
                 Self::give_up("hint_too_long", reason);
                 return None;
             }
-            // Never less than the hint; with a spread, a little more, so instances told
-            // the same time do not all come back in the same instant.
-            Some(h) => (h + h.mul_f64(c.hint_spread * self.rng.f64()), "hint"),
-            None => (
-                c.backoff
-                    .wait(self.retries, self.previous_wait, &mut self.rng),
-                "backoff",
-            ),
+            // max(hint, backoff): never less than the server asked, and — when it keeps
+            // asking many colliding clients for the same short wait — growing, with
+            // jitter, like any backoff. A spread adds a little on top of the hint.
+            Some(h) => {
+                let h = h + h.mul_f64(c.hint_spread * self.rng.f64());
+                if h >= backoff {
+                    (h, "hint")
+                } else {
+                    (backoff, "backoff")
+                }
+            }
+            None => (backoff, "backoff"),
         };
         let now = c.clock.now();
         if let Some(deadline) = c.deadline {

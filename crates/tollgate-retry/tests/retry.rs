@@ -107,16 +107,13 @@ async fn each_header_form_sets_the_wait_exactly() {
     assert_eq!(took, Duration::from_secs(7));
 
     // retry-after-ms wins over Retry-After.
-    let (_, _, took) = run(
-        l(),
-        vec![status(
-            429,
-            &[("retry-after", "9"), ("retry-after-ms", "20")],
-            "",
-        )],
-    )
-    .await;
-    assert_eq!(took, Duration::from_millis(20));
+    let h = [("retry-after", "9"), ("retry-after-ms", "2000")];
+    let (_, _, took) = run(l(), vec![status(429, &h, "")]).await;
+    assert_eq!(took, Duration::from_millis(2000));
+
+    // A hint shorter than the backoff: the backoff (the larger), never less than the hint.
+    let (_, _, took) = run(l(), vec![status(429, &[("retry-after-ms", "20")], "")]).await;
+    assert_eq!(took, Duration::from_millis(500));
 
     // An HTTP date, relative to the (paused) clock's wall time.
     let at = SystemTime::now() + Duration::from_secs(30);
