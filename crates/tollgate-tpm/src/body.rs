@@ -24,6 +24,21 @@ pub(crate) struct Settlement {
     /// The provider's view, for adaptive budgets: applied again after settling, so a
     /// refund never lifts a budget above it.
     pub(crate) provider: Option<ProviderView>,
+    /// Settled already.
+    pub(crate) done: bool,
+}
+
+impl Drop for Settlement {
+    /// A reservation never settled (the body was cut, or dropped before its end) stands:
+    /// it is released as fully used.
+    fn drop(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.queue
+                .admitter()
+                .settle(&self.keys, self.reserved, self.reserved);
+        }
+    }
 }
 
 impl Settlement {

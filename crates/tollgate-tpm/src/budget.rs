@@ -109,7 +109,12 @@ impl Budget {
 
 #[derive(Clone, Copy, Debug)]
 struct Bucket {
+    /// Tokens available now (below zero while in debt).
     level: f64,
+    /// Tokens reserved by requests still in flight. The bucket never refills above
+    /// `capacity − held`: a reservation that comes back unused must not land on top of a
+    /// bucket that refilled as if the reservation were gone.
+    held: f64,
     last: Instant,
 }
 
@@ -152,45 +157,50 @@ impl Ledger {
     }
 
     /// Runs `f` on `key`'s bucket, refilled to now.
-    fn with<R>(&self, key: &Key, f: impl FnOnce(&mut f64, f64, f64) -> R) -> R {
+    fn with<R>(&self, key: &Key, f: impl FnOnce(&mut Bucket, f64, f64) -> R) -> R {
         let now = self.clock.now();
         let q = self.budget.quota;
         let cap = q.capacity as f64;
         let mut buckets = self.lock();
         let b = buckets.entry(key.clone()).or_insert(Bucket {
             level: cap,
+            held: 0.0,
             last: now,
         });
         let dt = now.saturating_duration_since(b.last).as_secs_f64();
-        b.level = (b.level + dt * q.per_sec()).min(cap);
+        if b.level < cap - b.held {
+            b.level = (b.level + dt * q.per_sec()).min(cap - b.held);
+        }
         b.last = now;
-        f(&mut b.level, cap, q.per_sec())
+        f(b, cap, q.per_sec())
     }
 
-    /// Takes `n` tokens, or says how long until they are there.
+    /// Takes `n` tokens and holds them for a request in flight, or says how long until
+    /// they are there.
     pub(crate) fn take(&self, key: &Key, n: u64) -> Result<(), Denial> {
         if n > self.budget.quota.capacity {
             return Err(Denial::Never);
         }
-        self.with(key, |level, _, rate| {
+        self.with(key, |b, _, rate| {
             let n = n as f64;
-            if *level >= n {
-                *level -= n;
+            if b.level >= n {
+                b.level -= n;
+                b.held += n;
                 Ok(())
             } else {
-                Err(Denial::Wait(Duration::from_secs_f64((n - *level) / rate)))
+                Err(Denial::Wait(Duration::from_secs_f64((n - b.level) / rate)))
             }
         })
     }
 
-    /// Gives `n` tokens back (never above the capacity).
-    pub(crate) fn give(&self, key: &Key, n: u64) {
-        self.with(key, |level, cap, _| *level = (*level + n as f64).min(cap));
-    }
-
-    /// Takes `n` tokens whether or not they are there (the bucket may go below zero).
-    pub(crate) fn charge(&self, key: &Key, n: u64) {
-        self.with(key, |level, _, _| *level -= n as f64);
+    /// Ends a hold of `reserved` tokens for a request that used `used`: gives back what was
+    /// not used, or takes the overrun (the bucket may go below zero).
+    pub(crate) fn release(&self, key: &Key, reserved: u64, used: u64) {
+        self.with(key, |b, cap, _| {
+            b.held = (b.held - reserved as f64).max(0.0);
+            b.level += reserved as f64 - used as f64;
+            b.level = b.level.min(cap - b.held);
+        });
     }
 
     /// Folds in the provider's view, when stricter: `remaining` tokens now, refilling to
@@ -198,7 +208,7 @@ impl Ledger {
     /// provider's would at any moment until its reset: at most `remaining` now, and less
     /// when this budget refills faster than the provider does.
     pub(crate) fn follow(&self, key: &Key, view: &ProviderView) {
-        self.with(key, |level, cap, rate| {
+        self.with(key, |b, cap, rate| {
             let remaining = view.remaining as f64;
             let mut ceiling = remaining;
             if let Some(reset) = view.reset.filter(|d| !d.is_zero()) {
@@ -208,13 +218,13 @@ impl Ledger {
                     ceiling += (provider_rate - rate) * reset.as_secs_f64();
                 }
             }
-            *level = level.min(ceiling);
+            b.level = b.level.min(ceiling);
         });
     }
 
     /// Tokens available to `key` now (negative while in debt).
     pub(crate) fn available(&self, key: &Key) -> i64 {
-        self.with(key, |level, _, _| level.floor() as i64)
+        self.with(key, |b, _, _| b.level.floor() as i64)
     }
 
     /// Drops the keys whose bucket is full again.
@@ -225,7 +235,7 @@ impl Ledger {
         let mut buckets = self.lock();
         buckets.retain(|_, b| {
             let dt = now.saturating_duration_since(b.last).as_secs_f64();
-            b.level + dt * q.per_sec() < cap
+            b.held > 0.0 || b.level + dt * q.per_sec() < cap
         });
         buckets.shrink_to_fit();
     }
@@ -269,11 +279,7 @@ impl Budgets {
     /// Settles a reservation of `reserved` for a request that used `actual`.
     pub(crate) fn settle(&self, keys: &[Key], reserved: u64, actual: u64) {
         for (l, k) in self.ledgers.iter().zip(keys) {
-            if actual < reserved {
-                l.give(k, reserved - actual);
-            } else if actual > reserved {
-                l.charge(k, actual - reserved);
-            }
+            l.release(k, reserved, actual);
         }
     }
 }
@@ -285,12 +291,12 @@ impl Admit for Budgets {
         let mut denied: Option<(usize, Denial)> = None;
         for (i, (l, k)) in self.ledgers.iter().zip(&t.keys).enumerate() {
             match l.take(k, t.cost) {
-                Ok(()) if denied.is_some() => l.give(k, t.cost),
+                Ok(()) if denied.is_some() => l.release(k, t.cost, 0),
                 Ok(()) => {}
                 Err(d) => {
                     if denied.is_none() {
                         for (l, k) in self.ledgers[..i].iter().zip(&t.keys) {
-                            l.give(k, t.cost);
+                            l.release(k, t.cost, 0);
                         }
                     }
                     denied = Some(match denied {
@@ -305,7 +311,7 @@ impl Admit for Budgets {
 
     fn refund(&self, t: &Ticket) {
         for (l, k) in self.ledgers.iter().zip(&t.keys) {
-            l.give(k, t.cost);
+            l.release(k, t.cost, 0);
         }
     }
 

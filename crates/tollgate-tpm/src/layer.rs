@@ -18,7 +18,7 @@ use tollgate_core::key::{Key, RequestHead};
 use tollgate_core::refusal::Refusal;
 use tollgate_core::usage::UsageScanner;
 use tollgate_core::wait::{
-    Admission, Admit, ExtensionPriority, Mode, Priority, PriorityExtractor, WaitQueue,
+    Admission, ExtensionPriority, Mode, Priority, PriorityExtractor, WaitQueue,
 };
 use tollgate_core::BoxError;
 use tower::{Layer, Service};
@@ -373,13 +373,14 @@ where
                 keys,
                 reserved: ticket.cost,
                 provider: None,
+                done: false,
             };
             let res = match svc.call(req).await {
                 Ok(res) => res,
                 Err(e) => {
                     let e: BoxError = e.into();
                     if never_reached(&*e) {
-                        budgets.refund(&ticket);
+                        settlement.settle_at(0);
                     } else {
                         // It may have reached the provider, which will have counted the
                         // prompt: keep that, give back the output that never came.
@@ -405,7 +406,7 @@ where
             let (mut parts, body) = res.into_parts();
             let body = if status == StatusCode::TOO_MANY_REQUESTS || status.is_client_error() {
                 // Refused or rejected: the provider generated nothing and counts nothing.
-                budgets.refund(&ticket);
+                settlement.settle_at(0);
                 TpmBody::passthrough(body)
             } else if status.is_server_error() {
                 settlement.settle_at(estimate.prompt_tokens);
