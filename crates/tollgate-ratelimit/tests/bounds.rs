@@ -34,7 +34,11 @@ where
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    // 48 cases by default; PROPTEST_CASES raises it for a longer search.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48),
+        ..ProptestConfig::default()
+    })]
 
     /// GCRA's guarantee: over any span of time, admissions ≤ burst + span / interval —
     /// so never more than quota + burst in any window — with 4 threads sending at once.
