@@ -1,13 +1,20 @@
 //! A response cache for LLM API calls.
 //!
-//! **Status: not built yet.** This crate holds only its documentation until the cache
-//! issue lands; nothing here works yet, and nothing pretends to.
+//! **Status: partly built.** Two foundations work and are tested:
 //!
-//! What it will hold:
+//! - [`key`]: the cache key — a SHA-256 of the method, the path, the tenant partition and
+//!   the canonical JSON body, without fields that do not change the answer;
+//! - [`flight`]: single-flight — concurrent identical requests make one upstream call, and
+//!   a leader that fails or is cancelled is replaced by one waiter.
 //!
-//! - `CacheLayer`: the key is a cryptographic hash of the method, the path, the canonical
-//!   JSON body and the partition (the tenant or API key by default, so one tenant never
-//!   receives another's answer).
-//! - Storage in `moka` with TTLs and a size bound, behind a store trait the Redis store
-//!   also implements; single-flight for identical requests in flight.
-//! - Streamed answers recorded as they pass and replayed as SSE on a hit.
+//! The layer itself is not built yet; nothing here caches anything. What it will add:
+//! `CacheLayer` over HTTP services, storage in `moka` (TTL per route or model, a size bound
+//! through a weigher) behind a store trait the Redis store also implements, 2xx answers
+//! only, `Cache-Control: no-cache`/`no-store` bypass, streamed answers recorded as they pass
+//! and replayed as SSE, and an `x-tollgate-cache: hit|miss|bypass` header.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod flight;
+pub mod key;

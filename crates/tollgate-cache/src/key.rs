@@ -1,0 +1,238 @@
+//! The cache key: a SHA-256 of what makes two requests the same question.
+//!
+//! Hashed, in order: the method, the path, the partition (the tenant or API key, so one
+//! tenant never receives another's answer), and the request's JSON in canonical form —
+//! object keys sorted, insignificant whitespace gone — without the top-level fields that
+//! do not change the answer (`user` by default). `{"b":1,"a":2}` and `{ "a": 2, "b": 1 }`
+//! are the same question; a different model, message or tenant is not. Non-JSON bodies
+//! are hashed as bytes.
+//!
+//! SHA-256 rather than BLAKE3: it is already in the dependency tree (`tollgate-core` hashes
+//! API keys with it), it is pure Rust, and at the sizes of LLM requests BLAKE3's speed
+//! advantage is small next to walking the JSON. The canonical JSON is written straight
+//! into the hasher; nothing is copied.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{HeaderMap, Method};
+//! use tollgate_core::facts::RequestFacts;
+//! use tollgate_cache::key::KeyRules;
+//!
+//! let facts = |body: &'static str| {
+//!     RequestFacts::parse("/v1/chat/completions", &HeaderMap::new(), Bytes::from(body)).unwrap()
+//! };
+//! let rules = KeyRules::default();
+//! let a = rules.key(&Method::POST, "/v1/chat/completions", "tenant:acme", &facts(r#"{"model":"m","user":"u1","messages":[]}"#));
+//! let b = rules.key(&Method::POST, "/v1/chat/completions", "tenant:acme", &facts(r#"{ "messages": [], "model": "m" }"#));
+//! assert_eq!(a, b);
+//! ```
+
+use std::fmt;
+use std::io::{self, Write};
+
+use http::Method;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tollgate_core::facts::RequestFacts;
+
+/// A cache key: 32 bytes of SHA-256.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey(pub [u8; 32]);
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str("…")
+    }
+}
+
+/// What goes into a key.
+#[derive(Clone, Debug)]
+pub struct KeyRules {
+    excluded: Vec<String>,
+}
+
+impl Default for KeyRules {
+    /// Excludes `user` (an end-user id for the provider's abuse monitoring: it does not
+    /// change the answer).
+    fn default() -> Self {
+        Self {
+            excluded: vec!["user".to_owned()],
+        }
+    }
+}
+
+/// Feeds everything written to it into the hash.
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl KeyRules {
+    /// No field excluded.
+    pub fn none() -> Self {
+        Self {
+            excluded: Vec::new(),
+        }
+    }
+
+    /// Also leaves the top-level field `name` out of the key.
+    pub fn exclude(mut self, name: impl Into<String>) -> Self {
+        self.excluded.push(name.into());
+        self
+    }
+
+    /// The key of a request.
+    pub fn key(
+        &self,
+        method: &Method,
+        path: &str,
+        partition: &str,
+        facts: &RequestFacts,
+    ) -> CacheKey {
+        let mut h = Sha256::new();
+        // Lengths first, so no two different triples can run together into one string.
+        for part in [method.as_str(), path, partition] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        match facts.json() {
+            Some(Value::Object(obj)) => {
+                // serde_json's map is ordered by key, so writing it is canonical: sorted
+                // keys at every depth, no whitespace.
+                h.update(b"{");
+                let mut first = true;
+                for (k, v) in obj {
+                    if self.excluded.iter().any(|e| e == k) {
+                        continue;
+                    }
+                    if !first {
+                        h.update(b",");
+                    }
+                    first = false;
+                    let mut w = HashWriter(&mut h);
+                    // Writing to a hasher cannot fail, and a `Value` always serializes.
+                    let _ = serde_json::to_writer(&mut w, k);
+                    w.0.update(b":");
+                    let _ = serde_json::to_writer(&mut HashWriter(&mut h), v);
+                }
+                h.update(b"}");
+            }
+            Some(other) => {
+                let _ = serde_json::to_writer(&mut HashWriter(&mut h), other);
+            }
+            None => {
+                h.update(b"raw:");
+                h.update(facts.body());
+            }
+        }
+        CacheKey(h.finalize().into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http::HeaderMap;
+
+    fn facts(body: &str) -> RequestFacts {
+        RequestFacts::parse(
+            "/v1/chat/completions",
+            &HeaderMap::new(),
+            Bytes::from(body.to_owned()),
+        )
+        .unwrap()
+    }
+
+    fn key(rules: &KeyRules, partition: &str, body: &str) -> CacheKey {
+        rules.key(
+            &Method::POST,
+            "/v1/chat/completions",
+            partition,
+            &facts(body),
+        )
+    }
+
+    #[test]
+    fn key_order_and_whitespace_do_not_matter_at_any_depth() {
+        let r = KeyRules::default();
+        let a = key(
+            &r,
+            "t",
+            r#"{"model":"m","messages":[{"role":"user","content":"Hi"}],"temperature":0}"#,
+        );
+        let b = key(&r, "t", "{\n \"temperature\": 0,\n \"messages\": [ { \"content\": \"Hi\", \"role\": \"user\" } ],\n \"model\": \"m\" }");
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn what_changes_the_answer_changes_the_key() {
+        let r = KeyRules::default();
+        let base = r#"{"model":"m","messages":[{"role":"user","content":"Hi"}]}"#;
+        let k = key(&r, "tenant:a", base);
+        assert_ne!(k, key(&r, "tenant:b", base), "another tenant");
+        assert_ne!(
+            k,
+            key(&r, "tenant:a", &base.replace("\"m\"", "\"m2\"")),
+            "another model"
+        );
+        assert_ne!(
+            k,
+            key(&r, "tenant:a", &base.replace("Hi", "Hello")),
+            "another message"
+        );
+        assert_ne!(
+            k,
+            key(&r, "tenant:a", &base.replace("}]}", "}],\"stream\":true}")),
+            "streamed"
+        );
+        assert_ne!(
+            k,
+            r.key(&Method::POST, "/v1/completions", "tenant:a", &facts(base)),
+            "another path"
+        );
+        // Array order is meaning, not formatting.
+        let two = r#"{"model":"m","messages":[{"role":"user","content":"A"},{"role":"user","content":"B"}]}"#;
+        let swapped = r#"{"model":"m","messages":[{"role":"user","content":"B"},{"role":"user","content":"A"}]}"#;
+        assert_ne!(key(&r, "t", two), key(&r, "t", swapped));
+    }
+
+    #[test]
+    fn excluded_fields_do_not_count_and_can_be_chosen() {
+        let with_user = r#"{"model":"m","user":"u-1","metadata":{"run":1}}"#;
+        let other_user = r#"{"model":"m","user":"u-2","metadata":{"run":2}}"#;
+        let d = KeyRules::default();
+        assert_ne!(
+            key(&d, "t", with_user),
+            key(&d, "t", other_user),
+            "metadata counts by default"
+        );
+        let r = KeyRules::default().exclude("metadata");
+        assert_eq!(key(&r, "t", with_user), key(&r, "t", other_user));
+        let strict = KeyRules::none();
+        assert_ne!(
+            key(&strict, "t", with_user),
+            key(&strict, "t", &with_user.replace("u-1", "u-9"))
+        );
+    }
+
+    #[test]
+    fn parts_cannot_run_together() {
+        let r = KeyRules::default();
+        let f = facts(r#"{"model":"m"}"#);
+        assert_ne!(
+            r.key(&Method::POST, "/ab", "c", &f),
+            r.key(&Method::POST, "/a", "bc", &f)
+        );
+    }
+}
