@@ -16,5 +16,13 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod body;
 pub mod flight;
 pub mod key;
+mod layer;
+pub mod store;
+
+pub use body::CacheBody;
+pub use layer::{
+    Cache, CacheBuilder, CacheLayer, ResponseFuture, X_TOLLGATE_CACHE, X_TOLLGATE_CACHE_TTL,
+};
