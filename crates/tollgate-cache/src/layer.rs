@@ -39,6 +39,7 @@ struct Config {
     ttl_for_model: Vec<(String, Duration)>,
     max_ttl: Duration,
     max_entry_bytes: usize,
+    max_request_bytes: usize,
     body_limit: usize,
     deterministic_only: bool,
 }
@@ -76,6 +77,7 @@ impl CacheLayer {
             ttl_for_model: Vec::new(),
             max_bytes: 256 * 1024 * 1024,
             max_entry_bytes: 4 * 1024 * 1024,
+            max_request_bytes: 1024 * 1024,
             body_limit: DEFAULT_BODY_LIMIT,
             deterministic_only: false,
             clock: SharedClock::default(),
@@ -98,6 +100,7 @@ pub struct CacheBuilder {
     ttl_for_model: Vec<(String, Duration)>,
     max_bytes: u64,
     max_entry_bytes: usize,
+    max_request_bytes: usize,
     body_limit: usize,
     deterministic_only: bool,
     clock: SharedClock,
@@ -134,6 +137,13 @@ impl CacheBuilder {
     /// Answers larger than this are passed on but not stored (4 MiB by default).
     pub fn max_entry_bytes(mut self, n: usize) -> Self {
         self.max_entry_bytes = n;
+        self
+    }
+
+    /// Requests with bodies larger than this are passed on but never cached, so the work
+    /// of hashing stays bounded (1 MiB by default).
+    pub fn max_request_bytes(mut self, n: usize) -> Self {
+        self.max_request_bytes = n;
         self
     }
 
@@ -210,6 +220,7 @@ impl CacheBuilder {
                 ttl_for_model: self.ttl_for_model,
                 max_ttl,
                 max_entry_bytes: self.max_entry_bytes,
+                max_request_bytes: self.max_request_bytes,
                 body_limit: self.body_limit,
                 deterministic_only: self.deterministic_only,
             }),
@@ -333,7 +344,8 @@ where
             let Some(facts) = RequestFacts::get(&req).cloned() else {
                 return Err("request facts missing after buffering".into());
             };
-            if bypass_asked || (config.deterministic_only && !deterministic(&facts)) {
+            let too_big = facts.body().len() > config.max_request_bytes;
+            if bypass_asked || too_big || (config.deterministic_only && !deterministic(&facts)) {
                 let res = svc.call(req).await.map_err(Into::into)?;
                 let (parts, body) = res.into_parts();
                 return Ok(labelled(

@@ -321,3 +321,13 @@ async fn per_request_headers_are_not_replayed() {
         .is_none());
     assert_eq!(hit.headers()["content-type"], "application/json");
 }
+
+#[tokio::test(start_paused = true)]
+async fn requests_over_the_cap_pass_uncached() {
+    let (p, calls) = provider(200, Duration::ZERO);
+    let svc = CacheLayer::builder().max_request_bytes(64).build().layer(p);
+    let long = Q.replace("What is GCRA?", &"x".repeat(200));
+    assert_eq!(send(&svc, chat("a", &long)).await.0, "bypass");
+    assert_eq!(send(&svc, chat("a", &long)).await.0, "bypass");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
