@@ -19,10 +19,13 @@
 //! - `retry`: N requests at concurrency 50 against the simulated provider at 600 RPM,
 //!   through the naive loop (`Retry-After × 1.5^n`, 3 tries) and through `RetryLayer`:
 //!   failures, 429s the provider sent, makespan ÷ (N / rate).
+//! - `cache`: hit latency for 1 KB and 100 KB requests, what the cache adds to a miss,
+//!   and provider calls saved when half the questions repeat.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod cache;
 mod load;
 mod ratelimit;
 mod report;
@@ -61,6 +64,8 @@ enum Scenario {
     Tpm,
     /// A burst against a rate-limited provider: the naive retry loop against RetryLayer.
     Retry,
+    /// The cache: hit latency, miss overhead, provider calls saved.
+    Cache,
 }
 
 fn main() -> ExitCode {
@@ -81,6 +86,7 @@ fn main() -> ExitCode {
             Scenario::Ratelimit => ratelimit::run(&args),
             Scenario::Tpm => tpm::run(&args).await,
             Scenario::Retry => retry::run(&args).await,
+            Scenario::Cache => cache::run(&args).await,
         }
     });
     match result {
