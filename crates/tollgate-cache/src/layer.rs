@@ -37,6 +37,7 @@ struct Config {
     partition: Option<Arc<dyn KeyExtractor>>,
     ttl: Duration,
     ttl_for_model: Vec<(String, Duration)>,
+    ttl_for_path: Vec<(String, Duration)>,
     max_ttl: Duration,
     max_entry_bytes: usize,
     max_request_bytes: usize,
@@ -75,6 +76,7 @@ impl CacheLayer {
             partition: Some(Arc::new(Header::new("x-tenant-id").or(ApiKey))),
             ttl: Duration::from_secs(600),
             ttl_for_model: Vec::new(),
+            ttl_for_path: Vec::new(),
             max_bytes: 256 * 1024 * 1024,
             max_entry_bytes: 4 * 1024 * 1024,
             max_request_bytes: 1024 * 1024,
@@ -98,6 +100,7 @@ pub struct CacheBuilder {
     partition: Option<Arc<dyn KeyExtractor>>,
     ttl: Duration,
     ttl_for_model: Vec<(String, Duration)>,
+    ttl_for_path: Vec<(String, Duration)>,
     max_bytes: u64,
     max_entry_bytes: usize,
     max_request_bytes: usize,
@@ -125,6 +128,13 @@ impl CacheBuilder {
     /// matching prefix wins).
     pub fn ttl_for_model(mut self, prefix: impl Into<String>, ttl: Duration) -> Self {
         self.ttl_for_model.push((prefix.into(), ttl));
+        self
+    }
+
+    /// How long answers to requests whose path starts with `prefix` are kept (the longest
+    /// matching prefix wins; a model rule wins over a path rule).
+    pub fn ttl_for_path(mut self, prefix: impl Into<String>, ttl: Duration) -> Self {
+        self.ttl_for_path.push((prefix.into(), ttl));
         self
     }
 
@@ -199,6 +209,7 @@ impl CacheBuilder {
         let max_ttl = self
             .ttl_for_model
             .iter()
+            .chain(&self.ttl_for_path)
             .map(|(_, t)| *t)
             .chain([self.ttl])
             .max()
@@ -218,6 +229,7 @@ impl CacheBuilder {
                 partition: self.partition,
                 ttl: self.ttl,
                 ttl_for_model: self.ttl_for_model,
+                ttl_for_path: self.ttl_for_path,
                 max_ttl,
                 max_entry_bytes: self.max_entry_bytes,
                 max_request_bytes: self.max_request_bytes,
@@ -292,7 +304,7 @@ fn replay<B>(stored: &Stored) -> Response<CacheBody<B>> {
 }
 
 impl Config {
-    fn ttl_for(&self, facts: &RequestFacts, headers: &HeaderMap) -> Duration {
+    fn ttl_for(&self, facts: &RequestFacts, path: &str, headers: &HeaderMap) -> Duration {
         if let Some(asked) = headers
             .get(X_TOLLGATE_CACHE_TTL)
             .and_then(|v| v.to_str().ok())
@@ -309,6 +321,12 @@ impl Config {
                 self.ttl_for_model
                     .iter()
                     .filter(|(p, _)| m.starts_with(p.as_str()))
+                    .max_by_key(|(p, _)| p.len())
+            })
+            .or_else(|| {
+                self.ttl_for_path
+                    .iter()
+                    .filter(|(p, _)| path.starts_with(p.as_str()))
                     .max_by_key(|(p, _)| p.len())
             })
             .map_or(self.ttl, |(_, t)| *t)
@@ -374,7 +392,7 @@ where
                 leader.complete(Arc::clone(&hit));
                 return Ok(replay(&hit));
             }
-            let ttl = config.ttl_for(&facts, req.headers());
+            let ttl = config.ttl_for(&facts, req.uri().path(), req.headers());
             // An error drops the leader, abandoning the flight: a waiter takes over.
             let res = svc.call(req).await.map_err(Into::into)?;
             let (parts, body) = res.into_parts();

@@ -331,3 +331,23 @@ async fn requests_over_the_cap_pass_uncached() {
     assert_eq!(send(&svc, chat("a", &long)).await.0, "bypass");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn ttls_per_model_and_per_route() {
+    let (p, calls) = provider(200, Duration::ZERO);
+    let svc = CacheLayer::builder()
+        .ttl(Duration::from_secs(600))
+        .ttl_for_path("/v1/chat", Duration::from_secs(30))
+        .ttl_for_model("gpt-4o-mini", Duration::from_secs(5))
+        .build()
+        .layer(p);
+    let mini = Q.replace("gpt-4o", "gpt-4o-mini");
+    send(&svc, chat("a", Q)).await; // the route's 30 s
+    send(&svc, chat("a", &mini)).await; // the model's 5 s, over the route's
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert_eq!(send(&svc, chat("a", &mini)).await.0, "miss");
+    assert_eq!(send(&svc, chat("a", Q)).await.0, "hit");
+    tokio::time::advance(Duration::from_secs(25)).await;
+    assert_eq!(send(&svc, chat("a", Q)).await.0, "miss");
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+}
