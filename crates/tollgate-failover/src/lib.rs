@@ -1,14 +1,72 @@
 //! Failover across ordered LLM backends.
 //!
-//! **Status: not built yet.** This crate holds only its documentation until the failover
-//! issue lands; nothing here works yet, and nothing pretends to.
+//! [`Failover`] holds an ordered list of [`Backend`]s, each a service with its own stack
+//! (its own retry, limiter and budget, credentials and base URL) and a priority. For each
+//! request it tries them in order:
 //!
-//! What it will hold:
+//! - **It moves on** after an answer no other backend would give: 429 (after the backend's
+//!   own retries), a Tollgate refusal (its limiter would wait past `max_wait`), 408, 5xx,
+//!   529, a timeout or connection error — and, when switched on, `context_length_exceeded`
+//!   or a content-policy refusal. Anything else (a 400, a 401) is the answer, returned as
+//!   it is.
+//! - **Model rewrite:** a backend may name its model; the buffered body is rewritten for
+//!   it, never the caller's copy. Each backend's headers (its credentials) go to it alone.
+//! - **Cooldown:** a backend that fails repeatedly (3 times in 30 s) or answers 429/503
+//!   with a long `Retry-After` is set aside — for the hint when given — then given one
+//!   trial request, and brought back on success ([`Cooldown`]). The state is shared by
+//!   every clone. When every backend is cooling, the request waits for the first one back
+//!   (up to a bound) or is refused with the time until one is ([`AllCooling`]) — never a
+//!   bare "no deployments available".
+//! - **`poll_ready` never waits for all backends** (tower's `Steer` does, and one slow
+//!   backend blocks the rest): a backend that is not ready is passed over.
+//! - **Streams:** failover happens only before the first byte reaches the caller; an SSE
+//!   stream that breaks later ends with an `event: error` the caller can read.
+//! - The answer says who served it: `x-tollgate-backend` and the [`ServedBy`] extension.
+//!   Metrics: `tollgate_failover_attempts_total{backend}`,
+//!   `tollgate_failover_moved_on_total{backend,why}`, `tollgate_failover_cooldowns_total`.
 //!
-//! - `FailoverLayer` / `Failover`: an ordered list of backends, each its own service stack
-//!   with its own credentials, limits and retries; a request moves on after a 429, a
-//!   Tollgate refusal, a 5xx, a timeout or a connect error, with the `model` rewritten for
-//!   each backend.
-//! - Cooldown of a failing backend (for the server's hint when it gives one), a half-open
-//!   trial, and recovery, shared by every clone of the service.
-//! - Failover only before the first byte of a streamed answer reaches the caller.
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::Full;
+//! use tollgate_core::facts::ReplayBody;
+//! use tollgate_failover::{Backend, Failover, X_TOLLGATE_BACKEND};
+//! use tower::{service_fn, util::BoxCloneSyncService, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! type Svc = BoxCloneSyncService<Request<ReplayBody>, Response<Full<Bytes>>, Infallible>;
+//! let down: Svc = BoxCloneSyncService::new(service_fn(|_: Request<ReplayBody>| async {
+//!     Ok::<_, Infallible>(Response::builder().status(503).body(Full::new(Bytes::new())).unwrap())
+//! }));
+//! let up: Svc = BoxCloneSyncService::new(service_fn(|_: Request<ReplayBody>| async {
+//!     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+//! }));
+//! let svc = Failover::builder()
+//!     .backend(Backend::new("primary", down))
+//!     .backend(Backend::new("fallback", up).model("gpt-4o-mini").priority(1))
+//!     .build();
+//! let req = Request::post("/v1/chat/completions")
+//!     .body(Full::new(Bytes::from(r#"{"model":"gpt-4o","messages":[]}"#)))
+//!     .unwrap();
+//! let res = svc.oneshot(req).await.unwrap();
+//! assert_eq!(res.headers()[X_TOLLGATE_BACKEND], "fallback");
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod body;
+mod health;
+mod service;
+
+pub use body::FailoverBody;
+pub use health::Cooldown;
+pub use service::{
+    AllCooling, Backend, Failover, FailoverBuilder, ResponseFuture, ServedBy, Why,
+    X_TOLLGATE_BACKEND,
+};

@@ -1,0 +1,542 @@
+//! [`Failover`], its backends and its builder.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::Body;
+use serde_json::Value;
+use tokio::time::Instant;
+use tollgate_core::clock::{Clock, SharedClock};
+use tollgate_core::facts::{buffer_request, ReplayBody, RequestFacts, DEFAULT_BODY_LIMIT};
+use tollgate_core::headers;
+use tollgate_core::refusal::{LimitKind, Reason as RefusalReason, Refusal};
+use tollgate_core::BoxError;
+use tower::Service;
+
+use crate::body::FailoverBody;
+use crate::health::{Cooldown, Gate, Health};
+
+/// `x-tollgate-backend`: which backend served the answer.
+pub const X_TOLLGATE_BACKEND: HeaderName = HeaderName::from_static("x-tollgate-backend");
+
+/// The backend that served an answer, in the response's extensions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedBy(pub Arc<str>);
+
+/// One backend: a service with its own stack (retry, limits, credentials, base URL), the
+/// model to ask it for, headers only it receives, and its priority.
+#[derive(Clone)]
+pub struct Backend<S> {
+    name: Arc<str>,
+    service: S,
+    model: Option<String>,
+    headers: HeaderMap,
+    priority: u32,
+}
+
+impl<S> fmt::Debug for Backend<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backend")
+            .field("name", &self.name)
+            .field("model", &self.model)
+            .field("priority", &self.priority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Backend<S> {
+    /// A backend named `name` (for the `x-tollgate-backend` header, logs and metrics).
+    pub fn new(name: impl Into<Arc<str>>, service: S) -> Self {
+        Self {
+            name: name.into(),
+            service,
+            model: None,
+            headers: HeaderMap::new(),
+            priority: 0,
+        }
+    }
+
+    /// Asks this backend for `model` (the request body's `model` is rewritten for it; the
+    /// caller's copy is untouched).
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+
+    /// Sends `name: value` to this backend only (its credentials, say), replacing the
+    /// caller's header of that name.
+    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.insert(name, value);
+        self
+    }
+
+    /// Lower goes first (0 by default; equal priorities keep the order given).
+    pub fn priority(mut self, p: u32) -> Self {
+        self.priority = p;
+        self
+    }
+}
+
+/// Why a request moved on from a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// 429.
+    RateLimited,
+    /// A Tollgate limiter in the backend's stack refused.
+    Refused,
+    /// 5xx or 529.
+    ServerError,
+    /// 408.
+    Timeout,
+    /// No answer: connection or timeout error.
+    Transport,
+    /// The prompt is too long for this backend's model.
+    ContextLength,
+    /// This backend's content policy refused it.
+    ContentPolicy,
+    /// Not ready to take a request.
+    NotReady,
+}
+
+impl Why {
+    fn as_str(self) -> &'static str {
+        match self {
+            Why::RateLimited => "rate_limited",
+            Why::Refused => "refused",
+            Why::ServerError => "server_error",
+            Why::Timeout => "timeout",
+            Why::Transport => "transport",
+            Why::ContextLength => "context_length",
+            Why::ContentPolicy => "content_policy",
+            Why::NotReady => "not_ready",
+        }
+    }
+}
+
+/// When every backend is cooling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllCooling {
+    /// Refuse at once, saying when the first backend is back (the default).
+    Refuse,
+    /// Wait for the first backend back, up to this long; refuse beyond it.
+    Wait(Duration),
+}
+
+struct Shared<S> {
+    backends: Vec<(Backend<S>, Health)>,
+    cooldown: Cooldown,
+    all_cooling: AllCooling,
+    on_context_length: bool,
+    on_content_policy: bool,
+    body_limit: usize,
+    clock: SharedClock,
+}
+
+/// Tries backends in order; see the [crate docs](crate).
+pub struct Failover<S> {
+    shared: Arc<Shared<S>>,
+    services: Vec<S>,
+}
+
+impl<S: Clone> Clone for Failover<S> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            services: self.services.clone(),
+        }
+    }
+}
+
+impl<S> fmt::Debug for Failover<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.shared.backends.iter().map(|(b, _)| &*b.name).collect();
+        f.debug_struct("Failover")
+            .field("backends", &names)
+            .finish()
+    }
+}
+
+/// Builds a [`Failover`].
+pub struct FailoverBuilder<S> {
+    backends: Vec<Backend<S>>,
+    cooldown: Cooldown,
+    all_cooling: AllCooling,
+    on_context_length: bool,
+    on_content_policy: bool,
+    body_limit: usize,
+    clock: SharedClock,
+}
+
+impl<S> fmt::Debug for FailoverBuilder<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FailoverBuilder")
+            .field("backends", &self.backends)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Clone> Failover<S> {
+    /// A builder.
+    pub fn builder() -> FailoverBuilder<S> {
+        FailoverBuilder {
+            backends: Vec::new(),
+            cooldown: Cooldown::default(),
+            all_cooling: AllCooling::Refuse,
+            on_context_length: false,
+            on_content_policy: false,
+            body_limit: DEFAULT_BODY_LIMIT,
+            clock: SharedClock::default(),
+        }
+    }
+}
+
+impl<S: Clone> FailoverBuilder<S> {
+    /// Adds a backend.
+    pub fn backend(mut self, b: Backend<S>) -> Self {
+        self.backends.push(b);
+        self
+    }
+
+    /// When a backend is set aside, and for how long.
+    pub fn cooldown(mut self, c: Cooldown) -> Self {
+        self.cooldown = c;
+        self
+    }
+
+    /// What to do when every backend is cooling.
+    pub fn all_cooling(mut self, a: AllCooling) -> Self {
+        self.all_cooling = a;
+        self
+    }
+
+    /// Also move on when a backend says the prompt is too long for its model
+    /// (`context_length_exceeded`), hoping a later backend's model takes more.
+    pub fn on_context_length(mut self, yes: bool) -> Self {
+        self.on_context_length = yes;
+        self
+    }
+
+    /// Also move on when a backend's content policy refuses the request.
+    pub fn on_content_policy(mut self, yes: bool) -> Self {
+        self.on_content_policy = yes;
+        self
+    }
+
+    /// The clock cooldowns are kept by.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = SharedClock::new(clock);
+        self
+    }
+
+    /// The largest request body buffered for replay to several backends (10 MiB).
+    pub fn body_limit(mut self, n: usize) -> Self {
+        self.body_limit = n;
+        self
+    }
+
+    /// The service.
+    pub fn build(mut self) -> Failover<S> {
+        self.backends.sort_by_key(|b| b.priority);
+        let services = self.backends.iter().map(|b| b.service.clone()).collect();
+        Failover {
+            shared: Arc::new(Shared {
+                backends: self
+                    .backends
+                    .into_iter()
+                    .map(|b| (b, Health::new()))
+                    .collect(),
+                cooldown: self.cooldown,
+                all_cooling: self.all_cooling,
+                on_context_length: self.on_context_length,
+                on_content_policy: self.on_content_policy,
+                body_limit: self.body_limit,
+                clock: self.clock,
+            }),
+            services,
+        }
+    }
+}
+
+/// The verdict on one backend's answer: move on (why, and the server's hint), or keep it.
+fn judge<B>(
+    res: &Result<Response<B>, BoxError>,
+    now: std::time::SystemTime,
+) -> Option<(Why, Option<Duration>)> {
+    match res {
+        Err(e) => {
+            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&**e);
+            while let Some(err) = cur {
+                if let Some(r) = err.downcast_ref::<Refusal>() {
+                    return Some((Why::Refused, r.retry_after()));
+                }
+                if err.is::<tollgate_core::facts::FactsError>() {
+                    return None;
+                }
+                cur = err.source();
+            }
+            Some((Why::Transport, None))
+        }
+        Ok(res) => {
+            let h = res.headers();
+            let hint = headers::retry_after_ms(h).or_else(|| headers::retry_after(h, now));
+            match res.status().as_u16() {
+                429 => Some((Why::RateLimited, hint)),
+                408 => Some((Why::Timeout, hint)),
+                500..=599 => Some((Why::ServerError, hint)),
+                _ => None,
+            }
+        }
+    }
+}
+
+/// Reads an error answer's code, for the context-length and content-policy switches.
+fn body_code(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    v["error"]["code"].as_str().map(str::to_owned)
+}
+
+/// A failed backend's outcome, kept to hand back if every backend fails: an answer
+/// (streamed, or read for its error code), or an error.
+type Outcome<B> = Result<Result<Response<B>, (http::response::Parts, bytes::Bytes)>, BoxError>;
+
+/// The future of [`Failover`]: boxed, since it buffers and tries backends in turn.
+pub type ResponseFuture<B> =
+    Pin<Box<dyn Future<Output = Result<Response<FailoverBody<B>>, BoxError>> + Send>>;
+
+impl<S, B, ResB> Service<Request<B>> for Failover<S>
+where
+    S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    ResB: Body<Data = bytes::Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = Response<FailoverBody<ResB>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<ResB>;
+
+    /// Always ready: a backend that is not ready is passed over per request, so one slow
+    /// backend never holds up the others (tower's `Steer` waits for all of them).
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let shared = Arc::clone(&self.shared);
+        let mut services = self.services.clone();
+        Box::pin(async move {
+            let req = buffer_request(req, shared.body_limit).await?;
+            let (parts, _) = req.into_parts();
+            let facts = parts
+                .extensions
+                .get::<RequestFacts>()
+                .cloned()
+                .ok_or("request facts missing")?;
+            // The last failure, to hand back when every backend failed: an answer (streamed,
+            // or read) or an error.
+            let mut last: Option<Outcome<ResB>> = None;
+            let start = shared.clock.now();
+            loop {
+                let now = shared.clock.now();
+                let mut earliest: Option<Instant> = None;
+                let mut tried = false;
+                for (i, (backend, health)) in shared.backends.iter().enumerate() {
+                    let trial = match health.gate(now) {
+                        Gate::Open => false,
+                        Gate::Trial => true,
+                        Gate::Cooling(until) => {
+                            earliest = Some(earliest.map_or(until, |e| e.min(until)));
+                            continue;
+                        }
+                        Gate::Busy => continue,
+                    };
+                    let svc = &mut services[i];
+                    // Not ready now: pass it over rather than wait for it.
+                    let ready: Poll<Result<(), BoxError>> = std::future::poll_fn(|cx| {
+                        Poll::Ready(svc.poll_ready(cx).map_err(Into::into))
+                    })
+                    .await;
+                    match ready {
+                        Poll::Ready(Ok(())) => {}
+                        other => {
+                            if trial {
+                                health.trial_abandoned();
+                            }
+                            if let Poll::Ready(Err(e)) = other {
+                                last = Some(Err(e));
+                            }
+                            metrics::counter!("tollgate_failover_skipped_total", "backend" => backend.name.to_string(), "why" => Why::NotReady.as_str()).increment(1);
+                            continue;
+                        }
+                    }
+                    tried = true;
+                    // This backend's request: its model, its headers, from the caller's copy.
+                    let mut p = clone_parts(&parts);
+                    for (name, value) in &backend.headers {
+                        p.headers.insert(name.clone(), value.clone());
+                    }
+                    let f = match &backend.model {
+                        Some(m) => facts
+                            .rewrite(|v| {
+                                if let Some(o) = v.as_object_mut() {
+                                    o.insert("model".to_owned(), Value::String(m.clone()));
+                                }
+                            })
+                            .unwrap_or_else(|| facts.clone()),
+                        None => facts.clone(),
+                    };
+                    metrics::counter!("tollgate_failover_attempts_total", "backend" => backend.name.to_string()).increment(1);
+                    let res: Result<Response<ResB>, BoxError> =
+                        svc.call(f.into_request(p)).await.map_err(Into::into);
+                    let mut verdict = judge(&res, shared.clock.system_now());
+                    // A 400's error code is read only when a switch asks to move on for it.
+                    let mut read_body: Option<(http::response::Parts, bytes::Bytes)> = None;
+                    let res = match res {
+                        Ok(r)
+                            if verdict.is_none()
+                                && r.status() == StatusCode::BAD_REQUEST
+                                && (shared.on_context_length || shared.on_content_policy)
+                                && r.body().size_hint().upper().is_some_and(|n| n <= 64 * 1024) =>
+                        {
+                            let (rp, rb) = r.into_parts();
+                            let bytes = http_body_util_collect(rb).await?;
+                            let code = body_code(&bytes);
+                            if shared.on_context_length
+                                && code.as_deref() == Some("context_length_exceeded")
+                            {
+                                verdict = Some((Why::ContextLength, None));
+                            } else if shared.on_content_policy
+                                && code.as_deref() == Some("content_filter")
+                            {
+                                verdict = Some((Why::ContentPolicy, None));
+                            }
+                            read_body = Some((rp, bytes));
+                            Err("read".into())
+                        }
+                        other => other,
+                    };
+                    match verdict.take() {
+                        None => {
+                            if let Some((rp, bytes)) = read_body {
+                                if trial {
+                                    health.trial_abandoned();
+                                }
+                                return Ok(served_read(rp, bytes, &backend.name));
+                            }
+                            if res.as_ref().is_ok_and(|r| r.status().is_success()) {
+                                health.success();
+                            } else if trial {
+                                health.trial_abandoned();
+                            }
+                            return res.map(|r| served(r, &backend.name));
+                        }
+                        Some((why, hint)) => {
+                            metrics::counter!("tollgate_failover_moved_on_total", "backend" => backend.name.to_string(), "why" => why.as_str()).increment(1);
+                            tracing::debug!(backend = %backend.name, why = why.as_str(), "moving on to the next backend");
+                            if let Some(d) =
+                                health.failure(shared.clock.now(), hint, &shared.cooldown)
+                            {
+                                metrics::counter!("tollgate_failover_cooldowns_total", "backend" => backend.name.to_string()).increment(1);
+                                tracing::info!(backend = %backend.name, cooldown_ms = d.as_millis() as u64, "backend set aside");
+                            }
+                            last = Some(match read_body {
+                                Some((rp, bytes)) => Ok(Err((rp, bytes))),
+                                None => res.map(Ok),
+                            });
+                        }
+                    }
+                }
+                if tried {
+                    // Every backend tried failed: the last answer is the caller's.
+                    return match last {
+                        Some(Ok(Ok(r))) => Ok(served(r, "none")),
+                        Some(Ok(Err((rp, bytes)))) => Ok(served_read(rp, bytes, "none")),
+                        Some(Err(e)) => Err(e),
+                        None => Err("no backend could take the request".into()),
+                    };
+                }
+                // Nobody tried: every backend is cooling (or busy with a trial).
+                let back_in = earliest.map_or(Duration::from_millis(100), |e| {
+                    e.saturating_duration_since(now)
+                });
+                match shared.all_cooling {
+                    AllCooling::Wait(max)
+                        if now.saturating_duration_since(start) + back_in <= max =>
+                    {
+                        shared
+                            .clock
+                            .sleep(back_in.max(Duration::from_millis(1)))
+                            .await;
+                    }
+                    _ => {
+                        return Err(Refusal::new(LimitKind::Requests, "failover", Some(back_in))
+                            .with_reason(RefusalReason::OverLimit)
+                            .into());
+                    }
+                }
+            }
+        })
+    }
+}
+
+async fn http_body_util_collect<B>(body: B) -> Result<bytes::Bytes, BoxError>
+where
+    B: Body<Data = bytes::Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        if let Ok(d) = frame.map_err(Into::into)?.into_data() {
+            out.extend_from_slice(&d);
+        }
+    }
+    Ok(out.freeze())
+}
+
+fn served_read<B>(
+    mut parts: http::response::Parts,
+    bytes: bytes::Bytes,
+    name: &str,
+) -> Response<FailoverBody<B>> {
+    if let Ok(v) = HeaderValue::from_str(name) {
+        parts.headers.insert(X_TOLLGATE_BACKEND, v);
+    }
+    let name: Arc<str> = Arc::from(name);
+    parts.extensions.insert(ServedBy(Arc::clone(&name)));
+    Response::from_parts(parts, FailoverBody::read(bytes, name))
+}
+
+fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
+    let mut r = Request::new(());
+    *r.method_mut() = p.method.clone();
+    *r.uri_mut() = p.uri.clone();
+    *r.version_mut() = p.version;
+    *r.headers_mut() = p.headers.clone();
+    *r.extensions_mut() = p.extensions.clone();
+    r.into_parts().0
+}
+
+fn served<B>(res: Response<B>, name: &str) -> Response<FailoverBody<B>> {
+    let (mut parts, body) = res.into_parts();
+    let sse = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if let Ok(v) = HeaderValue::from_str(name) {
+        parts.headers.insert(X_TOLLGATE_BACKEND, v);
+    }
+    let name: Arc<str> = Arc::from(name);
+    parts.extensions.insert(ServedBy(Arc::clone(&name)));
+    Response::from_parts(parts, FailoverBody::stream(body, sse, name))
+}
