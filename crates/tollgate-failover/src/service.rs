@@ -455,8 +455,16 @@ where
                         }
                     }
                 }
+                let back_in = earliest.map(|e| e.saturating_duration_since(now));
+                // Wait for the first backend back, when allowed and it is back in time.
+                if let (AllCooling::Wait(max), Some(d)) = (shared.all_cooling, back_in) {
+                    if now.saturating_duration_since(start) + d <= max {
+                        shared.clock.sleep(d.max(Duration::from_millis(1))).await;
+                        continue;
+                    }
+                }
                 if tried {
-                    // Every backend tried failed: the last answer is the caller's.
+                    // Every backend tried failed, and none is back in time: the last answer.
                     return match last {
                         Some(Ok(Ok(r))) => Ok(served(r, "none")),
                         Some(Ok(Err((rp, bytes)))) => Ok(served_read(rp, bytes, "none")),
@@ -464,25 +472,11 @@ where
                         None => Err("no backend could take the request".into()),
                     };
                 }
-                // Nobody tried: every backend is cooling (or busy with a trial).
-                let back_in = earliest.map_or(Duration::from_millis(100), |e| {
-                    e.saturating_duration_since(now)
-                });
-                match shared.all_cooling {
-                    AllCooling::Wait(max)
-                        if now.saturating_duration_since(start) + back_in <= max =>
-                    {
-                        shared
-                            .clock
-                            .sleep(back_in.max(Duration::from_millis(1)))
-                            .await;
-                    }
-                    _ => {
-                        return Err(Refusal::new(LimitKind::Requests, "failover", Some(back_in))
-                            .with_reason(RefusalReason::OverLimit)
-                            .into());
-                    }
-                }
+                // Nobody could be tried: every backend is cooling (or busy with a trial).
+                let back_in = back_in.unwrap_or(Duration::from_millis(100));
+                return Err(Refusal::new(LimitKind::Requests, "failover", Some(back_in))
+                    .with_reason(RefusalReason::OverLimit)
+                    .into());
             }
         })
     }
