@@ -21,11 +21,14 @@
 //!   failures, 429s the provider sent, makespan ÷ (N / rate).
 //! - `cache`: hit latency for 1 KB and 100 KB requests, what the cache adds to a miss,
 //!   and provider calls saved when half the questions repeat.
+//! - `failover`: a primary answering 503 for a while, then recovering, and a fallback:
+//!   failed requests, the primary's share, time from its recovery to traffic returning.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod cache;
+mod failover;
 mod load;
 mod ratelimit;
 mod report;
@@ -66,6 +69,8 @@ enum Scenario {
     Retry,
     /// The cache: hit latency, miss overhead, provider calls saved.
     Cache,
+    /// A primary down for a while, then back; a fallback in between.
+    Failover,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +92,7 @@ fn main() -> ExitCode {
             Scenario::Tpm => tpm::run(&args).await,
             Scenario::Retry => retry::run(&args).await,
             Scenario::Cache => cache::run(&args).await,
+            Scenario::Failover => failover::run(&args).await,
         }
     });
     match result {
