@@ -67,6 +67,6 @@ mod service;
 pub use body::FailoverBody;
 pub use health::Cooldown;
 pub use service::{
-    AllCooling, Backend, Failover, FailoverBuilder, ResponseFuture, ServedBy, Why,
+    AllCooling, Backend, Failover, FailoverBuilder, FailoverLayer, ResponseFuture, ServedBy, Why,
     X_TOLLGATE_BACKEND,
 };

@@ -305,6 +305,60 @@ fn body_code(body: &[u8]) -> Option<String> {
 /// (streamed, or read for its error code), or an error.
 type Outcome<B> = Result<Result<Response<B>, (http::response::Parts, bytes::Bytes)>, BoxError>;
 
+/// Makes a [`Failover`] with the wrapped service as its primary (named `primary`,
+/// priority 0) and the given fallbacks after it.
+#[derive(Clone)]
+pub struct FailoverLayer<S> {
+    fallbacks: Vec<Backend<S>>,
+    cooldown: Cooldown,
+    all_cooling: AllCooling,
+}
+
+impl<S> fmt::Debug for FailoverLayer<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FailoverLayer")
+            .field("fallbacks", &self.fallbacks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Clone> FailoverLayer<S> {
+    /// Fallbacks for whatever service this layer wraps; give them priorities of 1 and up.
+    pub fn new(fallbacks: Vec<Backend<S>>) -> Self {
+        Self {
+            fallbacks,
+            cooldown: Cooldown::default(),
+            all_cooling: AllCooling::Refuse,
+        }
+    }
+
+    /// When a backend is set aside, and for how long.
+    pub fn cooldown(mut self, c: Cooldown) -> Self {
+        self.cooldown = c;
+        self
+    }
+
+    /// What to do when every backend is cooling.
+    pub fn all_cooling(mut self, a: AllCooling) -> Self {
+        self.all_cooling = a;
+        self
+    }
+}
+
+impl<S: Clone> tower::Layer<S> for FailoverLayer<S> {
+    type Service = Failover<S>;
+    fn layer(&self, primary: S) -> Failover<S> {
+        let mut b = Failover::builder()
+            .backend(Backend::new("primary", primary))
+            .cooldown(self.cooldown)
+            .all_cooling(self.all_cooling);
+        for f in &self.fallbacks {
+            b = b.backend(f.clone());
+        }
+        b.build()
+    }
+}
+
 /// The future of [`Failover`]: boxed, since it buffers and tries backends in turn.
 pub type ResponseFuture<B> =
     Pin<Box<dyn Future<Output = Result<Response<FailoverBody<B>>, BoxError>> + Send>>;
