@@ -14,7 +14,7 @@ use http_body::Body;
 use serde_json::Value;
 use tollgate_core::clock::{Clock, SharedClock};
 use tollgate_core::duration::parse_go_duration;
-use tollgate_core::facts::{buffer_request, ReplayBody, RequestFacts, DEFAULT_BODY_LIMIT};
+use tollgate_core::facts::{buffer_with_facts, ReplayBody, RequestFacts, DEFAULT_BODY_LIMIT};
 use tollgate_core::key::{ApiKey, Header, KeyExtractor, RequestHead};
 use tollgate_core::BoxError;
 use tower::{Layer, Service};
@@ -358,10 +358,7 @@ where
         let mut svc = std::mem::replace(&mut self.inner, fresh);
         Box::pin(async move {
             let bypass_asked = wants_no_cache(req.headers());
-            let req = buffer_request(req, config.body_limit).await?;
-            let Some(facts) = RequestFacts::get(&req).cloned() else {
-                return Err("request facts missing after buffering".into());
-            };
+            let (req, facts) = buffer_with_facts(req, config.body_limit).await?;
             let too_big = facts.body().len() > config.max_request_bytes;
             if bypass_asked || too_big || (config.deterministic_only && !deterministic(&facts)) {
                 let res = svc.call(req).await.map_err(Into::into)?;

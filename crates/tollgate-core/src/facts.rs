@@ -498,9 +498,22 @@ where
     B: Body,
     B::Error: Into<BoxError>,
 {
+    buffer_with_facts(req, limit).await.map(|(req, _)| req)
+}
+
+/// [`buffer_request`], also handing back the facts it put in (or found in) the request's
+/// extensions — for layers that read them at once.
+pub async fn buffer_with_facts<B>(
+    req: Request<B>,
+    limit: usize,
+) -> Result<(Request<ReplayBody>, RequestFacts), FactsError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
     let (parts, body) = req.into_parts();
     if let Some(facts) = parts.extensions.get::<RequestFacts>().cloned() {
-        return Ok(facts.into_request(parts));
+        return Ok((facts.clone().into_request(parts), facts));
     }
     let too_large = FactsError::TooLarge { limit };
     if usize::try_from(body.size_hint().lower()).map_or(true, |n| n > limit) {
@@ -512,7 +525,7 @@ where
         Err(e) => return Err(FactsError::Body(e)),
     };
     let facts = RequestFacts::parse(parts.uri.path(), &parts.headers, bytes)?;
-    Ok(facts.into_request(parts))
+    Ok((facts.clone().into_request(parts), facts))
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use http_body::Body;
 use serde_json::Value;
 use tokio::time::Instant;
 use tollgate_core::clock::{Clock, SharedClock};
-use tollgate_core::facts::{buffer_request, ReplayBody, RequestFacts, DEFAULT_BODY_LIMIT};
+use tollgate_core::facts::{buffer_with_facts, ReplayBody, DEFAULT_BODY_LIMIT};
 use tollgate_core::headers;
 use tollgate_core::refusal::{LimitKind, Reason as RefusalReason, Refusal};
 use tollgate_core::BoxError;
@@ -388,13 +388,8 @@ where
         let shared = Arc::clone(&self.shared);
         let mut services = self.services.clone();
         Box::pin(async move {
-            let req = buffer_request(req, shared.body_limit).await?;
+            let (req, facts) = buffer_with_facts(req, shared.body_limit).await?;
             let (parts, _) = req.into_parts();
-            let facts = parts
-                .extensions
-                .get::<RequestFacts>()
-                .cloned()
-                .ok_or("request facts missing")?;
             // The last failure, to hand back when every backend failed: an answer (streamed,
             // or read) or an error.
             let mut last: Option<Outcome<ResB>> = None;

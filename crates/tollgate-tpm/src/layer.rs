@@ -12,7 +12,9 @@ use http::{Request, Response, StatusCode};
 use http_body::Body;
 use serde_json::Value;
 use tollgate_core::clock::{Clock, SharedClock};
-use tollgate_core::facts::{buffer_request, ApiKind, ReplayBody, RequestFacts, DEFAULT_BODY_LIMIT};
+use tollgate_core::facts::{
+    buffer_with_facts, ApiKind, ReplayBody, RequestFacts, DEFAULT_BODY_LIMIT,
+};
 use tollgate_core::headers::RateLimitInfo;
 use tollgate_core::key::{Key, RequestHead};
 use tollgate_core::refusal::Refusal;
@@ -335,10 +337,7 @@ where
         let fresh = self.inner.clone();
         let mut svc = std::mem::replace(&mut self.inner, fresh);
         Box::pin(async move {
-            let req = buffer_request(req, shared.body_limit).await?;
-            let Some(facts) = RequestFacts::get(&req).cloned() else {
-                return Err("request facts missing after buffering".into());
-            };
+            let (req, facts) = buffer_with_facts(req, shared.body_limit).await?;
             let estimate = shared.estimator.estimate(&facts);
             let (req, strip_usage) = match with_usage_requested(&facts) {
                 Some(asked) => {
