@@ -62,8 +62,7 @@ impl Settlement {
             budgets.follow_provider(&self.keys, view);
         }
         for l in &budgets.ledgers {
-            crate::metrics::settled(
-                &l.budget.name,
+            l.metrics.settled(
                 actual,
                 self.reserved.saturating_sub(actual),
                 actual.saturating_sub(self.reserved),

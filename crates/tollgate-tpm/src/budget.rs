@@ -121,6 +121,7 @@ struct Bucket {
 /// A budget with its ledger.
 pub(crate) struct Ledger {
     pub(crate) budget: Budget,
+    pub(crate) metrics: crate::metrics::BudgetMetrics,
     clock: SharedClock,
     buckets: Mutex<HashMap<Key, Bucket>>,
 }
@@ -137,6 +138,7 @@ impl fmt::Debug for Ledger {
 impl Ledger {
     pub(crate) fn new(budget: Budget, clock: SharedClock) -> Self {
         Self {
+            metrics: crate::metrics::BudgetMetrics::new(&budget.name),
             budget,
             clock,
             buckets: Mutex::new(HashMap::new()),
@@ -331,7 +333,7 @@ impl Admit for Budgets {
         let Some(l) = self.ledgers.get(i) else {
             return Refusal::new(LimitKind::Tokens, "tpm", wait).with_reason(reason);
         };
-        crate::metrics::refused(&l.budget.name, reason, t.cost);
+        l.metrics.refused(reason, t.cost);
         tracing::debug!(budget = %l.budget.name, tokens = t.cost, ?reason, "token budget refused a request");
         let q = l.budget.quota;
         let mut r = Refusal::new(LimitKind::Tokens, Arc::clone(&l.budget.name), wait)

@@ -365,7 +365,7 @@ where
                 Admission::Refused(r) => return Err(r.into()),
             }
             for l in &budgets.ledgers {
-                crate::metrics::reserved(&l.budget.name, ticket.cost);
+                l.metrics.reserved(ticket.cost);
             }
             let mut settlement = Settlement {
                 queue: Arc::clone(&shared.queue),

@@ -1,33 +1,74 @@
-//! Metrics through the `metrics` facade, labelled by budget name, never by key.
+//! Metrics through the `metrics` facade, with every key built once per budget: the request
+//! path allocates nothing for them. Labels name the budget, never the key.
 
+use std::sync::Arc;
+
+use metrics::{Key, Label, Level, Metadata, SharedString};
 use tollgate_core::refusal::Reason;
 
-pub(crate) fn reserved(budget: &str, tokens: u64) {
-    metrics::counter!("tollgate_tpm_reserved_tokens_total", "budget" => budget.to_owned())
-        .increment(tokens);
+static META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+const REASONS: [&str; 4] = ["over_limit", "wait_too_long", "queue_full", "too_large"];
+
+/// The keys of one budget's metrics.
+#[derive(Debug)]
+pub(crate) struct BudgetMetrics {
+    reserved: Key,
+    settled: Key,
+    refunded: Key,
+    charged: Key,
+    refused: [Key; 4],
+    refused_tokens: Key,
 }
 
-pub(crate) fn settled(budget: &str, actual: u64, refunded: u64, charged: u64) {
-    metrics::counter!("tollgate_tpm_settled_tokens_total", "budget" => budget.to_owned())
-        .increment(actual);
-    if refunded > 0 {
-        metrics::counter!("tollgate_tpm_refunded_tokens_total", "budget" => budget.to_owned())
-            .increment(refunded);
+fn key(name: &'static str, budget: &Arc<str>, extra: Option<(&'static str, &'static str)>) -> Key {
+    let mut labels = vec![Label::new(
+        "budget",
+        SharedString::from_shared(Arc::clone(budget)),
+    )];
+    if let Some((k, v)) = extra {
+        labels.push(Label::from_static_parts(k, v));
     }
-    if charged > 0 {
-        metrics::counter!("tollgate_tpm_charged_tokens_total", "budget" => budget.to_owned())
-            .increment(charged);
+    Key::from_parts(name, labels)
+}
+
+fn add(key: &Key, n: u64) {
+    if n > 0 {
+        metrics::with_recorder(|r| r.register_counter(key, &META).increment(n));
     }
 }
 
-pub(crate) fn refused(budget: &str, reason: Reason, tokens: u64) {
-    let reason = match reason {
-        Reason::OverLimit => "over_limit",
-        Reason::WaitTooLong => "wait_too_long",
-        Reason::QueueFull => "queue_full",
-        _ => "too_large",
-    };
-    metrics::counter!("tollgate_tpm_refused_total", "budget" => budget.to_owned(), "reason" => reason).increment(1);
-    metrics::counter!("tollgate_tpm_refused_tokens_total", "budget" => budget.to_owned())
-        .increment(tokens);
+impl BudgetMetrics {
+    pub(crate) fn new(budget: &Arc<str>) -> Self {
+        Self {
+            reserved: key("tollgate_tpm_reserved_tokens_total", budget, None),
+            settled: key("tollgate_tpm_settled_tokens_total", budget, None),
+            refunded: key("tollgate_tpm_refunded_tokens_total", budget, None),
+            charged: key("tollgate_tpm_charged_tokens_total", budget, None),
+            refused: REASONS
+                .map(|r| key("tollgate_tpm_refused_total", budget, Some(("reason", r)))),
+            refused_tokens: key("tollgate_tpm_refused_tokens_total", budget, None),
+        }
+    }
+
+    pub(crate) fn reserved(&self, tokens: u64) {
+        add(&self.reserved, tokens);
+    }
+
+    pub(crate) fn settled(&self, actual: u64, refunded: u64, charged: u64) {
+        add(&self.settled, actual);
+        add(&self.refunded, refunded);
+        add(&self.charged, charged);
+    }
+
+    pub(crate) fn refused(&self, reason: Reason, tokens: u64) {
+        let i = match reason {
+            Reason::OverLimit => 0,
+            Reason::WaitTooLong => 1,
+            Reason::QueueFull => 2,
+            _ => 3,
+        };
+        add(&self.refused[i], 1);
+        add(&self.refused_tokens, tokens);
+    }
 }
