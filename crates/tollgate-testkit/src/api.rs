@@ -1,5 +1,6 @@
 //! The OpenAI-compatible endpoints: parsing, accounting, answers and faults.
 
+use crate::Faults;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -79,6 +80,8 @@ struct Refused {
 
 pub(crate) struct State {
     config: ProviderConfig,
+    /// The faults in force: the configured ones until [`crate::Provider::set_faults`].
+    faults: Mutex<Faults>,
     keys: Mutex<HashMap<String, KeyState>>,
     rng: Mutex<fastrand::Rng>,
     next_id: AtomicU64,
@@ -91,9 +94,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl State {
+    pub(crate) fn set_faults(&self, faults: Faults) {
+        *lock(&self.faults) = faults;
+    }
+
     pub(crate) fn new(config: ProviderConfig) -> Self {
         let rng = fastrand::Rng::with_seed(config.seed);
         Self {
+            faults: Mutex::new(config.faults.clone()),
             config,
             keys: Mutex::new(HashMap::new()),
             rng: Mutex::new(rng),
@@ -190,9 +198,9 @@ impl State {
 
     fn pick_fault(&self, headers: &HeaderMap) -> Option<Fault> {
         if let Some(asked) = headers.get(FAULT_HEADER).and_then(|v| v.to_str().ok()) {
-            return parse_fault(asked.trim(), self.config.faults.slow_first_byte);
+            return parse_fault(asked.trim(), lock(&self.faults).slow_first_byte);
         }
-        let f = &self.config.faults;
+        let f = lock(&self.faults).clone();
         let mut rng = lock(&self.rng);
         let mut u = rng.f64();
         let mut hit = |share: f64| {

@@ -195,6 +195,13 @@ impl Provider {
         self.state.key_stats(api_key)
     }
 
+    /// Changes the faults from now on, for an outage and its end in the middle of a run:
+    /// `set_faults(Faults { server_error_rate: 1.0, ..Faults::default() })`, then
+    /// `set_faults(Faults::default())`.
+    pub fn set_faults(&self, faults: Faults) {
+        self.state.set_faults(faults);
+    }
+
     /// Stops accepting, closes every connection, and waits for the server to end.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {

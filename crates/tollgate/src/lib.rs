@@ -1,11 +1,113 @@
 //! Tower middleware for programs that call rate-limited LLM APIs, and for the gateways in
 //! front of them.
 //!
-//! **Status: the facade is not built yet.** Today this crate holds only its documentation;
-//! the shared vocabulary lives in `tollgate-core` and the simulated provider in
-//! `tollgate-testkit`.
+//! This crate gathers Tollgate's layers, each behind a Cargo feature (all on by default):
 //!
-//! What it will hold: each layer re-exported behind a Cargo feature (`ratelimit`, `tpm`,
-//! `retry`, `cache`, `failover`, `redis`), a `ServiceBuilder` extension so a stack reads
-//! `ServiceBuilder::new().tollgate_cache(..).tollgate_retry(..)`, and a serde `Policy` type
-//! that builds the documented stack from a YAML or TOML policy file.
+//! | feature | module | what it does |
+//! |---|---|---|
+//! | `ratelimit` | [`ratelimit`] | GCRA limits per tenant, key or model; refuse or wait in a bounded, prioritised queue |
+//! | `tpm` | [`tpm`] | a tokens-per-minute budget: estimate before the call, settle with `usage` after |
+//! | `retry` | [`retry`] | retries that obey `Retry-After`, `retry-after-ms`, `x-ratelimit-reset-*` |
+//! | `cache` | [`cache`] | a response cache keyed by the request, per tenant, single-flight |
+//! | `failover` | [`failover`] | from a primary backend to fallbacks, with cooldown |
+//! | `policy` | [`policy`] | the whole stack from one YAML or TOML file |
+//!
+//! [`core`] is the shared vocabulary: request facts, keys, refusals, server hints.
+//!
+//! # One layer, or a stack by hand
+//!
+//! [`ServiceBuilderExt`] names each layer on tower's `ServiceBuilder`, outermost first, in
+//! the order DESIGN.md's request path gives (cache, then retry, then the limits):
+//!
+//! ```
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::Full;
+//! use tollgate::ratelimit::{Limit, Quota, RateLimitLayer};
+//! use tollgate::retry::RetryLayer;
+//! use tollgate::tpm::{Budget, TokenQuota, TpmLayer};
+//! use tollgate::{cache::CacheLayer, ServiceBuilderExt};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // Stands in for an HTTP client: answers every chat request.
+//! let client = service_fn(|_req: Request<Full<Bytes>>| async {
+//!     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
+//!         br#"{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}"#,
+//!     ))))
+//! });
+//! let svc = ServiceBuilder::new()
+//!     .tollgate_cache(CacheLayer::builder().ttl(Duration::from_secs(600)).build())
+//!     .tollgate_retry(RetryLayer::new())
+//!     .tollgate_rate_limit(
+//!         RateLimitLayer::builder()
+//!             .limit(Limit::new("rpm", Quota::per_minute(500)))
+//!             .wait(Duration::from_secs(30))
+//!             .build(),
+//!     )
+//!     .tollgate_tpm(TpmLayer::new(Budget::new("tpm", TokenQuota::per_minute(30_000))))
+//!     .service(client);
+//!
+//! let req = Request::post("/v1/chat/completions")
+//!     .body(Full::new(Bytes::from(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#)))
+//!     .unwrap();
+//! let res = svc.oneshot(req).await.unwrap();
+//! assert_eq!(res.status(), 200);
+//! # }
+//! ```
+//!
+//! # A whole strategy from a file
+//!
+//! ```
+//! # #[cfg(feature = "policy")] {
+//! use tollgate::policy::Policy;
+//!
+//! let policy = Policy::from_yaml(r#"
+//! primary:   { url: "http://127.0.0.1:8080", model: gpt-4o }
+//! fallbacks: [ { name: mini, url: "http://127.0.0.1:8081", model: gpt-4o-mini } ]
+//! rate_limit: { requests: 600/min, tokens: 100k/min, mode: wait, max_wait: 30s }
+//! retry:      { max_retries: 3, backoff: 500ms, jitter: full }
+//! cache:      { ttl: 10m, partition: "header:x-tenant-id" }
+//! "#).unwrap();
+//! assert_eq!(policy.fallbacks[0].model.as_deref(), Some("gpt-4o-mini"));
+//!
+//! // A typo is an error that says where, never a silent default.
+//! let err = Policy::from_yaml("primary: { url: \"http://h\" }\nretry: { max_retires: 3 }\n").unwrap_err();
+//! assert_eq!(err.line(), Some(2));
+//! assert!(err.to_string().contains("max_retires"));
+//! # }
+//! ```
+//!
+//! [`Policy::build`](policy::Policy::build) wraps any HTTP client service in that stack;
+//! the `demo` example runs it against simulated providers.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod base_url;
+mod ext;
+#[cfg(feature = "policy")]
+pub mod policy;
+
+pub use base_url::{BadBaseUrl, BaseUrl, BaseUrlLayer};
+pub use ext::ServiceBuilderExt;
+/// The shared vocabulary: request facts, keys, refusals, server hints, clocks.
+pub use tollgate_core as core;
+
+/// The response cache (`tollgate-cache`).
+#[cfg(feature = "cache")]
+pub use tollgate_cache as cache;
+/// Failover across backends (`tollgate-failover`).
+#[cfg(feature = "failover")]
+pub use tollgate_failover as failover;
+/// GCRA rate limiting (`tollgate-ratelimit`).
+#[cfg(feature = "ratelimit")]
+pub use tollgate_ratelimit as ratelimit;
+/// Retries that obey server hints (`tollgate-retry`).
+#[cfg(feature = "retry")]
+pub use tollgate_retry as retry;
+/// The tokens-per-minute budget (`tollgate-tpm`).
+#[cfg(feature = "tpm")]
+pub use tollgate_tpm as tpm;

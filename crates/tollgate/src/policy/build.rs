@@ -1,0 +1,299 @@
+//! From a [`Policy`] to the documented stack.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+use tollgate_cache::key::KeyRules;
+use tollgate_cache::{CacheBody, CacheLayer};
+use tollgate_core::facts::{ReplayBody, DEFAULT_BODY_LIMIT};
+use tollgate_core::BoxError;
+use tollgate_failover::{AllCooling, Backend, Cooldown, Failover, FailoverBody};
+use tollgate_ratelimit::{Limit, Quota, RateLimitLayer};
+use tollgate_retry::{Backoff, Jitter, RequestBody, RetryBody, RetryLayer};
+use tollgate_tpm::{Budget, TokenQuota, TpmBody, TpmLayer};
+use tower::util::{BoxCloneSyncService, MapResponse};
+use tower::{Layer, Service, ServiceExt};
+
+use super::{
+    BackendPolicy, CachePolicy, JitterSpec, LimitMode, Partition, Policy, PolicyError,
+    RateLimitPolicy, RetryPolicy, Store,
+};
+use crate::BaseUrlLayer;
+
+/// The body every layer of a policy's stack hands on: boxed, so that layers left out of
+/// the policy change no type.
+pub type BoxBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The service a [`Policy`] builds: requests with a body of type `B` in, answers with a
+/// [`BoxBody`] out; errors are Tollgate's (a [`Refusal`](tollgate_core::refusal::Refusal),
+/// say) or the client's.
+pub type PolicyService<B> = BoxCloneSyncService<Request<B>, Response<BoxBody>, BoxError>;
+
+type Inner = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, BoxError>;
+type BackendService = BoxCloneSyncService<Request<ReplayBody>, Response<BoxBody>, BoxError>;
+
+fn boxed<B>(body: B) -> BoxBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+fn box_request<B>(req: Request<B>) -> Request<BoxBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    req.map(boxed)
+}
+
+fn box_response<B>(res: Response<B>) -> Response<BoxBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    res.map(boxed)
+}
+
+impl Policy {
+    /// Builds the stack of DESIGN.md's request path around `client`, the HTTP client every
+    /// backend is reached through (hyper's, reqwest's behind a tower adapter, a test
+    /// double):
+    ///
+    /// ```text
+    /// cache → failover → per backend: retry → rate limit → token budget → base URL → client
+    /// ```
+    ///
+    /// Each backend gets its own retry, limiter and budget (its own quota); the cache and
+    /// failover are shared. Every clone of the returned service shares all of it.
+    ///
+    /// Fails when the policy names something this build cannot provide: an API key
+    /// variable that is not set, or a store this build has no support for.
+    pub fn build<C, ResB, B>(&self, client: C) -> Result<PolicyService<B>, PolicyError>
+    where
+        C: Service<Request<BoxBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
+        C::Future: Send + 'static,
+        C::Error: Into<BoxError>,
+        ResB: Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<BoxError>,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if let Store::Redis(url) = &self.store {
+            return Err(PolicyError::new(format!(
+                "store `{url}`: this build keeps state in memory only (tollgate-redis is not \
+                 part of it yet); use `store: memory`"
+            )));
+        }
+        let body_limit = self.body_limit.map_or(DEFAULT_BODY_LIMIT, |s| {
+            usize::try_from(s.0).unwrap_or(usize::MAX)
+        });
+        let mut failover = Failover::builder().body_limit(body_limit);
+        for (i, b) in self.backends() {
+            let svc = self.backend_stack(b, client.clone(), body_limit)?;
+            let name = b.name_or(i);
+            let mut backend = Backend::new(name.clone(), svc)
+                .priority(b.priority.unwrap_or(i as u32).max(u32::from(i > 0)));
+            if let Some(m) = &b.model {
+                backend = backend.model(m.clone());
+            }
+            for (k, v) in &b.headers {
+                let (k, v) = header(&name, k, v)?;
+                backend = backend.header(k, v);
+            }
+            if let Some(var) = &b.api_key_env {
+                let key = std::env::var(var).map_err(|_| {
+                    PolicyError::new(format!("backend `{name}`: api_key_env `{var}` is not set"))
+                })?;
+                let (k, v) = header(&name, AUTHORIZATION.as_str(), &format!("Bearer {key}"))?;
+                backend = backend.header(k, v);
+            }
+            failover = failover.backend(backend);
+        }
+        let f = &self.failover;
+        let defaults = Cooldown::default();
+        failover = failover
+            .cooldown(Cooldown {
+                failures: f.failures.unwrap_or(defaults.failures),
+                window: f.window.map_or(defaults.window, |d| d.0),
+                duration: f.cooldown.map_or(defaults.duration, |d| d.0),
+                long_hint: defaults.long_hint,
+            })
+            .all_cooling(match f.wait_when_all_cooling {
+                Some(d) => AllCooling::Wait(d.0),
+                None => AllCooling::Refuse,
+            })
+            .on_context_length(f.on_context_length);
+        let failover = failover.build();
+
+        Ok(match &self.cache {
+            Some(c) => BoxCloneSyncService::new(MapResponse::new(
+                cache_layer(c, body_limit).layer(failover),
+                box_response::<CacheBody<FailoverBody<BoxBody>>>,
+            )),
+            None => BoxCloneSyncService::new(MapResponse::new(
+                failover,
+                box_response::<FailoverBody<BoxBody>>,
+            )),
+        })
+    }
+
+    fn backend_stack<C, ResB>(
+        &self,
+        b: &BackendPolicy,
+        client: C,
+        body_limit: usize,
+    ) -> Result<BackendService, PolicyError>
+    where
+        C: Service<Request<BoxBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
+        C::Future: Send + 'static,
+        C::Error: Into<BoxError>,
+        ResB: Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<BoxError>,
+    {
+        let base = BaseUrlLayer::new(&b.url)
+            .map_err(|e| PolicyError::new(format!("url `{}`: {e}", b.url)))?;
+        let mut svc: Inner = BoxCloneSyncService::new(
+            base.layer(client)
+                .map_err(Into::into)
+                .map_response(box_response::<ResB>),
+        );
+        if let Some(limits) = b.rate_limit.as_ref().or(self.rate_limit.as_ref()) {
+            if let Some(tokens) = limits.tokens {
+                let tpm = tpm_layer(limits, tokens, body_limit);
+                svc = BoxCloneSyncService::new(MapResponse::new(
+                    tpm.layer(svc.map_request(box_request::<ReplayBody>)),
+                    box_response::<TpmBody<BoxBody>>,
+                ));
+            }
+            if let Some(requests) = limits.requests {
+                svc = BoxCloneSyncService::new(rate_limit_layer(limits, requests).layer(svc));
+            }
+        }
+        if let Some(r) = &self.retry {
+            let retry = retry_layer(r, body_limit);
+            svc = BoxCloneSyncService::new(
+                retry
+                    .layer(svc.map_request(box_request::<RequestBody<BoxBody>>))
+                    .map_response(box_response::<RetryBody<BoxBody>>),
+            );
+        }
+        Ok(BoxCloneSyncService::new(
+            svc.map_request(box_request::<ReplayBody>),
+        ))
+    }
+}
+
+fn header(backend: &str, k: &str, v: &str) -> Result<(HeaderName, HeaderValue), PolicyError> {
+    let name = HeaderName::from_bytes(k.as_bytes());
+    let value = HeaderValue::from_str(v);
+    match (name, value) {
+        (Ok(n), Ok(mut v)) => {
+            if n == AUTHORIZATION {
+                v.set_sensitive(true);
+            }
+            Ok((n, v))
+        }
+        _ => Err(PolicyError::new(format!(
+            "backend `{backend}`: header `{k}` is not a valid header"
+        ))),
+    }
+}
+
+const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
+
+fn rate_limit_layer(p: &RateLimitPolicy, requests: super::Rate) -> RateLimitLayer {
+    let count = u32::try_from(requests.count).unwrap_or(u32::MAX);
+    let quota = Quota::per(count, requests.per).burst(p.burst.unwrap_or(count));
+    let mut limit = Limit::new("requests", quota);
+    if let Some(key) = &p.key {
+        limit = limit.keyed_by(key.extractor());
+    }
+    if p.adaptive {
+        limit = limit.adaptive();
+    }
+    let builder = RateLimitLayer::builder().limit(limit);
+    let builder = match p.mode {
+        LimitMode::Refuse => builder.refuse(),
+        LimitMode::Wait => builder.wait(p.max_wait.map_or(DEFAULT_MAX_WAIT, |d| d.0)),
+    };
+    match p.max_queue {
+        Some(n) => builder.max_queue(n).build(),
+        None => builder.build(),
+    }
+}
+
+fn tpm_layer(p: &RateLimitPolicy, tokens: super::Rate, body_limit: usize) -> TpmLayer {
+    let mut budget = Budget::new("tokens", TokenQuota::per(tokens.count, tokens.per));
+    if let Some(key) = &p.key {
+        budget = budget.keyed_by(key.extractor());
+    }
+    if p.adaptive {
+        budget = budget.adaptive();
+    }
+    let builder = TpmLayer::builder().budget(budget).body_limit(body_limit);
+    let builder = match p.mode {
+        LimitMode::Refuse => builder.refuse(),
+        LimitMode::Wait => builder.wait(p.max_wait.map_or(DEFAULT_MAX_WAIT, |d| d.0)),
+    };
+    match p.max_queue {
+        Some(n) => builder.max_queue(n).build(),
+        None => builder.build(),
+    }
+}
+
+fn retry_layer(p: &RetryPolicy, body_limit: usize) -> RetryLayer {
+    let d = Backoff::default();
+    let backoff = Backoff {
+        base: p.backoff.map_or(d.base, |x| x.0),
+        factor: p.factor.unwrap_or(d.factor),
+        cap: p.max_backoff.map_or(d.cap, |x| x.0),
+        jitter: match p.jitter {
+            JitterSpec::Full => Jitter::Full,
+            JitterSpec::Decorrelated => Jitter::Decorrelated,
+            JitterSpec::None => Jitter::None,
+        },
+    };
+    let mut b = RetryLayer::builder()
+        .backoff(backoff)
+        .body_limit(body_limit)
+        .deadline(p.deadline.map(|d| d.0));
+    if let Some(n) = p.max_retries {
+        b = b.max_retries(n);
+    }
+    if let Some(w) = p.max_server_wait {
+        b = b.max_server_wait(w.0);
+    }
+    b.build()
+}
+
+fn cache_layer(p: &CachePolicy, body_limit: usize) -> CacheLayer {
+    let mut b = CacheLayer::builder()
+        .body_limit(body_limit)
+        .deterministic_only(p.deterministic_only);
+    if let Some(ttl) = p.ttl {
+        b = b.ttl(ttl.0);
+    }
+    if let Some(size) = p.max_size {
+        b = b.max_bytes(size.0);
+    }
+    if let Some(fields) = &p.exclude {
+        b = b.key_rules(
+            fields
+                .iter()
+                .fold(KeyRules::none(), |rules, f| rules.exclude(f.clone())),
+        );
+    }
+    match &p.partition {
+        Some(Partition::Shared) => b = b.shared_across_tenants(),
+        Some(Partition::By(key)) => b = b.partition_by(key.extractor()),
+        None => {}
+    }
+    b.build()
+}

@@ -1,0 +1,479 @@
+//! The policy file: a whole strategy in YAML or TOML, and the stack it builds.
+//!
+//! ```yaml
+//! primary:
+//!   url: https://api.openai.com
+//!   model: gpt-4o
+//!   api_key_env: OPENAI_API_KEY
+//! fallbacks:
+//!   - name: mini
+//!     url: https://api.openai.com
+//!     model: gpt-4o-mini
+//! rate_limit:
+//!   requests: 500/min
+//!   tokens: 30k/min
+//!   mode: wait
+//!   max_wait: 30s
+//! retry:
+//!   max_retries: 3
+//! cache:
+//!   ttl: 10m
+//! ```
+//!
+//! Every section but `primary` may be left out, and a section left out is a layer left out
+//! of the stack: no `retry:`, no retries. `examples/tollgate.yaml` in the repository is a
+//! full, annotated policy.
+//!
+//! **Strict.** An unknown field is an error, so a typo (`max_retires`) never silently
+//! means "the default". A bad value names the field, the line and what was expected.
+//! Durations are written `30s`, `500ms`, `1m30s`; rates `3000/min`, `10/s`, `100k/h`;
+//! sizes `256MiB`.
+//!
+//! **The YAML parser** is [`serde-saphyr`](https://docs.rs/serde-saphyr): pure Rust over
+//! the `granit-parser` YAML 1.2 parser, no `unsafe`, built to never panic on bad input,
+//! with line and column in every error, and maintained. `serde_yaml` is deprecated;
+//! its fork `serde_yml` is itself deprecated now and only forwards to another crate; the
+//! `serde_norway` fork keeps `unsafe-libyaml`, a machine translation of the C libyaml.
+//! TOML goes through the `toml` crate.
+
+mod build;
+mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+
+pub use build::{BoxBody, PolicyService};
+pub use units::{Dur, KeySpec, Rate, Size};
+
+/// A whole strategy: backends, limits, retries, cache, failover and store.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// The backend tried first.
+    pub primary: BackendPolicy,
+    /// Backends tried, by priority, when the primary fails or would wait too long.
+    #[serde(default)]
+    pub fallbacks: Vec<BackendPolicy>,
+    /// Limits per backend, mirroring the provider's (each backend may set its own).
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitPolicy>,
+    /// Retries per backend.
+    #[serde(default)]
+    pub retry: Option<RetryPolicy>,
+    /// The response cache in front of everything.
+    #[serde(default)]
+    pub cache: Option<CachePolicy>,
+    /// When backends are set aside and what happens when all are.
+    #[serde(default)]
+    pub failover: FailoverPolicy,
+    /// Where limits, budgets and cache entries are kept.
+    #[serde(default)]
+    pub store: Store,
+    /// The largest request body read (10 MiB by default); larger ones get 413.
+    #[serde(default)]
+    pub body_limit: Option<Size>,
+}
+
+/// One backend: where it is, which model it serves, its credentials.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendPolicy {
+    /// Its name in headers, metrics and logs (`primary`, or `fallback-N`, by default).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Its base URL: `https://api.openai.com`, or with a path prefix
+    /// (`http://127.0.0.1:8080/openai`); the request's path is appended.
+    pub url: String,
+    /// The model it is asked for; the request's `model` is rewritten to it.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Its place among the fallbacks: lower goes first (their order in the file, by
+    /// default). The primary always goes first.
+    #[serde(default)]
+    pub priority: Option<u32>,
+    /// Headers sent to it alone.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// An environment variable holding its API key, sent as `Authorization: Bearer`.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Its own limits, instead of the top-level `rate_limit`.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitPolicy>,
+}
+
+/// Whether a limit makes a request wait for its turn or refuses it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitMode {
+    /// Wait in a bounded queue, up to `max_wait` (the default: right for clients).
+    #[default]
+    Wait,
+    /// Refuse at once with the time until it would pass (right for gateways).
+    Refuse,
+}
+
+/// The rate limit and token budget of a backend.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitPolicy {
+    /// Requests per window: `600/min`.
+    #[serde(default)]
+    pub requests: Option<Rate>,
+    /// Tokens per window: `100k/min`.
+    #[serde(default)]
+    pub tokens: Option<Rate>,
+    /// Requests that may go at once. By default the whole window's count, as providers'
+    /// own buckets allow.
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Whose quota: `global` (the default: the provider's quota is the account's),
+    /// `api_key`, `model` or `header:NAME`.
+    #[serde(default)]
+    pub key: Option<KeySpec>,
+    /// `wait` (the default) or `refuse`.
+    #[serde(default)]
+    pub mode: LimitMode,
+    /// The longest a request waits for its turn (30 s by default). A request that would
+    /// wait longer is refused at once, so failover can move on.
+    #[serde(default)]
+    pub max_wait: Option<Dur>,
+    /// The most requests waiting at once (1024 by default).
+    #[serde(default)]
+    pub max_queue: Option<usize>,
+    /// Follow the provider's `x-ratelimit-*` headers too, when they say less is left.
+    #[serde(default)]
+    pub adaptive: bool,
+}
+
+/// How backoff waits are spread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JitterSpec {
+    /// Uniform in `[0, backoff]` (the default).
+    #[default]
+    Full,
+    /// Uniform in `[base, 3 × previous]`.
+    Decorrelated,
+    /// None: every client wakes together.
+    None,
+}
+
+/// Retries of one backend.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (3 by default).
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+    /// The first backoff (500 ms by default).
+    #[serde(default)]
+    pub backoff: Option<Dur>,
+    /// Growth per retry (2 by default).
+    #[serde(default)]
+    pub factor: Option<f64>,
+    /// The longest backoff (8 s by default).
+    #[serde(default)]
+    pub max_backoff: Option<Dur>,
+    /// How backoff waits are spread.
+    #[serde(default)]
+    pub jitter: JitterSpec,
+    /// The longest server hint obeyed; a longer `Retry-After` ends the retries.
+    #[serde(default)]
+    pub max_server_wait: Option<Dur>,
+    /// The most time spent on one request, retries and waits included.
+    #[serde(default)]
+    pub deadline: Option<Dur>,
+}
+
+/// The response cache.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CachePolicy {
+    /// How long an answer is kept (10 min by default).
+    #[serde(default)]
+    pub ttl: Option<Dur>,
+    /// The most bytes kept in memory (256 MiB by default).
+    #[serde(default)]
+    pub max_size: Option<Size>,
+    /// Whose cache a request reads: `header:NAME`, `api_key`, `model`, or `shared` for one
+    /// cache for everyone. By default the `x-tenant-id` header, else the hashed API key.
+    #[serde(default)]
+    pub partition: Option<Partition>,
+    /// Top-level request fields left out of the key (`[user]` by default).
+    #[serde(default)]
+    pub exclude: Option<Vec<String>>,
+    /// Cache only `temperature: 0` or seeded requests.
+    #[serde(default)]
+    pub deterministic_only: bool,
+}
+
+/// Whose cache a request reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Partition {
+    /// One cache for everyone.
+    Shared,
+    /// Per key.
+    By(KeySpec),
+}
+
+impl<'de> Deserialize<'de> for Partition {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim() == "shared" {
+            return Ok(Partition::Shared);
+        }
+        s.parse()
+            .map(Partition::By)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// When backends are set aside.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverPolicy {
+    /// Failures within `window` that set a backend aside (3).
+    #[serde(default)]
+    pub failures: Option<u32>,
+    /// The window failures are counted over (30 s).
+    #[serde(default)]
+    pub window: Option<Dur>,
+    /// How long a backend is set aside without a server hint (30 s).
+    #[serde(default)]
+    pub cooldown: Option<Dur>,
+    /// With every backend set aside, wait this long for the first one back; refuse at
+    /// once when left out.
+    #[serde(default)]
+    pub wait_when_all_cooling: Option<Dur>,
+    /// Move on when a backend says the prompt is too long for its context.
+    #[serde(default)]
+    pub on_context_length: bool,
+}
+
+/// Where limits, budgets and cache entries are kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Store {
+    /// In this process (the default).
+    #[default]
+    Memory,
+    /// In Redis, shared by every instance: `redis://host:port/db`.
+    Redis(String),
+}
+
+impl<'de> Deserialize<'de> for Store {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let s = s.trim();
+        if s == "memory" {
+            Ok(Store::Memory)
+        } else if s.starts_with("redis://") || s.starts_with("rediss://") {
+            Ok(Store::Redis(s.to_owned()))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "`{s}` is not a store: expected `memory` or a `redis://` URL"
+            )))
+        }
+    }
+}
+
+/// A policy that could not be read or built.
+#[derive(Debug)]
+pub struct PolicyError {
+    message: String,
+    line: Option<u64>,
+    column: Option<u64>,
+}
+
+impl PolicyError {
+    pub(crate) fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            line: None,
+            column: None,
+        }
+    }
+
+    /// What is wrong.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The line (from 1) it is on, when known.
+    pub fn line(&self) -> Option<u64> {
+        self.line
+    }
+
+    /// The column (from 1) it is at, when known.
+    pub fn column(&self) -> Option<u64> {
+        self.column
+    }
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "line {l}, column {c}: {}", self.message),
+            (Some(l), None) => write!(f, "line {l}: {}", self.message),
+            _ => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+impl Policy {
+    /// Reads a policy from YAML.
+    pub fn from_yaml(text: &str) -> Result<Self, PolicyError> {
+        let mut path = Vec::new();
+        let result = serde_saphyr::with_deserializer_from_str(text, |de| {
+            let mut track = serde_path_to_error::Track::new();
+            let tracked = serde_path_to_error::Deserializer::new(de, &mut track);
+            let r = Policy::deserialize(tracked);
+            path = vec![track.path().to_string()];
+            r
+        });
+        match result {
+            Ok(p) => p.checked(),
+            Err(e) => {
+                let loc = e.location();
+                let field = path.pop().filter(|p| p != ".");
+                let message = plain_message(&e.to_string());
+                let message = match field {
+                    Some(f) => format!("{f}: {message}"),
+                    None => message,
+                };
+                Err(PolicyError {
+                    message,
+                    line: loc.map(|l| l.line()),
+                    column: loc.map(|l| l.column()),
+                })
+            }
+        }
+    }
+
+    /// Reads a policy from TOML.
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, &e))?;
+        let policy: Policy = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let mut err = toml_error(text, &inner);
+            if path != "." {
+                err.message = format!("{path}: {}", err.message);
+            }
+            err
+        })?;
+        policy.checked()
+    }
+
+    /// Reads a policy file: TOML if its name ends in `.toml`, YAML otherwise.
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Self, PolicyError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| PolicyError::new(format!("{}: {e}", path.display())))?;
+        let read = if path.extension().is_some_and(|e| e == "toml") {
+            Self::from_toml(&text)
+        } else {
+            Self::from_yaml(&text)
+        };
+        read.map_err(|mut e| {
+            e.message = format!("{}: {}", path.display(), e.message);
+            e
+        })
+    }
+
+    /// The checks serde cannot make: values that parse but make no sense together.
+    fn checked(self) -> Result<Self, PolicyError> {
+        let mut names = Vec::new();
+        for (i, b) in self.backends() {
+            let name = b.name_or(i);
+            if names.contains(&name) {
+                return Err(PolicyError::new(format!(
+                    "two backends are named `{name}`: names must differ"
+                )));
+            }
+            let uri: http::Uri = b.url.parse().map_err(|_| {
+                PolicyError::new(format!("backend `{name}`: url `{}` is not a URL", b.url))
+            })?;
+            if !matches!(uri.scheme_str(), Some("http") | Some("https")) || uri.host().is_none() {
+                return Err(PolicyError::new(format!(
+                    "backend `{name}`: url `{}` must be http:// or https:// with a host",
+                    b.url
+                )));
+            }
+            for (k, v) in &b.headers {
+                if http::HeaderName::from_bytes(k.as_bytes()).is_err()
+                    || http::HeaderValue::from_str(v).is_err()
+                {
+                    return Err(PolicyError::new(format!(
+                        "backend `{name}`: header `{k}` is not a valid header"
+                    )));
+                }
+            }
+            names.push(name);
+        }
+        if let Some(r) = &self.retry {
+            if let Some(f) = r.factor {
+                if !(f.is_finite() && f >= 1.0) {
+                    return Err(PolicyError::new(format!(
+                        "retry.factor: {f} must be a number of at least 1"
+                    )));
+                }
+            }
+        }
+        Ok(self)
+    }
+
+    /// The backends with their index: 0 for the primary, then the fallbacks in file order.
+    pub(crate) fn backends(&self) -> impl Iterator<Item = (usize, &BackendPolicy)> {
+        std::iter::once(&self.primary)
+            .chain(&self.fallbacks)
+            .enumerate()
+    }
+}
+
+impl BackendPolicy {
+    /// Its name, or the default for its place.
+    pub fn name_or(&self, index: usize) -> String {
+        match &self.name {
+            Some(n) => n.clone(),
+            None if index == 0 => "primary".to_owned(),
+            None => format!("fallback-{index}"),
+        }
+    }
+}
+
+/// serde-saphyr's message without the location it also gives apart (it is reported once,
+/// as the error's line and column).
+fn plain_message(msg: &str) -> String {
+    let mut m = msg.lines().next().unwrap_or(msg).trim();
+    m = m.strip_prefix("error:").unwrap_or(m).trim_start();
+    // "line 4 column 13: …"
+    if let Some(rest) = m.strip_prefix("line ") {
+        if let Some((_, after)) = rest.split_once(": ") {
+            m = after;
+        }
+    }
+    m.to_owned()
+}
+
+fn toml_error(text: &str, e: &toml::de::Error) -> PolicyError {
+    let (line, column) = match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() as u64 + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) as u64 + 1;
+            (Some(line), Some(column))
+        }
+        None => (None, None),
+    };
+    PolicyError {
+        message: e.message().to_owned(),
+        line,
+        column,
+    }
+}
