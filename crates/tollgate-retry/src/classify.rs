@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use tollgate_core::headers::{self, Pushback, RateLimitInfo};
-use tollgate_core::refusal::Refusal;
+use tollgate_core::refusal::{Reason as RefusalReason, Refusal};
 
 /// One attempt's outcome, as a classifier sees it.
 #[derive(Clone, Copy, Debug)]
@@ -149,12 +149,19 @@ impl HttpClassifier {
 }
 
 /// The verdict on an error (no answer): a Tollgate refusal is retried after the time it
-/// names (never, when it names none); a request Tollgate could not read is returned; any
+/// names (never, when it names none, or when it says the wait is longer than the
+/// limiter's `max_wait` allows); a request Tollgate could not read is returned; any
 /// other error is a transport failure and is retried.
 pub fn error_verdict(err: &(dyn std::error::Error + 'static)) -> Verdict {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(r) = e.downcast_ref::<Refusal>() {
+            // A limiter in wait mode refuses only what would wait past its `max_wait`:
+            // waiting that long here instead would break the bound the user set, and
+            // would keep failover from moving on to a backend that can answer now.
+            if r.reason() == RefusalReason::WaitTooLong {
+                return Verdict::Return;
+            }
             return match r.retry_after() {
                 Some(wait) => Verdict::Retry {
                     reason: Reason::Refused,

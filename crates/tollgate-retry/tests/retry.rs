@@ -12,7 +12,7 @@ use http::{Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
-use tollgate_core::refusal::{LimitKind, Refusal};
+use tollgate_core::refusal::{LimitKind, Reason, Refusal};
 use tollgate_retry::{Backoff, DeadlineExceeded, Jitter, RequestBody, RetryLayer, TpsBudget};
 use tower::{Layer, ServiceExt};
 
@@ -225,6 +225,17 @@ async fn refusals_wait_their_time_and_never_passing_ones_are_not_retried() {
     let (r, calls, _) = run(l(), vec![Err(Box::new(never))]).await;
     assert_eq!(calls, 1);
     assert!(r.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_limiter_refusing_past_its_max_wait_is_not_waited_out_here() {
+    // The limiter said the wait is longer than the user allows: retrying after it would
+    // wait that long anyway, and would keep failover from moving on.
+    let too_long = Refusal::new(LimitKind::Requests, "rpm", Some(Duration::from_secs(30)))
+        .with_reason(Reason::WaitTooLong);
+    let (r, calls, took) = run(RetryLayer::builder().build(), vec![Err(Box::new(too_long))]).await;
+    assert_eq!((calls, took), (1, Duration::ZERO));
+    assert!(r.unwrap_err().contains("longer than allowed"));
 }
 
 #[tokio::test(start_paused = true)]
