@@ -220,6 +220,8 @@ impl State {
                 StatusCode::SERVICE_UNAVAILABLE
             };
             Some(Fault::Status(status))
+        } else if hit(f.unavailable_rate) {
+            Some(Fault::Status(StatusCode::SERVICE_UNAVAILABLE))
         } else if hit(f.slow_rate) {
             Some(Fault::Slow(f.slow_first_byte))
         } else if hit(f.cut_rate) {

@@ -17,6 +17,8 @@ use std::time::Duration;
 pub struct Faults {
     /// Share of requests answered 500 or 503 (half each).
     pub server_error_rate: f64,
+    /// Share of requests answered 503 alone, as a provider that is down answers.
+    pub unavailable_rate: f64,
     /// Share of connections closed without an answer.
     pub reset_rate: f64,
     /// Share of answers delayed by [`slow_first_byte`](Self::slow_first_byte).

@@ -45,6 +45,7 @@ mod limits;
 pub mod redis;
 mod stats;
 pub mod tokens;
+pub mod workload;
 
 use std::io;
 use std::net::SocketAddr;
@@ -196,7 +197,7 @@ impl Provider {
     }
 
     /// Changes the faults from now on, for an outage and its end in the middle of a run:
-    /// `set_faults(Faults { server_error_rate: 1.0, ..Faults::default() })`, then
+    /// `set_faults(Faults { unavailable_rate: 1.0, ..Faults::default() })`, then
     /// `set_faults(Faults::default())`.
     pub fn set_faults(&self, faults: Faults) {
         self.state.set_faults(faults);

@@ -312,6 +312,13 @@ fn with_usage_requested(facts: &RequestFacts) -> Option<RequestFacts> {
     })
 }
 
+/// Statuses a provider's front door answers when the model never ran: 502, 503 and 504
+/// from a gateway or load balancer, and Anthropic's 529 "overloaded". Counting their
+/// prompts would drain the budget fastest during an outage, just when it matters least.
+fn never_ran(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 502 | 503 | 504 | 529)
+}
+
 impl<S, B, ResB> Service<Request<B>> for Tpm<S>
 where
     S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -403,8 +410,14 @@ where
             }
             let status = res.status();
             let (mut parts, body) = res.into_parts();
-            let body = if status == StatusCode::TOO_MANY_REQUESTS || status.is_client_error() {
-                // Refused or rejected: the provider generated nothing and counts nothing.
+            let body = if status == StatusCode::TOO_MANY_REQUESTS
+                || status.is_client_error()
+                || never_ran(status)
+            {
+                // Refused, rejected, or turned away at the door (unavailable, overloaded,
+                // a gateway error): the model never ran, and the provider counts nothing.
+                // Were it to count something after all, an adaptive budget follows the
+                // provider's own `x-ratelimit-remaining-tokens` on the next answer.
                 settlement.settle_at(0);
                 TpmBody::passthrough(body)
             } else if status.is_server_error() {

@@ -26,7 +26,8 @@
 //! | answer with `usage` | exactly the reported total |
 //! | answer without `usage` | the whole reservation |
 //! | 429, or any other 4xx, from the provider | none: it generated nothing |
-//! | 5xx from the provider | the prompt: it may have read it; the output never came |
+//! | 502, 503, 504, 529 from the provider | none: turned away at the door (an outage or overload), the model never ran |
+//! | 500 and other 5xx from the provider | the prompt: it may have read it; the output never came |
 //! | refused inside (a limiter), body unreadable, connection refused | none: it never reached the provider |
 //! | other transport errors (reset, timeout) | the prompt |
 //! | body cut midway, or dropped by the caller | the whole reservation: the provider counted some of it, nobody can say how much |

@@ -128,12 +128,20 @@ async fn a_provider_429_gives_everything_back() {
         .unwrap();
     assert_eq!(res.status(), 429);
     assert_eq!(available(&l), 10_000);
-    // A 5xx keeps the prompt (the provider may have counted it), not the output.
+    // A 503 (an outage: the model never ran) keeps nothing.
     let res = svc
+        .clone()
         .oneshot(request(&url, &body, &[(FAULT_HEADER, "503")]))
         .await
         .unwrap();
     assert_eq!(res.status(), 503);
+    assert_eq!(available(&l), 10_000);
+    // A 500 keeps the prompt (the provider may have counted it), not the output.
+    let res = svc
+        .oneshot(request(&url, &body, &[(FAULT_HEADER, "500")]))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 500);
     assert_eq!(
         available(&l),
         10_000 - 8,

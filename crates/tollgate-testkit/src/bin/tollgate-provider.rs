@@ -85,6 +85,7 @@ async fn main() -> ExitCode {
             slow_first_byte: Duration::from_millis(args.slow_ms),
             cut_rate: args.cut_rate,
             malformed_rate: args.malformed_rate,
+            ..Faults::default()
         });
     if let Some(n) = args.rpm {
         builder = builder.rpm(n);

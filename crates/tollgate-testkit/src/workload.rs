@@ -1,0 +1,160 @@
+//! A realistic burst of chat requests: several tenants, part of them repeated, part of
+//! them streamed, with prompts of a few hundred tokens. The demo and the benchmarks send
+//! the same burst, so their figures describe the same work.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// One request of a burst.
+#[derive(Clone, Debug)]
+pub struct Call {
+    /// Its place in the burst, from 0.
+    pub index: usize,
+    /// The tenant sending it (the `x-tenant-id` header).
+    pub tenant: String,
+    /// The JSON body.
+    pub body: Value,
+    /// Whether it asks for a stream.
+    pub stream: bool,
+    /// Whether it repeats an earlier request of the same tenant, word for word.
+    pub repeat: bool,
+    /// When it is sent, from the start of the burst.
+    pub at: Duration,
+}
+
+/// The shape of a burst.
+#[derive(Clone, Debug)]
+pub struct Burst {
+    /// Requests in all (400).
+    pub requests: usize,
+    /// Distinct tenants (5).
+    pub tenants: usize,
+    /// The share that repeats an earlier request of its tenant (0.25).
+    pub repeat_share: f64,
+    /// The share that streams (one in three).
+    pub stream_share: f64,
+    /// Words per prompt, about one token each (350).
+    pub prompt_words: usize,
+    /// `max_tokens` of each request (200): what a budget reserves before the call.
+    pub max_tokens: u64,
+    /// The time over which requests arrive, evenly (2 s).
+    pub spread: Duration,
+    /// The seed, so that every run sends the same burst.
+    pub seed: u64,
+}
+
+impl Default for Burst {
+    fn default() -> Self {
+        Self {
+            requests: 400,
+            tenants: 5,
+            repeat_share: 0.25,
+            stream_share: 1.0 / 3.0,
+            prompt_words: 350,
+            max_tokens: 200,
+            spread: Duration::from_secs(2),
+            seed: 42,
+        }
+    }
+}
+
+/// Common words that are one token each in o200k_base and cl100k_base.
+const WORDS: &[&str] = &[
+    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "then", "runs", "back",
+    "home", "to", "see", "what", "is", "new", "in", "town", "today", "with", "his", "friends",
+    "who", "live", "near", "river", "by", "old", "mill", "where", "they", "play", "all", "day",
+    "long", "until", "sun", "goes", "down", "night", "comes", "stars", "shine", "bright", "above",
+    "hills", "trees", "wind", "blows", "soft", "cold", "air", "from", "north", "sea", "waves",
+    "crash", "on", "rocks", "below", "birds", "sing",
+];
+
+impl Burst {
+    /// The requests, in the order they are sent.
+    pub fn calls(&self) -> Vec<Call> {
+        let mut rng = fastrand::Rng::with_seed(self.seed);
+        let tenants = self.tenants.max(1);
+        let mut asked: Vec<Vec<Value>> = vec![Vec::new(); tenants];
+        let mut calls = Vec::with_capacity(self.requests);
+        for index in 0..self.requests {
+            let t = index % tenants;
+            let stream_draw = rng.f64() < self.stream_share;
+            let repeat = !asked[t].is_empty() && rng.f64() < self.repeat_share;
+            // A repeat is the same request word for word, stream or not, as a user
+            // asking the same question again sends it.
+            let body = if repeat {
+                asked[t][rng.usize(..asked[t].len())].clone()
+            } else {
+                let prompt: Vec<&str> = (0..self.prompt_words)
+                    .map(|_| WORDS[rng.usize(..WORDS.len())])
+                    .collect();
+                let mut body = json!({
+                    "model": "gpt-4o-mini",
+                    "messages": [
+                        {"role": "system", "content": format!("You answer questions for tenant {t}.")},
+                        {"role": "user", "content": format!("Question {index}: {}", prompt.join(" "))},
+                    ],
+                    "max_tokens": self.max_tokens,
+                });
+                if stream_draw {
+                    body["stream"] = json!(true);
+                    body["stream_options"] = json!({"include_usage": true});
+                }
+                asked[t].push(body.clone());
+                body
+            };
+            let stream = body["stream"] == json!(true);
+            let at = self
+                .spread
+                .mul_f64(index as f64 / self.requests.max(1) as f64);
+            calls.push(Call {
+                index,
+                tenant: format!("tenant-{t}"),
+                body,
+                stream,
+                repeat,
+                at,
+            });
+        }
+        calls
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_is_the_same_every_time_with_its_shares() {
+        let b = Burst::default();
+        let (one, two) = (b.calls(), b.calls());
+        assert_eq!(one.len(), 400);
+        assert!(one
+            .iter()
+            .zip(&two)
+            .all(|(a, b)| a.body == b.body && a.at == b.at));
+        let repeats = one.iter().filter(|c| c.repeat).count();
+        let streams = one.iter().filter(|c| c.stream).count();
+        assert!((70..=130).contains(&repeats), "{repeats}");
+        assert!((100..=170).contains(&streams), "{streams}");
+        assert!(one.last().unwrap().at < b.spread);
+        let no_repeats = Burst {
+            repeat_share: 0.0,
+            ..b
+        }
+        .calls();
+        assert!(no_repeats.iter().all(|c| !c.repeat));
+    }
+
+    #[test]
+    fn prompts_are_about_a_token_a_word() {
+        let calls = Burst {
+            requests: 5,
+            ..Burst::default()
+        }
+        .calls();
+        let text = calls[0].body["messages"][1]["content"].as_str().unwrap();
+        let n = crate::tokens::count(text);
+        assert!((350..=370).contains(&n), "{n}");
+    }
+}
