@@ -245,13 +245,8 @@ fn bar(mp: &MultiProgress, name: &str, n: usize) -> ProgressBar {
     )
 }
 
-/// The least time any client could take for what a provider served: what is beyond its
-/// bucket (a minute's worth), at its refill rate.
 fn quota_floor(s: &Stats, rpm: u64, tpm: u64) -> Duration {
-    let over = |used: u64, per_minute: u64| {
-        used.saturating_sub(per_minute) as f64 * 60.0 / per_minute as f64
-    };
-    Duration::from_secs_f64(over(s.ok, rpm).max(over(s.tokens_served(), tpm)))
+    tollgate_testkit::workload::quota_floor(s, rpm, tpm, Duration::from_secs(60))
 }
 
 #[tokio::main]

@@ -15,14 +15,14 @@ use crate::Args;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn plan(args: &Args) -> Plan {
+pub(crate) fn plan(args: &Args) -> Plan {
     let (requests, secs) = if args.quick {
         (100_000, 10)
     } else {
         (1_000_000, 60)
     };
     Plan {
-        concurrency: args.concurrency,
+        concurrency: args.concurrency.unwrap_or(32),
         warmup: (requests / 20).min(1_000),
         requests: args.requests.unwrap_or(requests),
         max_duration: Duration::from_secs(secs),
@@ -38,7 +38,7 @@ pub(crate) async fn baseline(args: &Args) -> Result<(), BoxError> {
         br#"{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"Say hello in a few words."}]}"#,
     );
     let client = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(args.concurrency)
+        .pool_max_idle_per_host(args.concurrency.unwrap_or(32))
         .build_http::<Full<Bytes>>();
     let plan = plan(args);
     let outcome = load::run(plan, move |_| {

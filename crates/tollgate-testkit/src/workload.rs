@@ -120,6 +120,20 @@ impl Burst {
     }
 }
 
+/// The least time in which any client could have been served what `stats` counts by a
+/// provider with these limits per `window`, whose buckets start full (a window's worth) and
+/// refill continuously, as the simulated provider's do: what is beyond each bucket, at its
+/// refill rate, whichever limit takes longer.
+pub fn quota_floor(stats: &crate::Stats, rpm: u64, tpm: u64, window: Duration) -> Duration {
+    let over = |used: u64, per_window: u64| {
+        if per_window == 0 {
+            return 0.0;
+        }
+        used.saturating_sub(per_window) as f64 * window.as_secs_f64() / per_window as f64
+    };
+    Duration::from_secs_f64(over(stats.ok, rpm).max(over(stats.tokens_served(), tpm)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +158,27 @@ mod tests {
         }
         .calls();
         assert!(no_repeats.iter().all(|c| !c.repeat));
+    }
+
+    #[test]
+    fn the_floor_is_what_is_beyond_the_bucket_at_the_refill_rate() {
+        let minute = Duration::from_secs(60);
+        let stats = crate::Stats {
+            ok: 700,
+            prompt_tokens: 90_000,
+            completion_tokens: 30_000,
+            ..Default::default()
+        };
+        // 100 requests beyond 600 at 10/s: 10 s; 20k tokens beyond 100k at 1,667/s: 12 s.
+        assert_eq!(
+            quota_floor(&stats, 600, 100_000, minute),
+            Duration::from_secs(12)
+        );
+        assert_eq!(
+            quota_floor(&stats, 600, 1_000_000, minute),
+            Duration::from_secs(10)
+        );
+        assert_eq!(quota_floor(&stats, 1000, 1_000_000, minute), Duration::ZERO);
     }
 
     #[test]

@@ -16,7 +16,8 @@ use tower::{Layer, Service};
 pub struct BaseUrlLayer {
     scheme: Scheme,
     authority: Authority,
-    prefix: String,
+    // Shared: the service is cloned for every request by the layers above it.
+    prefix: std::sync::Arc<str>,
 }
 
 /// A bad base URL.
@@ -49,7 +50,7 @@ impl BaseUrlLayer {
             .as_ref()
             .map_or("", PathAndQuery::path)
             .trim_end_matches('/')
-            .to_owned();
+            .into();
         Ok(Self {
             scheme,
             authority,

@@ -1,0 +1,208 @@
+//! Scenario `overhead`: what the whole stack costs a request that misses the cache, next to
+//! the bare client, under the same load in the same run.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tollgate::policy::{BoxBody, Policy, PolicyService};
+use tollgate_testkit::Provider;
+use tower::ServiceExt;
+
+use crate::load::{self, Outcome, Plan};
+use crate::report;
+use crate::Args;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every layer, with limits far above the load so that none waits: what is measured is
+/// the work each does per request.
+const POLICY: &str = r#"
+primary:   { url: "http://placeholder", model: gpt-4o-mini }
+fallbacks: [ { name: fallback, url: "http://placeholder" } ]
+rate_limit: { requests: 100M/min, tokens: 100000M/min, mode: wait, max_wait: 30s }
+retry:      { max_retries: 3 }
+cache:      { ttl: 10m, max_size: 64MiB }
+"#;
+
+fn body(i: u64) -> Bytes {
+    // Distinct per request: every one misses the cache and is stored.
+    Bytes::from(format!(
+        r#"{{"model":"gpt-4o-mini","max_tokens":16,"messages":[{{"role":"user","content":"Say hello in a few words, number {i}."}}]}}"#
+    ))
+}
+
+fn request<B>(uri: &http::Uri, body: B) -> Result<Request<B>, String> {
+    Request::post(uri.clone())
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer sk-bench")
+        .header("x-tenant-id", "bench")
+        .body(body)
+        .map_err(|e| e.to_string())
+}
+
+async fn bare(
+    plan: Plan,
+    client: Client<HttpConnector, Full<Bytes>>,
+    uri: http::Uri,
+    offset: u64,
+) -> Outcome {
+    load::run(plan, move |i| {
+        let (client, uri) = (client.clone(), uri.clone());
+        async move {
+            let res = client
+                .request(request(&uri, Full::new(body(offset + i)))?)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = res.status();
+            res.into_body().collect().await.map_err(|e| e.to_string())?;
+            status
+                .is_success()
+                .then_some(())
+                .ok_or(format!("status {status}"))
+        }
+    })
+    .await
+}
+
+async fn stacked(plan: Plan, svc: PolicyService<Full<Bytes>>, offset: u64) -> Outcome {
+    let uri: http::Uri = "/v1/chat/completions".parse().unwrap_or_default();
+    load::run(plan, move |i| {
+        let (svc, uri) = (svc.clone(), uri.clone());
+        async move {
+            let res = svc
+                .oneshot(request(&uri, Full::new(body(offset + i)))?)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = res.status();
+            res.into_body().collect().await.map_err(|e| e.to_string())?;
+            status
+                .is_success()
+                .then_some(())
+                .ok_or(format!("status {status}"))
+        }
+    })
+    .await
+}
+
+struct Side {
+    ok: u64,
+    errors: u64,
+    busy: Duration,
+    hist: Histogram<u64>,
+    first_error: Option<String>,
+}
+
+impl Side {
+    fn new() -> Self {
+        Self {
+            ok: 0,
+            errors: 0,
+            busy: Duration::ZERO,
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3)
+                .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!())),
+            first_error: None,
+        }
+    }
+
+    fn add(&mut self, o: Outcome) {
+        self.ok += o.ok;
+        self.errors += o.errors;
+        self.busy += o.elapsed;
+        let _ = self.hist.add(&o.latency_us);
+        if self.first_error.is_none() {
+            self.first_error = o.first_error;
+        }
+    }
+
+    fn rps(&self) -> f64 {
+        self.ok as f64 / self.busy.as_secs_f64().max(1e-9)
+    }
+}
+
+pub(crate) async fn run(args: &Args) -> Result<(), BoxError> {
+    let provider = Provider::builder().spawn().await?;
+    let concurrency = args.concurrency.unwrap_or(64);
+    let total = args
+        .requests
+        .unwrap_or(if args.quick { 60_000 } else { 400_000 });
+    let rounds: u64 = if args.quick { 4 } else { 8 };
+    let per_round = (total / rounds).max(1);
+
+    let mut policy = match &args.policy {
+        Some(path) => Policy::from_path(path)?,
+        None => Policy::from_yaml(POLICY)?,
+    };
+    policy.primary.url = provider.url();
+    for f in &mut policy.fallbacks {
+        f.url = provider.url();
+    }
+    let stack_client: Client<HttpConnector, BoxBody> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(concurrency)
+        .build_http();
+    let svc = policy.build(stack_client)?;
+    let bare_client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(concurrency)
+        .build_http::<Full<Bytes>>();
+    let uri: http::Uri = format!("{}/v1/chat/completions", provider.url()).parse()?;
+
+    let plan = |warmup| Plan {
+        concurrency,
+        warmup,
+        requests: per_round,
+        max_duration: Duration::from_secs(if args.quick { 5 } else { 30 }),
+    };
+    // Alternating rounds, so that drift in the machine's speed falls on both sides alike.
+    let (mut b, mut s) = (Side::new(), Side::new());
+    let offset = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let next = || offset.fetch_add(10_000_000, std::sync::atomic::Ordering::Relaxed);
+    for round in 0..rounds {
+        let warmup = if round == 0 { 2_000 } else { 0 };
+        b.add(bare(plan(warmup), bare_client.clone(), uri.clone(), next()).await);
+        s.add(stacked(plan(warmup), svc.clone(), next()).await);
+    }
+    let served = provider.stats();
+    provider.shutdown().await;
+
+    let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p);
+    let ratio = s.rps() / b.rps().max(1e-9);
+    let p50_added = q(&s.hist, 0.5) as i64 - q(&b.hist, 0.5) as i64;
+    let p99_added = q(&s.hist, 0.99) as i64 - q(&b.hist, 0.99) as i64;
+    let us = |v: u64| format!("{:.0} µs", v as f64);
+    report::table(
+        &format!("overhead: the whole policy stack vs the bare client, concurrency {concurrency}, {rounds} alternating rounds"),
+        &[
+            ("bare", format!("{} ok, {} failed, {:.0} req/s, p50 {}, p99 {}", b.ok, b.errors, b.rps(), us(q(&b.hist, 0.5)), us(q(&b.hist, 0.99)))),
+            ("stack", format!("{} ok, {} failed, {:.0} req/s, p50 {}, p99 {}", s.ok, s.errors, s.rps(), us(q(&s.hist, 0.5)), us(q(&s.hist, 0.99)))),
+            ("rps ratio", format!("{ratio:.3} (goal ≥ 0.9)")),
+            ("p50 added", format!("{p50_added} µs")),
+            ("p99 added", format!("{p99_added} µs (goal < 250 µs)")),
+            ("provider saw", format!("{} requests", served.requests)),
+        ],
+    );
+    for e in [&b.first_error, &s.first_error].into_iter().flatten() {
+        println!("first error: {e}");
+    }
+    report::result_line(
+        "overhead",
+        &[
+            ("rps_ratio", format!("{ratio:.3}")),
+            ("p50_added_us", p50_added.to_string()),
+            ("p99_added_us", p99_added.to_string()),
+            ("bare_rps", format!("{:.0}", b.rps())),
+            ("stack_rps", format!("{:.0}", s.rps())),
+            ("concurrency", concurrency.to_string()),
+            ("errors", (b.errors + s.errors).to_string()),
+        ],
+    );
+    if b.errors + s.errors > 0 {
+        return Err(format!("{} requests failed", b.errors + s.errors).into());
+    }
+    Ok(())
+}
