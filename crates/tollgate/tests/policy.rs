@@ -168,3 +168,98 @@ fn garbage_never_panics() {
         let _ = Policy::from_toml(text);
     }
 }
+
+mod build {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Full};
+    use tollgate::core::refusal::Refusal;
+    use tollgate::policy::{BoxBody, Policy};
+    use tower::{service_fn, ServiceExt};
+
+    /// An upstream that echoes where it was sent and with which credentials.
+    fn echo() -> impl tower::Service<
+        Request<BoxBody>,
+        Response = Response<Full<Bytes>>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone
+           + Send
+           + Sync
+           + 'static {
+        service_fn(|req: Request<BoxBody>| async move {
+            let auth = req
+                .headers()
+                .get("authorization")
+                .map(|v| v.to_str().unwrap_or("").to_owned())
+                .unwrap_or_default();
+            let body = serde_json::json!({
+                "uri": req.uri().to_string(),
+                "auth": auth,
+                "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+            });
+            Ok(Response::new(Full::new(Bytes::from(body.to_string()))))
+        })
+    }
+
+    fn chat() -> Request<Full<Bytes>> {
+        Request::post("/v1/chat/completions")
+            .body(Full::new(Bytes::from_static(
+                br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+            )))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn requests_go_to_the_backend_url_with_its_own_credentials() {
+        std::env::set_var("TOLLGATE_TEST_KEY_A", "sk-from-env");
+        let policy = Policy::from_yaml("primary: { url: \"http://10.9.8.7:1234/openai/\", api_key_env: TOLLGATE_TEST_KEY_A }\n").unwrap();
+        let svc = policy.build(echo()).unwrap();
+        let res = svc.oneshot(chat()).await.unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(v["uri"], "http://10.9.8.7:1234/openai/v1/chat/completions");
+        assert_eq!(v["auth"], "Bearer sk-from-env");
+    }
+
+    #[tokio::test]
+    async fn a_missing_key_variable_or_an_unbuilt_store_is_a_clear_error() {
+        let policy = Policy::from_yaml(
+            "primary: { url: \"http://h\", api_key_env: TOLLGATE_TEST_UNSET_VARIABLE }\n",
+        )
+        .unwrap();
+        let err = policy.build::<_, _, Full<Bytes>>(echo()).err().unwrap();
+        assert!(
+            err.message().contains("TOLLGATE_TEST_UNSET_VARIABLE"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refuse_mode_refuses_past_the_quota_with_the_time_to_wait() {
+        let policy = Policy::from_yaml(
+            "primary: { url: \"http://h\" }\nrate_limit: { requests: 2/min, mode: refuse }\n",
+        )
+        .unwrap();
+        let svc = policy.build(echo()).unwrap();
+        for _ in 0..2 {
+            assert_eq!(svc.clone().oneshot(chat()).await.unwrap().status(), 200);
+        }
+        let err = svc.clone().oneshot(chat()).await.unwrap_err();
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&*err);
+        let mut refusal = None;
+        while let Some(e) = cur {
+            if let Some(r) = e.downcast_ref::<Refusal>() {
+                refusal = Some(r.clone());
+            }
+            cur = e.source();
+        }
+        let refusal = refusal.expect("a Refusal in the error chain");
+        assert_eq!(
+            refusal.retry_after(),
+            Some(std::time::Duration::from_secs(30))
+        );
+    }
+}
