@@ -252,7 +252,18 @@ async fn the_budget_stops_a_retry_storm() {
     // The provider answers 503 to everything. Without a budget each request makes 4
     // attempts; with one allowing 10% extra, retries stay a small, bounded share.
     async fn attempts(budget: Option<TpsBudget>) -> u32 {
-        let layer = RetryLayer::builder().budget(budget).build();
+        // Short, fixed backoffs: the whole run spans a few seconds of the paused clock, so
+        // the budget's floor of one retry a second adds a handful, not hundreds (with
+        // jittered 0.5–8 s waits it spanned an hour and let the floor dominate).
+        let backoff = Backoff {
+            base: Duration::from_millis(1),
+            cap: Duration::from_millis(1),
+            ..no_jitter()
+        };
+        let layer = RetryLayer::builder()
+            .budget(budget)
+            .backoff(backoff)
+            .build();
         let calls = Arc::new(AtomicU32::new(0));
         let seen = Arc::clone(&calls);
         let svc = layer.layer(tower::service_fn(
