@@ -56,6 +56,7 @@ pub mod headers;
 pub mod key;
 pub mod refusal;
 pub mod response;
+pub mod store;
 pub mod usage;
 pub mod wait;
 

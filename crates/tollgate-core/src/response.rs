@@ -75,6 +75,21 @@ pub fn error_response<B: From<Bytes>>(
         if let Some(f) = e.downcast_ref::<FactsError>() {
             return Some(f.to_response());
         }
+        if let Some(e) = e.downcast_ref::<crate::store::StoreError>() {
+            // The shared quota could not be consulted and the layer fails closed: the
+            // request may be tried again shortly.
+            let mut res = openai_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "quota_store_unavailable",
+                &e.to_string(),
+            );
+            res.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("1"),
+            );
+            return Some(res);
+        }
         cur = e.source();
     }
     None

@@ -1,17 +1,265 @@
 //! Redis-backed stores for Tollgate, so many instances share one quota.
 //!
-//! **Status: not built yet.** This crate holds only its documentation until the Redis
-//! issue lands; nothing here works yet, and nothing pretends to.
+//! [`RedisStore`] implements `tollgate-core`'s [`RateStore`] and [`TokenStore`], and (with
+//! the `cache` feature, on by default) `tollgate-cache`'s `CacheStore`:
 //!
-//! What it will hold:
+//! - **One round trip per decision.** Each decision is one Lua script call (`EVALSHA`;
+//!   the script is loaded again by itself after a `NOSCRIPT`, when Redis restarted). The
+//!   time is the Redis server's (`TIME`), so the instances' clocks do not matter.
+//! - **The GCRA limiter** takes a cell from every limit of a request or from none; **the
+//!   token budget** reserves from every budget or from none, holds what it reserved out of
+//!   the refill until it is settled with the real usage, and never lets instances overshoot
+//!   together.
+//! - **Keys** are namespaced (`{tollgate}:rl:…`, `{tollgate}:tk:…`, `{tollgate}:c:…`),
+//!   hashed (SHA-256: no tenant id or API key appears in Redis), and expire when idle. The
+//!   namespace is a Redis Cluster hash tag, so all the keys of one decision live in one
+//!   slot (the price: a namespace lives on one shard; give each service its own).
+//! - **Connection:** redis-rs's `ConnectionManager`, one multiplexed connection shared by
+//!   every task, reconnecting by itself; created lazily, so an application starts while
+//!   Redis is down. Every call has a timeout (50 ms by default); a call that fails or times
+//!   out is a [`StoreError`], and the layer applies its [`OnStoreFailure`] policy.
 //!
-//! - Stores behind `tollgate-core`'s store traits for the GCRA limiter, the token budget
-//!   and the response cache: one Lua script call per decision, timed by the Redis server's
-//!   clock, with keys that are namespaced, hashed and expiring.
-//! - A stated behaviour when Redis is unreachable: fail closed, or fail open with a local
-//!   per-instance share of the quota; automatic recovery.
-//! - A pooled mode in which each instance borrows a slice of the quota and spends it
-//!   locally.
+//! Why redis-rs and not fred: both are maintained and async; redis-rs is the one most
+//! Rust services already link, its `ConnectionManager` and `Script` are exactly the two
+//! pieces needed, and it builds with fewer dependencies for this use.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use tollgate_core::key::Key;
+//! use tollgate_core::store::{RateCell, RateDecision, RateStore};
+//! use tollgate_redis::RedisStore;
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = RedisStore::open("redis://127.0.0.1:6379")?.namespace("my-gateway");
+//! // 60 a minute, 10 at once, for tenant acme: one round trip.
+//! let cells: Arc<[RateCell]> = Arc::new([RateCell {
+//!     key: Key::new("rpm:tenant:acme"),
+//!     interval: Duration::from_secs(1),
+//!     burst: 10,
+//! }]);
+//! match store.acquire(cells).await? {
+//!     RateDecision::Admitted => println!("go"),
+//!     RateDecision::Denied { retry_after, .. } => println!("wait {retry_after:?}"),
+//! }
+//! # Ok(()) }
+//! ```
 //!
 //! Tests of this crate read `REDIS_URL`; without it they skip with a message, unless
 //! `TOLLGATE_REQUIRE_REDIS=1` is set (as CI does), in which case they fail.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+#[cfg(feature = "cache")]
+mod cache;
+mod scripts;
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use sha2::{Digest, Sha256};
+use tollgate_core::key::Key;
+use tollgate_core::store::{
+    RateCell, RateDecision, RateStore, StoreError, StoreFuture, TokenCell, TokenDecision,
+    TokenStore,
+};
+
+/// The default time a call may take before it counts as a failure.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// Limits, budgets and cache entries in Redis; see the [crate docs](crate). Cheap to
+/// clone: clones share the connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    namespace: Arc<str>,
+    timeout: Duration,
+    scripts: Arc<Scripts>,
+    #[cfg(feature = "cache")]
+    max_entry_bytes: usize,
+}
+
+struct Scripts {
+    gcra: Script,
+    reserve: Script,
+    settle: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("namespace", &self.namespace)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A store on the Redis at `url` (`redis://host:port/db`, `rediss://` for TLS where
+    /// the redis crate is built with it). Does not connect yet: the first call does, and
+    /// the connection comes back by itself after Redis restarts.
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(StoreError::new)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(250)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let conn =
+            ConnectionManager::new_lazy_with_config(client, config).map_err(StoreError::new)?;
+        Ok(Self {
+            conn,
+            namespace: "{tollgate}".into(),
+            timeout: DEFAULT_TIMEOUT,
+            scripts: Arc::new(Scripts {
+                gcra: Script::new(scripts::GCRA),
+                reserve: Script::new(scripts::RESERVE),
+                settle: Script::new(scripts::SETTLE),
+            }),
+            #[cfg(feature = "cache")]
+            max_entry_bytes: 4 * 1024 * 1024,
+        })
+    }
+
+    /// The prefix of every key, written as a Redis Cluster hash tag (`{tollgate}` by
+    /// default): services that must not share quotas use different namespaces.
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        self.namespace = format!("{{{namespace}}}").into();
+        self
+    }
+
+    /// The longest a call may take (50 ms by default) before it counts as a failure.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The Redis key of `key` for `kind`: the namespace, the kind, and 128 bits of the
+    /// key's SHA-256.
+    fn redis_key(&self, kind: &str, key: &str) -> String {
+        let digest = Sha256::digest(key.as_bytes());
+        let mut out = String::with_capacity(self.namespace.len() + kind.len() + 36);
+        out.push_str(&self.namespace);
+        out.push(':');
+        out.push_str(kind);
+        out.push(':');
+        for b in &digest[..16] {
+            let _ = write!(out, "{b:02x}");
+        }
+        out
+    }
+
+    /// Runs `call` with the store's timeout.
+    async fn timed<T>(
+        timeout: Duration,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::new(e)),
+            Err(_) => Err(StoreError::new(format!(
+                "no answer within {} ms",
+                timeout.as_millis()
+            ))),
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+/// How long a token bucket's key outlives its last use: two windows, and at least ten
+/// minutes, so a reservation still in flight finds its hold.
+fn token_ttl_ms(cells: &[TokenCell]) -> u64 {
+    let longest = cells.iter().map(|c| c.window).max().unwrap_or_default();
+    u64::try_from((longest * 2).max(Duration::from_secs(600)).as_millis()).unwrap_or(u64::MAX)
+}
+
+impl RateStore for RedisStore {
+    fn acquire(&self, cells: Arc<[RateCell]>) -> StoreFuture<Result<RateDecision, StoreError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let mut inv = this.scripts.gcra.prepare_invoke();
+            for c in cells.iter() {
+                inv.key(this.redis_key("rl", c.key.as_str()))
+                    .arg(micros(c.interval))
+                    .arg(c.burst.max(1));
+            }
+            let mut conn = this.conn.clone();
+            let (ok, binding, wait): (i64, i64, i64) =
+                Self::timed(this.timeout, inv.invoke_async(&mut conn)).await?;
+            Ok(if ok == 1 {
+                RateDecision::Admitted
+            } else {
+                RateDecision::Denied {
+                    binding: usize::try_from(binding).unwrap_or(0),
+                    retry_after: Duration::from_micros(u64::try_from(wait).unwrap_or(0)),
+                }
+            })
+        })
+    }
+}
+
+impl TokenStore for RedisStore {
+    fn reserve(
+        &self,
+        cells: Arc<[TokenCell]>,
+        amount: u64,
+    ) -> StoreFuture<Result<TokenDecision, StoreError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let mut inv = this.scripts.reserve.prepare_invoke();
+            inv.arg(amount).arg(token_ttl_ms(&cells));
+            for c in cells.iter() {
+                inv.key(this.redis_key("tk", c.key.as_str()))
+                    .arg(c.capacity)
+                    .arg(micros(c.window));
+            }
+            let mut conn = this.conn.clone();
+            let (ok, binding, wait): (i64, i64, i64) =
+                Self::timed(this.timeout, inv.invoke_async(&mut conn)).await?;
+            Ok(if ok == 1 {
+                TokenDecision::Reserved
+            } else {
+                TokenDecision::Denied {
+                    binding: usize::try_from(binding).unwrap_or(0),
+                    retry_after: u64::try_from(wait).ok().map(Duration::from_micros),
+                }
+            })
+        })
+    }
+
+    fn settle(
+        &self,
+        cells: Arc<[TokenCell]>,
+        reserved: u64,
+        used: u64,
+    ) -> StoreFuture<Result<(), StoreError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let mut inv = this.scripts.settle.prepare_invoke();
+            inv.arg(reserved).arg(used).arg(token_ttl_ms(&cells));
+            for c in cells.iter() {
+                inv.key(this.redis_key("tk", c.key.as_str()))
+                    .arg(c.capacity)
+                    .arg(micros(c.window));
+            }
+            let mut conn = this.conn.clone();
+            let _: i64 = Self::timed(this.timeout, inv.invoke_async(&mut conn)).await?;
+            Ok(())
+        })
+    }
+}
+
+/// The Redis key a store uses for `key` of `kind` (`rl`, `tk` or `c`), for tests and for
+/// operators looking for one.
+pub fn key_for(store: &RedisStore, kind: &str, key: &Key) -> String {
+    store.redis_key(kind, key.as_str())
+}

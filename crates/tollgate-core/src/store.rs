@@ -1,0 +1,133 @@
+//! Where limits and budgets keep their state when instances must share it.
+//!
+//! The in-process limiter and budget keep their own state. A shared store (Redis, in
+//! `tollgate-redis`) implements these traits so that every instance draws on one quota;
+//! the layers call it once per decision and fall back on a stated policy when it cannot
+//! answer ([`OnStoreFailure`]).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::key::Key;
+
+/// A boxed future returned by a store; `'static`, so a response future can hold it.
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A store that could not answer: unreachable, too slow, or it said something unexpected.
+#[derive(Clone, Debug)]
+pub struct StoreError {
+    message: Arc<str>,
+}
+
+impl StoreError {
+    /// An error saying `message`.
+    pub fn new(message: impl fmt::Display) -> Self {
+        Self {
+            message: message.to_string().into(),
+        }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "shared store unavailable: {}", self.message)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// What a layer does when its shared store cannot answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnStoreFailure {
+    /// Refuse the request with a [`StoreError`] (a 503 from a gateway). Nothing passes
+    /// that the shared quota has not counted.
+    Closed,
+    /// Go on with this instance's share of the quota, kept in process: the quota divided
+    /// by `instances`. Instances never pass more together than the whole quota, however
+    /// long the store is away.
+    Open {
+        /// How many instances share the quota.
+        instances: u32,
+    },
+}
+
+/// One GCRA bucket a decision takes a cell from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateCell {
+    /// Whose bucket: the limit's name and the request's key, as the layer names it.
+    pub key: Key,
+    /// One cell comes back every `interval`.
+    pub interval: Duration,
+    /// The cells that may go at once (at least 1).
+    pub burst: u32,
+}
+
+/// A store's answer to [`RateStore::acquire`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateDecision {
+    /// A cell was taken from every bucket.
+    Admitted,
+    /// None was taken: the bucket at `binding` (an index into the cells) is the one
+    /// furthest from admitting, and all would admit after `retry_after`.
+    Denied {
+        /// The binding cell's index.
+        binding: usize,
+        /// How long until every bucket would admit.
+        retry_after: Duration,
+    },
+}
+
+/// A shared GCRA limiter: one cell from each bucket, all or nothing, in one round trip.
+pub trait RateStore: Send + Sync + 'static {
+    /// Takes a cell from every bucket in `cells`, or none.
+    fn acquire(&self, cells: Arc<[RateCell]>) -> StoreFuture<Result<RateDecision, StoreError>>;
+}
+
+/// One token bucket a reservation draws on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenCell {
+    /// Whose bucket, as the layer names it.
+    pub key: Key,
+    /// The tokens it holds when full.
+    pub capacity: u64,
+    /// The time it takes to refill from empty.
+    pub window: Duration,
+}
+
+/// A store's answer to [`TokenStore::reserve`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenDecision {
+    /// The tokens were taken from every bucket and are held until settled.
+    Reserved,
+    /// None were taken; the bucket at `binding` binds. `retry_after` is when all would
+    /// have enough, or `None` when the amount is more than a bucket can ever hold.
+    Denied {
+        /// The binding cell's index.
+        binding: usize,
+        /// How long until every bucket would have enough.
+        retry_after: Option<Duration>,
+    },
+}
+
+/// A shared token budget: reserve before the call, settle with what was used after it.
+/// Reserved tokens are *held*: they neither refill nor count as free until settled.
+pub trait TokenStore: Send + Sync + 'static {
+    /// Takes `amount` from every bucket, or nothing.
+    fn reserve(
+        &self,
+        cells: Arc<[TokenCell]>,
+        amount: u64,
+    ) -> StoreFuture<Result<TokenDecision, StoreError>>;
+
+    /// Releases a reservation of `reserved` tokens of which `used` were spent: the rest
+    /// goes back, or, when more was used, the difference is taken too.
+    fn settle(
+        &self,
+        cells: Arc<[TokenCell]>,
+        reserved: u64,
+        used: u64,
+    ) -> StoreFuture<Result<(), StoreError>>;
+}

@@ -1,0 +1,98 @@
+//! The Lua scripts: one call per decision, timed by the server's clock (`TIME`), so the
+//! instances' clocks never matter. Times are microseconds; Lua numbers are doubles, exact
+//! to 2^53 µs (285 years).
+
+/// GCRA over several buckets, all or nothing.
+///
+/// KEYS: one per bucket. ARGV: `interval_us, burst` per bucket. A bucket's value is its
+/// theoretical arrival time (TAT); it expires when that time has passed, so idle keys
+/// cost nothing. Returns `{1, 0, 0}` when admitted, `{0, binding (from 0), wait_us}` when
+/// not.
+pub(crate) const GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local new = {}
+local worst, binding = 0, 0
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local tau = interval * (tonumber(ARGV[2 * i]) - 1)
+  local tat = tonumber(redis.call('GET', KEYS[i])) or now
+  if tat < now then tat = now end
+  local wait = tat - tau - now
+  if wait > worst then worst = wait; binding = i - 1 end
+  new[i] = tat + interval
+end
+if worst > 0 then return {0, binding, math.ceil(worst)} end
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], string.format('%.0f', new[i]), 'PX', math.ceil((new[i] - now) / 1000) + 1)
+end
+return {1, 0, 0}
+"#;
+
+/// Token buckets with holds, all or nothing: the reserve half of a budget.
+///
+/// A bucket is a hash: `a` tokens free, `h` tokens held by requests in flight, `t` the
+/// time of the last refill. Refill adds `capacity / window` per µs up to
+/// `capacity - held`: held tokens are neither free nor refilled until settled.
+///
+/// KEYS: one per bucket. ARGV: `amount, ttl_ms`, then `capacity, window_us` per bucket.
+/// Returns `{1, 0, 0}` when reserved; `{0, binding, wait_us}` when not, `wait_us` being -1
+/// when the amount is more than the bucket holds.
+pub(crate) const RESERVE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local amount = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local state = {}
+local worst, binding = 0, 0
+for i = 1, #KEYS do
+  local cap = tonumber(ARGV[2 * i + 1])
+  local rate = cap / tonumber(ARGV[2 * i + 2])
+  local v = redis.call('HMGET', KEYS[i], 'a', 'h', 't')
+  local h = tonumber(v[2]) or 0
+  local a = tonumber(v[1]) or cap
+  local last = tonumber(v[3]) or now
+  if now > last then a = a + (now - last) * rate end
+  if a > cap - h then a = cap - h end
+  if amount > cap then return {0, i - 1, -1} end
+  if a < amount then
+    local wait = (amount - a) / rate
+    if wait > worst then worst = wait; binding = i - 1 end
+  end
+  state[i] = {a, h}
+end
+if worst > 0 then return {0, binding, math.ceil(worst)} end
+for i = 1, #KEYS do
+  redis.call('HSET', KEYS[i], 'a', tostring(state[i][1] - amount), 'h', tostring(state[i][2] + amount), 't', string.format('%.0f', now))
+  redis.call('PEXPIRE', KEYS[i], ttl)
+end
+return {1, 0, 0}
+"#;
+
+/// The settle half: releases a hold of `reserved`, of which `used` were spent.
+///
+/// KEYS: one per bucket. ARGV: `reserved, used, ttl_ms`, then `capacity, window_us` per
+/// bucket. A bucket that expired meanwhile starts full, less what was used.
+pub(crate) const SETTLE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local reserved = tonumber(ARGV[1])
+local used = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+for i = 1, #KEYS do
+  local cap = tonumber(ARGV[2 * i + 2])
+  local rate = cap / tonumber(ARGV[2 * i + 3])
+  local v = redis.call('HMGET', KEYS[i], 'a', 'h', 't')
+  local h = tonumber(v[2]) or 0
+  local a = tonumber(v[1]) or cap
+  local last = tonumber(v[3]) or now
+  if now > last then a = a + (now - last) * rate end
+  h = h - reserved
+  if h < 0 then h = 0 end
+  a = a + reserved - used
+  if a > cap - h then a = cap - h end
+  redis.call('HSET', KEYS[i], 'a', tostring(a), 'h', tostring(h), 't', string.format('%.0f', now))
+  redis.call('PEXPIRE', KEYS[i], ttl)
+end
+return 1
+"#;

@@ -1,0 +1,277 @@
+//! Four instances (separate connections, concurrent tasks) sharing quotas in a real Redis.
+//! Needs `REDIS_URL`; skips with a message without it, unless `TOLLGATE_REQUIRE_REDIS=1`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tollgate_core::key::Key;
+use tollgate_core::store::{
+    RateCell, RateDecision, RateStore, TokenCell, TokenDecision, TokenStore,
+};
+use tollgate_redis::RedisStore;
+
+/// A namespace no other test or run uses.
+fn fresh_namespace(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("test:{test}:{}:{nanos}", std::process::id())
+}
+
+fn instances(url: &str, ns: &str, n: usize) -> Vec<RedisStore> {
+    (0..n)
+        .map(|_| {
+            RedisStore::open(url)
+                .unwrap()
+                .namespace(ns)
+                .timeout(Duration::from_secs(2))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_instances_hold_one_gcra_quota() {
+    let Some(url) = tollgate_testkit::redis::redis_url("four_instances_hold_one_gcra_quota") else {
+        return;
+    };
+    let ns = fresh_namespace("gcra");
+    // 200 a second, 20 at once, shared by tenant "acme" across four instances; and a
+    // second limit every request also passes (global, looser), all or nothing.
+    let interval = Duration::from_millis(5);
+    let burst = 20u32;
+    let cells: Arc<[RateCell]> = Arc::new([
+        RateCell {
+            key: Key::new("rpm:acme"),
+            interval,
+            burst,
+        },
+        RateCell {
+            key: Key::new("global"),
+            interval: Duration::from_micros(500),
+            burst: 1000,
+        },
+    ]);
+    let admitted = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let run = Duration::from_millis(1500);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for store in instances(&url, &ns, 4) {
+        for _ in 0..4 {
+            let (store, cells, admitted) =
+                (store.clone(), Arc::clone(&cells), Arc::clone(&admitted));
+            tasks.push(tokio::spawn(async move {
+                while start.elapsed() < run {
+                    match store.acquire(Arc::clone(&cells)).await.unwrap() {
+                        RateDecision::Admitted => admitted.lock().unwrap().push(Instant::now()),
+                        RateDecision::Denied {
+                            binding,
+                            retry_after,
+                        } => {
+                            assert_eq!(binding, 0, "the tenant limit binds");
+                            assert!(retry_after <= interval, "{retry_after:?}");
+                            tokio::time::sleep(retry_after).await;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut times = admitted.lock().unwrap().clone();
+    times.sort();
+    let first = times[0];
+    let last = *times.last().unwrap();
+    // Every window holds at most the burst plus what refills in it (one more for the
+    // width of a round trip between Redis's clock and ours).
+    let window = Duration::from_millis(250);
+    let most = burst as usize + (window.as_micros() / interval.as_micros()) as usize + 1;
+    for (i, t) in times.iter().enumerate() {
+        let within = times[i..].iter().take_while(|u| **u - *t < window).count();
+        assert!(
+            within <= most,
+            "{within} admitted within {window:?} (most {most})"
+        );
+    }
+    // Over the run: the burst plus one per interval, within 2%.
+    let span = last - first;
+    let expected = burst as f64 + span.as_secs_f64() / interval.as_secs_f64();
+    let got = times.len() as f64;
+    assert!(
+        got <= expected + 1.0,
+        "{got} admitted, the quota allows {expected:.0}"
+    );
+    assert!(
+        got >= expected * 0.98,
+        "{got} admitted, the quota allows {expected:.0}: capacity was lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_across_instances_never_overshoot_the_budget() {
+    let Some(url) = tollgate_testkit::redis::redis_url(
+        "reservations_across_instances_never_overshoot_the_budget",
+    ) else {
+        return;
+    };
+    let ns = fresh_namespace("tpm");
+    let capacity = 10_000u64;
+    let window = Duration::from_secs(2);
+    let cells: Arc<[TokenCell]> = Arc::new([
+        TokenCell {
+            key: Key::new("tpm:acme"),
+            capacity,
+            window,
+        },
+        TokenCell {
+            key: Key::new("tpm:global"),
+            capacity: 1_000_000,
+            window,
+        },
+    ]);
+    // Tokens held by requests in flight, as the callers count them: granted before they
+    // count, released before the store hears of it, so this never exceeds the store's.
+    let held = Arc::new(AtomicU64::new(0));
+    let most_held = Arc::new(AtomicU64::new(0));
+    let spent = Arc::new(AtomicU64::new(0));
+    let run = Duration::from_millis(1500);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (n, store) in instances(&url, &ns, 4).into_iter().enumerate() {
+        for k in 0..4u64 {
+            let (store, cells) = (store.clone(), Arc::clone(&cells));
+            let (held, most_held, spent) = (
+                Arc::clone(&held),
+                Arc::clone(&most_held),
+                Arc::clone(&spent),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut rng = (n as u64 * 7 + k) * 2654435761 + 1;
+                let mut next = move |m: u64| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng % m
+                };
+                while start.elapsed() < run {
+                    let amount = 200 + next(1800);
+                    match store.reserve(Arc::clone(&cells), amount).await.unwrap() {
+                        TokenDecision::Reserved => {
+                            let now = held.fetch_add(amount, Ordering::SeqCst) + amount;
+                            most_held.fetch_max(now, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(next(20))).await;
+                            // Usually less than reserved; sometimes a little more.
+                            let used = (amount * (50 + next(60))) / 100;
+                            held.fetch_sub(amount, Ordering::SeqCst);
+                            spent.fetch_add(used, Ordering::SeqCst);
+                            store
+                                .settle(Arc::clone(&cells), amount, used)
+                                .await
+                                .unwrap();
+                        }
+                        TokenDecision::Denied {
+                            binding,
+                            retry_after,
+                        } => {
+                            assert_eq!(binding, 0);
+                            let wait = retry_after.expect("the amount fits the bucket");
+                            tokio::time::sleep(wait.min(Duration::from_millis(50))).await;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let most = most_held.load(Ordering::SeqCst);
+    assert!(
+        most <= capacity,
+        "{most} tokens held at once, capacity {capacity}"
+    );
+    assert!(most > capacity / 2, "the budget was used: {most}");
+    // Spent over the run: at most a full bucket plus what refilled.
+    let refill = capacity as f64 * start.elapsed().as_secs_f64() / window.as_secs_f64();
+    let total = spent.load(Ordering::SeqCst) as f64;
+    assert!(
+        total <= capacity as f64 + refill + 2000.0,
+        "{total} spent, allowed {}",
+        capacity as f64 + refill
+    );
+}
+
+#[tokio::test]
+async fn an_amount_larger_than_the_bucket_is_refused_for_good() {
+    let Some(url) =
+        tollgate_testkit::redis::redis_url("an_amount_larger_than_the_bucket_is_refused_for_good")
+    else {
+        return;
+    };
+    let store = RedisStore::open(&url)
+        .unwrap()
+        .namespace(&fresh_namespace("big"));
+    let cells: Arc<[TokenCell]> = Arc::new([TokenCell {
+        key: Key::new("t"),
+        capacity: 100,
+        window: Duration::from_secs(60),
+    }]);
+    assert_eq!(
+        store.reserve(Arc::clone(&cells), 101).await.unwrap(),
+        TokenDecision::Denied {
+            binding: 0,
+            retry_after: None
+        }
+    );
+    assert_eq!(
+        store.reserve(Arc::clone(&cells), 100).await.unwrap(),
+        TokenDecision::Reserved
+    );
+    // Held, not free: a second reservation waits for the first to settle.
+    assert!(matches!(
+        store.reserve(Arc::clone(&cells), 1).await.unwrap(),
+        TokenDecision::Denied {
+            retry_after: Some(_),
+            ..
+        }
+    ));
+    store.settle(Arc::clone(&cells), 100, 40).await.unwrap();
+    assert_eq!(
+        store.reserve(Arc::clone(&cells), 60).await.unwrap(),
+        TokenDecision::Reserved
+    );
+}
+
+#[tokio::test]
+async fn keys_are_hashed_namespaced_and_expire() {
+    let Some(url) = tollgate_testkit::redis::redis_url("keys_are_hashed_namespaced_and_expire")
+    else {
+        return;
+    };
+    let ns = fresh_namespace("keys");
+    let store = RedisStore::open(&url).unwrap().namespace(&ns);
+    let secret = Key::new("rpm:sk-live-very-secret");
+    let cells: Arc<[RateCell]> = Arc::new([RateCell {
+        key: secret.clone(),
+        interval: Duration::from_secs(1),
+        burst: 5,
+    }]);
+    assert_eq!(store.acquire(cells).await.unwrap(), RateDecision::Admitted);
+    let key = tollgate_redis::key_for(&store, "rl", &secret);
+    assert!(key.starts_with(&format!("{{{ns}}}:rl:")), "{key}");
+    assert!(!key.contains("secret"), "{key}");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        (1..=1001).contains(&ttl),
+        "expires when its cell is back: {ttl} ms"
+    );
+}
