@@ -1,7 +1,8 @@
 //! What Tollgate does, in one command: `cargo run --release --example demo`.
 //!
 //! It starts two simulated providers in this process — a primary with real limits (600
-//! RPM, 100k TPM, a few 503s, and a three-second outage in the middle) and a fallback —
+//! RPM, 100k TPM, a few 503s, and a three-second outage early on) and a fallback with the
+//! same limits —
 //! builds the stack from `examples/tollgate.yaml`, and sends a burst of chat requests from
 //! five tenants through it: a quarter of them repeated, a third streamed. The same burst
 //! goes at the same time, to a second pair of providers just like the first, through the
@@ -34,8 +35,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const PRIMARY_RPM: u64 = 600;
 const PRIMARY_TPM: u64 = 100_000;
 /// The fallback's limits.
-const FALLBACK_RPM: u64 = 300;
-const FALLBACK_TPM: u64 = 50_000;
+const FALLBACK_RPM: u64 = 600;
+const FALLBACK_TPM: u64 = 100_000;
 /// When the primary goes down, and for how long.
 const OUTAGE_AT: Duration = Duration::from_secs(1);
 const OUTAGE_FOR: Duration = Duration::from_secs(3);
@@ -265,7 +266,11 @@ async fn main() -> Result<ExitCode, BoxError> {
     let client: Client<HttpConnector, BoxBody> = Client::builder(TokioExecutor::new()).build_http();
     let stack = policy.build(client)?;
 
-    let calls = Burst::default().calls();
+    let calls = Burst {
+        requests: 600,
+        ..Burst::default()
+    }
+    .calls();
     let n = calls.len();
     println!(
         "Tollgate demo: {n} chat requests from 5 tenants (a quarter repeated, a third streamed),"

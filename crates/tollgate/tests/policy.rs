@@ -31,7 +31,7 @@ fn the_annotated_example_reads() {
     assert_eq!(rl.mode, LimitMode::Wait);
     assert_eq!(rl.max_wait.unwrap().0, Duration::from_secs(30));
     let fb = p.fallbacks[0].rate_limit.as_ref().unwrap();
-    assert_eq!(fb.requests.unwrap().count, 300);
+    assert_eq!(fb.requests.unwrap().count, 600);
     assert_eq!(p.retry.as_ref().unwrap().max_retries, Some(3));
     let cache = p.cache.as_ref().unwrap();
     assert_eq!(
