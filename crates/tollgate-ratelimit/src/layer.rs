@@ -9,8 +9,10 @@ use tower::Layer;
 use tollgate_core::wait::{ExtensionPriority, Mode, PriorityExtractor};
 
 use crate::limit::{ActiveLimit, Limit};
+use crate::remote::Remote;
 use crate::service::RateLimit;
 use crate::shared::{Limits, Shared};
+use tollgate_core::store::{OnStoreFailure, RateStore};
 
 /// Applies one or more [`Limit`]s to every request; see the [crate docs](crate).
 ///
@@ -19,6 +21,7 @@ use crate::shared::{Limits, Shared};
 #[derive(Clone, Debug)]
 pub struct RateLimitLayer {
     shared: Arc<Shared>,
+    remote: Option<Arc<Remote>>,
 }
 
 impl RateLimitLayer {
@@ -35,6 +38,7 @@ impl RateLimitLayer {
             priority: Arc::new(ExtensionPriority),
             clock: SharedClock::default(),
             housekeeping: Some(Duration::from_secs(60)),
+            store: None,
         }
     }
 
@@ -66,7 +70,7 @@ impl RateLimitLayer {
 impl<S> Layer<S> for RateLimitLayer {
     type Service = RateLimit<S>;
     fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit::new(inner, Arc::clone(&self.shared))
+        RateLimit::new(inner, Arc::clone(&self.shared), self.remote.clone())
     }
 }
 
@@ -77,6 +81,7 @@ pub struct RateLimitBuilder {
     priority: Arc<dyn PriorityExtractor>,
     clock: SharedClock,
     housekeeping: Option<Duration>,
+    store: Option<(Arc<dyn RateStore>, OnStoreFailure)>,
 }
 
 impl std::fmt::Debug for RateLimitBuilder {
@@ -140,12 +145,40 @@ impl RateLimitBuilder {
         self
     }
 
+    /// Keeps the limits in a shared store (Redis, from `tollgate-redis`), so that every
+    /// instance draws on one quota: one store call per decision.
+    ///
+    /// When the store fails or is slower than its timeout, `on_failure` says what happens:
+    /// [`OnStoreFailure::Closed`] refuses with a
+    /// [`StoreError`](tollgate_core::store::StoreError) (a 503 through
+    /// `ErrorResponseLayer`); [`OnStoreFailure::Open`] goes on with the limits kept in
+    /// process at this instance's share (each quota and burst divided by the instance
+    /// count, at least one), so an outage can never multiply the quota. The store is asked
+    /// again half a second after a failure, and everything goes back to it once it answers.
+    ///
+    /// In wait mode a request waits out the store's exact `retry_after` on its own timer
+    /// (up to `max_wait`) and asks again; `max_queue` and priorities apply only to the
+    /// in-process fallback.
+    pub fn store(mut self, store: impl RateStore, on_failure: OnStoreFailure) -> Self {
+        self.store = Some((Arc::new(store), on_failure));
+        self
+    }
+
     /// The layer.
     pub fn build(self) -> RateLimitLayer {
+        let share = match self.store {
+            Some((_, OnStoreFailure::Open { instances })) => instances.max(1),
+            _ => 1,
+        };
         let limits = self
             .limits
             .into_iter()
-            .map(|l| ActiveLimit::new(l, self.clock.clone()))
+            .map(|mut l| {
+                if share > 1 {
+                    l.quota = l.quota.share(share);
+                }
+                ActiveLimit::new(l, self.clock.clone())
+            })
             .collect();
         let shared = Arc::new(Shared::new(
             Limits::new(limits, self.priority),
@@ -153,12 +186,20 @@ impl RateLimitBuilder {
             self.clock.clone(),
         ));
         if let Some(every) = self.housekeeping {
-            tollgate_core::clock::spawn_periodic(&shared, self.clock, every, |s: &Shared| {
-                for l in &s.admitter().limits {
-                    l.retain_recent();
-                }
-            });
+            tollgate_core::clock::spawn_periodic(
+                &shared,
+                self.clock.clone(),
+                every,
+                |s: &Shared| {
+                    for l in &s.admitter().limits {
+                        l.retain_recent();
+                    }
+                },
+            );
         }
-        RateLimitLayer { shared }
+        let remote = self
+            .store
+            .map(|(store, on_failure)| Arc::new(Remote::new(store, on_failure, self.clock.now())));
+        RateLimitLayer { shared, remote }
     }
 }

@@ -89,6 +89,7 @@ mod layer;
 mod limit;
 mod metrics;
 mod quota;
+mod remote;
 mod service;
 mod shared;
 

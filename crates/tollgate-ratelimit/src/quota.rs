@@ -66,6 +66,24 @@ impl Quota {
         }
     }
 
+    /// This quota split between `instances`: the rate and the burst divided by it (the
+    /// burst at least one). The share each instance keeps in process when a shared store
+    /// cannot answer.
+    pub fn share(self, instances: u32) -> Self {
+        let n = instances.max(1);
+        match self.inner {
+            None => self,
+            Some(q) => {
+                let interval = q.replenish_interval().saturating_mul(n);
+                let burst = (q.burst_size().get() / n).max(1);
+                Self {
+                    inner: governor::Quota::with_period(interval)
+                        .and_then(|q| NonZeroU32::new(burst).map(|b| q.allow_burst(b))),
+                }
+            }
+        }
+    }
+
     /// The time between two cells: the rate.
     pub fn interval(&self) -> Duration {
         self.inner.map_or(Duration::MAX, |q| q.replenish_interval())

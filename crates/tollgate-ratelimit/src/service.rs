@@ -4,11 +4,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
+use tollgate_core::clock::Clock;
 use tollgate_core::key::RequestHead;
 use tollgate_core::BoxError;
 use tower::Service;
 
-use crate::future::ResponseFuture;
+use crate::future::{RemoteWait, ResponseFuture};
+use crate::remote::{self, Remote, Route};
 use tollgate_core::wait::{Admission, Mode, Priority};
 
 use crate::shared::{Keys, Shared};
@@ -25,11 +27,16 @@ use crate::shared::{Keys, Shared};
 pub struct RateLimit<S> {
     inner: S,
     shared: Arc<Shared>,
+    remote: Option<Arc<Remote>>,
 }
 
 impl<S> RateLimit<S> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
-        Self { inner, shared }
+    pub(crate) fn new(inner: S, shared: Arc<Shared>, remote: Option<Arc<Remote>>) -> Self {
+        Self {
+            inner,
+            shared,
+            remote,
+        }
     }
 
     /// The inner service.
@@ -72,6 +79,29 @@ where
         };
         // Only adaptive limits need the keys and the limits again once the answer is in.
         let adaptive = limits.adaptive.then(|| (Arc::clone(shared), keys.clone()));
+        // A closed (zero) quota is refused by the local limiter, whatever the store says.
+        if let Some(remote) = self.remote.as_ref().filter(|_| !limits.any_closed()) {
+            let ask = matches!(remote.route(shared.clock()), Route::Store);
+            let deadline = match shared.mode() {
+                Mode::Wait { max_wait, .. } => Some(shared.clock().now() + max_wait),
+                Mode::Refuse => None,
+            };
+            let fresh = self.inner.clone();
+            let ready = std::mem::replace(&mut self.inner, fresh);
+            let wait = RemoteWait {
+                acquire: None,
+                sleep: None,
+                svc: Some(ready),
+                req: Some(req),
+                cells: remote::cells(limits, &keys),
+                keys,
+                priority,
+                remote: Arc::clone(remote),
+                deadline,
+                ask,
+            };
+            return ResponseFuture::remote(wait, Arc::clone(shared), adaptive);
+        }
         match shared.admit(keys, priority) {
             Admission::Now => {
                 limits.count_admitted();

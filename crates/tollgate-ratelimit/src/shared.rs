@@ -67,6 +67,11 @@ impl Limits {
         }
     }
 
+    /// Whether a limit's quota is zero (every request refused as too large).
+    pub(crate) fn any_closed(&self) -> bool {
+        self.limits.iter().any(|l| l.limit.quota.is_closed())
+    }
+
     pub(crate) fn count_admitted(&self) {
         for l in &self.limits {
             l.metrics.admitted();
