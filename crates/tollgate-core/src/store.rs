@@ -131,3 +131,71 @@ pub trait TokenStore: Send + Sync + 'static {
         used: u64,
     ) -> StoreFuture<Result<(), StoreError>>;
 }
+
+/// After a store fails, requests go straight to the failure policy for this long; then
+/// one request asks the store again, so recovery follows within a second of its return.
+pub const RETRY_STORE_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Whether a layer's store is answering: shared by the layer's services, so one failure
+/// spares every other request the wait for a store that is down.
+#[derive(Debug)]
+pub struct StoreHealth {
+    /// When the store failed last, in ms after `epoch`; 0 while it answers.
+    down_since_ms: std::sync::atomic::AtomicU64,
+    /// Whether a request is asking the store while it is marked down.
+    probing: std::sync::atomic::AtomicBool,
+    epoch: tokio::time::Instant,
+}
+
+impl StoreHealth {
+    /// A healthy store, times counted from `now`.
+    pub fn new(now: tokio::time::Instant) -> Self {
+        Self {
+            down_since_ms: std::sync::atomic::AtomicU64::new(0),
+            probing: std::sync::atomic::AtomicBool::new(false),
+            epoch: now,
+        }
+    }
+
+    fn ms(&self, now: tokio::time::Instant) -> u64 {
+        // Never 0, which means "answering".
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Whether a request should ask the store now: always while it answers; once it has
+    /// been down for [`RETRY_STORE_AFTER`], one request at a time, to see if it is back.
+    pub fn should_ask(&self, now: tokio::time::Instant) -> bool {
+        use std::sync::atomic::Ordering;
+        let since = self.down_since_ms.load(Ordering::Acquire);
+        if since == 0 {
+            return true;
+        }
+        let retry_at = since.saturating_add(RETRY_STORE_AFTER.as_millis() as u64);
+        self.ms(now) >= retry_at
+            && self
+                .probing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    /// The store answered.
+    pub fn answered(&self, what: &str) {
+        use std::sync::atomic::Ordering;
+        if self.down_since_ms.swap(0, Ordering::AcqRel) != 0 {
+            tracing::info!(store = what, "the shared store answers again");
+        }
+        self.probing.store(false, Ordering::Release);
+    }
+
+    /// The store failed.
+    pub fn failed(&self, now: tokio::time::Instant, what: &str, error: &StoreError) {
+        use std::sync::atomic::Ordering;
+        let was = self.down_since_ms.swap(self.ms(now), Ordering::AcqRel);
+        self.probing.store(false, Ordering::Release);
+        if was == 0 {
+            tracing::warn!(store = what, %error, "the shared store failed");
+        }
+    }
+}

@@ -106,14 +106,14 @@ impl<S, Req> RemoteWait<S, Req> {
             self.acquire = None;
             match answer {
                 Ok(RateDecision::Admitted) => {
-                    self.remote.answered();
+                    self.remote.health.answered("ratelimit");
                     return Poll::Ready(Decided::Admitted);
                 }
                 Ok(RateDecision::Denied {
                     binding,
                     retry_after,
                 }) => {
-                    self.remote.answered();
+                    self.remote.health.answered("ratelimit");
                     let limits = shared.admitter();
                     match self.deadline {
                         None => {
@@ -138,7 +138,7 @@ impl<S, Req> RemoteWait<S, Req> {
                     }
                 }
                 Err(e) => {
-                    self.remote.failed(clock, &e);
+                    self.remote.health.failed(clock.now(), "ratelimit", &e);
                     return Poll::Ready(self.without_store(Some(e)));
                 }
             }

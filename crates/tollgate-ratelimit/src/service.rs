@@ -10,7 +10,7 @@ use tollgate_core::BoxError;
 use tower::Service;
 
 use crate::future::{RemoteWait, ResponseFuture};
-use crate::remote::{self, Remote, Route};
+use crate::remote::{self, Remote};
 use tollgate_core::wait::{Admission, Mode, Priority};
 
 use crate::shared::{Keys, Shared};
@@ -81,7 +81,7 @@ where
         let adaptive = limits.adaptive.then(|| (Arc::clone(shared), keys.clone()));
         // A closed (zero) quota is refused by the local limiter, whatever the store says.
         if let Some(remote) = self.remote.as_ref().filter(|_| !limits.any_closed()) {
-            let ask = matches!(remote.route(shared.clock()), Route::Store);
+            let ask = remote.health.should_ask(shared.clock().now());
             let deadline = match shared.mode() {
                 Mode::Wait { max_wait, .. } => Some(shared.clock().now() + max_wait),
                 Mode::Refuse => None,

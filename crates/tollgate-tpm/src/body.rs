@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tollgate_core::key::Key;
+use tollgate_core::store::{TokenCell, TokenStore};
 use tollgate_core::usage::{Usage, UsageScanner};
 use tollgate_core::wait::WaitQueue;
 use tollgate_core::BoxError;
@@ -26,6 +27,50 @@ pub(crate) struct Settlement {
     pub(crate) provider: Option<ProviderView>,
     /// Settled already.
     pub(crate) done: bool,
+    /// Reserved in a shared store rather than in process: settled there.
+    pub(crate) remote: Option<RemoteHold>,
+}
+
+/// A reservation held in a shared store.
+#[derive(Clone)]
+pub(crate) struct RemoteHold {
+    pub(crate) store: Arc<dyn TokenStore>,
+    pub(crate) cells: Arc<[TokenCell]>,
+}
+
+impl std::fmt::Debug for RemoteHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteHold")
+            .field("cells", &self.cells)
+            .finish()
+    }
+}
+
+impl RemoteHold {
+    /// Settles in the store, off the request's path: a few tries, because a settlement
+    /// that never arrives leaves its tokens held in the store (see the crate docs).
+    fn settle(&self, reserved: u64, used: u64) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                reserved,
+                used,
+                "no runtime to settle a shared reservation on; its tokens stay held"
+            );
+            return;
+        };
+        let (store, cells) = (Arc::clone(&self.store), Arc::clone(&self.cells));
+        runtime.spawn(async move {
+            for attempt in 0..3u32 {
+                match store.settle(Arc::clone(&cells), reserved, used).await {
+                    Ok(()) => return,
+                    Err(e) if attempt == 2 => {
+                        tracing::warn!(error = %e, reserved, used, "a shared reservation could not be settled; its tokens stay held");
+                    }
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await,
+                }
+            }
+        });
+    }
 }
 
 impl Drop for Settlement {
@@ -34,9 +79,13 @@ impl Drop for Settlement {
     fn drop(&mut self) {
         if !self.done {
             self.done = true;
-            self.queue
-                .admitter()
-                .settle(&self.keys, self.reserved, self.reserved);
+            match &self.remote {
+                Some(hold) => hold.settle(self.reserved, self.reserved),
+                None => self
+                    .queue
+                    .admitter()
+                    .settle(&self.keys, self.reserved, self.reserved),
+            }
         }
     }
 }
@@ -55,11 +104,18 @@ impl Settlement {
     }
 
     /// Settles as if the request cost `actual` tokens.
-    pub(crate) fn settle_at(self, actual: u64) {
+    pub(crate) fn settle_at(mut self, actual: u64) {
+        // Settled here, not again as the value is dropped.
+        self.done = true;
         let budgets = self.queue.admitter();
-        budgets.settle(&self.keys, self.reserved, actual);
-        if let Some(view) = &self.provider {
-            budgets.follow_provider(&self.keys, view);
+        match &self.remote {
+            Some(hold) => hold.settle(self.reserved, actual),
+            None => {
+                budgets.settle(&self.keys, self.reserved, actual);
+                if let Some(view) = &self.provider {
+                    budgets.follow_provider(&self.keys, view);
+                }
+            }
         }
         for l in &budgets.ledgers {
             l.metrics.settled(

@@ -53,6 +53,16 @@ impl TokenQuota {
         self.window
     }
 
+    /// This quota split between `instances`: the capacity divided by it, over the same
+    /// window. The share each instance keeps in process when a shared store cannot
+    /// answer.
+    pub fn share(self, instances: u32) -> Self {
+        Self {
+            capacity: self.capacity / u64::from(instances.max(1)),
+            window: self.window,
+        }
+    }
+
     fn per_sec(&self) -> f64 {
         self.capacity as f64 / self.window.as_secs_f64()
     }

@@ -25,9 +25,14 @@ use tollgate_core::wait::{
 use tollgate_core::BoxError;
 use tower::{Layer, Service};
 
-use crate::body::{Settlement, TpmBody};
+use crate::body::{RemoteHold, Settlement, TpmBody};
 use crate::budget::{Budget, Budgets, Ledger, ProviderView, Ticket};
 use crate::estimate::Estimator;
+use tollgate_core::refusal::Reason;
+use tollgate_core::store::{
+    OnStoreFailure, StoreError, StoreHealth, TokenCell, TokenDecision, TokenStore,
+};
+use tollgate_core::wait::Admit;
 
 struct Shared {
     queue: Arc<WaitQueue<Budgets>>,
@@ -35,6 +40,14 @@ struct Shared {
     priority: Arc<dyn PriorityExtractor>,
     body_limit: usize,
     adaptive: bool,
+    remote: Option<Remote>,
+}
+
+/// The shared store of a layer, and what to do without it.
+struct Remote {
+    store: Arc<dyn TokenStore>,
+    on_failure: OnStoreFailure,
+    health: StoreHealth,
 }
 
 impl fmt::Debug for Shared {
@@ -69,6 +82,7 @@ impl TpmLayer {
             clock: SharedClock::default(),
             body_limit: DEFAULT_BODY_LIMIT,
             housekeeping: Some(Duration::from_secs(60)),
+            store: None,
         }
     }
 
@@ -128,6 +142,7 @@ pub struct TpmBuilder {
     clock: SharedClock,
     body_limit: usize,
     housekeeping: Option<Duration>,
+    store: Option<(Arc<dyn TokenStore>, OnStoreFailure)>,
 }
 
 impl fmt::Debug for TpmBuilder {
@@ -199,13 +214,35 @@ impl TpmBuilder {
         self
     }
 
+    /// Keeps the budgets in a shared store (Redis, from `tollgate-redis`), so that every
+    /// instance draws on one budget: one store call to reserve, one (off the request's
+    /// path) to settle.
+    ///
+    /// When the store fails or is slower than its timeout, `on_failure` says what happens:
+    /// [`OnStoreFailure::Closed`] refuses with a
+    /// [`StoreError`](tollgate_core::store::StoreError); [`OnStoreFailure::Open`] goes on
+    /// with the budgets kept in process at this instance's share (each capacity divided
+    /// by the instance count). The store is asked again half a second after a failure.
+    /// Adaptive budgets follow the provider's headers in the in-process fallback only.
+    pub fn store(mut self, store: impl TokenStore, on_failure: OnStoreFailure) -> Self {
+        self.store = Some((Arc::new(store), on_failure));
+        self
+    }
+
     /// The layer.
     pub fn build(self) -> TpmLayer {
         let adaptive = self.budgets.iter().any(|b| b.adaptive);
+        let share = match self.store {
+            Some((_, OnStoreFailure::Open { instances })) => instances.max(1),
+            _ => 1,
+        };
         let ledgers = self
             .budgets
             .into_iter()
-            .map(|b| Ledger::new(b, self.clock.clone()))
+            .map(|mut b| {
+                b.quota = b.quota.share(share);
+                Ledger::new(b, self.clock.clone())
+            })
             .collect();
         let queue = Arc::new(WaitQueue::new(
             Budgets { ledgers },
@@ -215,7 +252,7 @@ impl TpmBuilder {
         if let Some(every) = self.housekeeping {
             tollgate_core::clock::spawn_periodic(
                 &queue,
-                self.clock,
+                self.clock.clone(),
                 every,
                 |q: &WaitQueue<Budgets>| {
                     for l in &q.admitter().ledgers {
@@ -231,6 +268,11 @@ impl TpmBuilder {
                 priority: self.priority,
                 body_limit: self.body_limit,
                 adaptive,
+                remote: self.store.map(|(store, on_failure)| Remote {
+                    store,
+                    on_failure,
+                    health: StoreHealth::new(self.clock.now()),
+                }),
             }),
         }
     }
@@ -312,6 +354,72 @@ fn with_usage_requested(facts: &RequestFacts) -> Option<RequestFacts> {
     })
 }
 
+/// Reserves `ticket` in the shared store: `Some` when reserved there, `None` when the
+/// store failed and the policy is to go on in process; an error for a refusal.
+async fn reserve_in_store(
+    shared: &Shared,
+    remote: &Remote,
+    ticket: &Ticket,
+) -> Result<Option<RemoteHold>, BoxError> {
+    let clock = shared.queue.clock();
+    let budgets = shared.queue.admitter();
+    let fallback = |error: Option<StoreError>| -> Result<Option<RemoteHold>, BoxError> {
+        match remote.on_failure {
+            OnStoreFailure::Open { .. } => Ok(None),
+            OnStoreFailure::Closed => Err(error
+                .unwrap_or_else(|| StoreError::new("it failed moments ago; retrying shortly"))
+                .into()),
+        }
+    };
+    if !remote.health.should_ask(clock.now()) {
+        return fallback(None);
+    }
+    let cells: Arc<[TokenCell]> = budgets
+        .ledgers
+        .iter()
+        .zip(&ticket.keys)
+        .map(|(l, k)| TokenCell {
+            key: Key::prefixed(&l.budget.name, k.as_str()),
+            capacity: l.budget.quota.capacity(),
+            window: l.budget.quota.window(),
+        })
+        .collect();
+    let deadline = match shared.queue.mode() {
+        Mode::Wait { max_wait, .. } => Some(clock.now() + max_wait),
+        Mode::Refuse => None,
+    };
+    loop {
+        match remote.store.reserve(Arc::clone(&cells), ticket.cost).await {
+            Ok(TokenDecision::Reserved) => {
+                remote.health.answered("tpm");
+                return Ok(Some(RemoteHold {
+                    store: Arc::clone(&remote.store),
+                    cells,
+                }));
+            }
+            Ok(TokenDecision::Denied {
+                binding,
+                retry_after,
+            }) => {
+                remote.health.answered("tpm");
+                let refuse = |reason| budgets.refusal(ticket, binding, retry_after, reason);
+                match (retry_after, deadline) {
+                    (None, _) => return Err(refuse(Reason::TooLarge).into()),
+                    (Some(_), None) => return Err(refuse(Reason::OverLimit).into()),
+                    (Some(wait), Some(deadline)) if clock.now() + wait > deadline => {
+                        return Err(refuse(Reason::WaitTooLong).into());
+                    }
+                    (Some(wait), Some(_)) => clock.sleep(wait).await,
+                }
+            }
+            Err(e) => {
+                remote.health.failed(clock.now(), "tpm", &e);
+                return fallback(Some(e));
+            }
+        }
+    }
+}
+
 /// Statuses a provider's front door answers when the model never ran: 502, 503 and 504
 /// from a gateway or load balancer, and Anthropic's 529 "overloaded". Counting their
 /// prompts would drain the budget fastest during an outage, just when it matters least.
@@ -364,12 +472,18 @@ where
                 keys: keys.clone(),
                 cost: estimate.total(),
             };
-            match shared.queue.admit(ticket.clone(), priority) {
-                Admission::Now => {}
-                Admission::Wait(acquire) => {
-                    acquire.await?;
+            let hold = match &shared.remote {
+                Some(remote) => reserve_in_store(&shared, remote, &ticket).await?,
+                None => None,
+            };
+            if hold.is_none() {
+                match shared.queue.admit(ticket.clone(), priority) {
+                    Admission::Now => {}
+                    Admission::Wait(acquire) => {
+                        acquire.await?;
+                    }
+                    Admission::Refused(r) => return Err(r.into()),
                 }
-                Admission::Refused(r) => return Err(r.into()),
             }
             for l in &budgets.ledgers {
                 l.metrics.reserved(ticket.cost);
@@ -380,6 +494,7 @@ where
                 reserved: ticket.cost,
                 provider: None,
                 done: false,
+                remote: hold,
             };
             let res = match svc.call(req).await {
                 Ok(res) => res,
@@ -395,7 +510,7 @@ where
                     return Err(e);
                 }
             };
-            if shared.adaptive {
+            if shared.adaptive && settlement.remote.is_none() {
                 let info =
                     RateLimitInfo::from_headers(res.headers(), shared.queue.clock().system_now());
                 if let Some(remaining) = info.tokens.remaining {

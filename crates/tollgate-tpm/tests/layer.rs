@@ -264,3 +264,54 @@ async fn an_answer_without_usage_keeps_the_whole_reservation() {
         Some(10_000 - reserved)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn settling_one_request_never_releases_anothers_hold() {
+    // A stays in flight holding its reservation; B is reserved and settled. Once the
+    // bucket has refilled, what is free must still leave A's hold out. (A settlement used
+    // to be released twice, the second time as its value was dropped, which took B's
+    // amount off A's hold.)
+    let layer = TpmLayer::new(Budget::new("tpm", TokenQuota::per_minute(1000)));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let rx = std::sync::Arc::new(std::sync::Mutex::new(Some(rx)));
+    let provider = tower::service_fn(move |req: Request<ReplayBody>| {
+        let hold = req.headers().contains_key("x-hold");
+        let rx = rx.lock().unwrap().take().filter(|_| hold);
+        async move {
+            if let Some(rx) = rx {
+                let _ = rx.await;
+            }
+            let body = r#"{"choices":[],"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}"#;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                body.as_bytes(),
+            ))))
+        }
+    });
+    let svc = layer.layer(provider);
+    let mut a = chat(10, 300, 0);
+    a.headers_mut().insert("x-hold", "1".parse().unwrap());
+    let a_reserved = 1000 - {
+        let svc = svc.clone();
+        let task = tokio::spawn(async move { drain(svc.oneshot(a).await.unwrap().into_body()) });
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let free = layer.available("tpm", &Key::global()).unwrap();
+        drop(task);
+        free
+    };
+    assert!(a_reserved > 300, "A holds its estimate: {a_reserved}");
+    drain(
+        svc.clone()
+            .oneshot(chat(10, 200, 0))
+            .await
+            .unwrap()
+            .into_body(),
+    );
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(
+        layer.available("tpm", &Key::global()),
+        Some(1000 - a_reserved),
+        "A's hold is still out of the refill"
+    );
+    drop(tx);
+}
