@@ -17,7 +17,7 @@
 //! - **Connection:** redis-rs's `ConnectionManager`, one multiplexed connection shared by
 //!   every task, reconnecting by itself; created lazily, so an application starts while
 //!   Redis is down. Every call has a timeout (50 ms by default); a call that fails or times
-//!   out is a [`StoreError`], and the layer applies its [`OnStoreFailure`] policy.
+//!   out is a [`StoreError`], and the layer applies its [`OnStoreFailure`](tollgate_core::store::OnStoreFailure) policy.
 //!
 //! Why redis-rs and not fred: both are maintained and async; redis-rs is the one most
 //! Rust services already link, its `ConnectionManager` and `Script` are exactly the two
