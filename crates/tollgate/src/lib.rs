@@ -10,6 +10,7 @@
 //! | `retry` | [`retry`] | retries that obey `Retry-After`, `retry-after-ms`, `x-ratelimit-reset-*` |
 //! | `cache` | [`cache`] | a response cache keyed by the request, per tenant, single-flight |
 //! | `failover` | [`failover`] | from a primary backend to fallbacks, with cooldown |
+//! | `redis` | [`redis`] | Redis-backed stores, so many instances share one quota and one cache |
 //! | `policy` | [`policy`] | the whole stack from one YAML or TOML file |
 //!
 //! [`core`] is the shared vocabulary: request facts, keys, refusals, server hints.
@@ -105,6 +106,9 @@ pub use tollgate_failover as failover;
 /// GCRA rate limiting (`tollgate-ratelimit`).
 #[cfg(feature = "ratelimit")]
 pub use tollgate_ratelimit as ratelimit;
+/// Redis-backed stores (`tollgate-redis`).
+#[cfg(feature = "redis")]
+pub use tollgate_redis as redis;
 /// Retries that obey server hints (`tollgate-retry`).
 #[cfg(feature = "retry")]
 pub use tollgate_retry as retry;

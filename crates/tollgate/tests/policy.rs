@@ -83,7 +83,10 @@ backoff = "100ms"
         p.retry.unwrap().backoff.unwrap().0,
         Duration::from_millis(100)
     );
-    assert_eq!(p.store, Store::Redis("redis://127.0.0.1:6379/0".into()));
+    match p.store {
+        Store::Redis(r) => assert_eq!(r.url, "redis://127.0.0.1:6379/0"),
+        Store::Memory => panic!("a redis store"),
+    }
 }
 
 /// The error for `text`, which must not read.

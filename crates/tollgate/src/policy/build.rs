@@ -85,19 +85,14 @@ impl Policy {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        if let Store::Redis(url) = &self.store {
-            return Err(PolicyError::new(format!(
-                "store `{url}`: this build keeps state in memory only (tollgate-redis is not \
-                 part of it yet); use `store: memory`"
-            )));
-        }
+        let shared = shared_store(&self.store)?;
         let body_limit = self.body_limit.map_or(DEFAULT_BODY_LIMIT, |s| {
             usize::try_from(s.0).unwrap_or(usize::MAX)
         });
         let mut failover = Failover::builder().body_limit(body_limit);
         for (i, b) in self.backends() {
-            let svc = self.backend_stack(b, client.clone(), body_limit)?;
             let name = b.name_or(i);
+            let svc = self.backend_stack(&name, b, client.clone(), body_limit, shared.as_ref())?;
             let mut backend = Backend::new(name.clone(), svc)
                 .priority(b.priority.unwrap_or(i as u32).max(u32::from(i > 0)));
             if let Some(m) = &b.model {
@@ -134,7 +129,7 @@ impl Policy {
 
         Ok(match &self.cache {
             Some(c) => BoxCloneSyncService::new(MapResponse::new(
-                cache_layer(c, body_limit).layer(failover),
+                cache_layer(c, body_limit, shared.as_ref()).layer(failover),
                 box_response::<CacheBody<FailoverBody<BoxBody>>>,
             )),
             None => BoxCloneSyncService::new(MapResponse::new(
@@ -146,9 +141,11 @@ impl Policy {
 
     fn backend_stack<C, ResB>(
         &self,
+        name: &str,
         b: &BackendPolicy,
         client: C,
         body_limit: usize,
+        shared: Option<&SharedStore>,
     ) -> Result<BackendService, PolicyError>
     where
         C: Service<Request<BoxBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
@@ -166,14 +163,16 @@ impl Policy {
         );
         if let Some(limits) = b.rate_limit.as_ref().or(self.rate_limit.as_ref()) {
             if let Some(tokens) = limits.tokens {
-                let tpm = tpm_layer(limits, tokens, body_limit);
+                let tpm = tpm_layer(name, limits, tokens, body_limit, shared);
                 svc = BoxCloneSyncService::new(MapResponse::new(
                     tpm.layer(svc.map_request(box_request::<ReplayBody>)),
                     box_response::<TpmBody<BoxBody>>,
                 ));
             }
             if let Some(requests) = limits.requests {
-                svc = BoxCloneSyncService::new(rate_limit_layer(limits, requests).layer(svc));
+                svc = BoxCloneSyncService::new(
+                    rate_limit_layer(name, limits, requests, shared).layer(svc),
+                );
             }
         }
         if let Some(r) = &self.retry {
@@ -208,17 +207,26 @@ fn header(backend: &str, k: &str, v: &str) -> Result<(HeaderName, HeaderValue), 
 
 const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
 
-fn rate_limit_layer(p: &RateLimitPolicy, requests: super::Rate) -> RateLimitLayer {
+fn rate_limit_layer(
+    backend: &str,
+    p: &RateLimitPolicy,
+    requests: super::Rate,
+    shared: Option<&SharedStore>,
+) -> RateLimitLayer {
     let count = u32::try_from(requests.count).unwrap_or(u32::MAX);
     let quota = Quota::per(count, requests.per).burst(p.burst.unwrap_or(count));
-    let mut limit = Limit::new("requests", quota);
+    // Named by backend: each backend's quota is its own, in Redis too.
+    let mut limit = Limit::new(format!("{backend}:requests"), quota);
     if let Some(key) = &p.key {
         limit = limit.keyed_by(key.extractor());
     }
     if p.adaptive {
         limit = limit.adaptive();
     }
-    let builder = RateLimitLayer::builder().limit(limit);
+    let mut builder = RateLimitLayer::builder().limit(limit);
+    if let Some(store) = shared {
+        builder = store.rate(builder);
+    }
     let builder = match p.mode {
         LimitMode::Refuse => builder.refuse(),
         LimitMode::Wait => builder.wait(p.max_wait.map_or(DEFAULT_MAX_WAIT, |d| d.0)),
@@ -229,15 +237,27 @@ fn rate_limit_layer(p: &RateLimitPolicy, requests: super::Rate) -> RateLimitLaye
     }
 }
 
-fn tpm_layer(p: &RateLimitPolicy, tokens: super::Rate, body_limit: usize) -> TpmLayer {
-    let mut budget = Budget::new("tokens", TokenQuota::per(tokens.count, tokens.per));
+fn tpm_layer(
+    backend: &str,
+    p: &RateLimitPolicy,
+    tokens: super::Rate,
+    body_limit: usize,
+    shared: Option<&SharedStore>,
+) -> TpmLayer {
+    let mut budget = Budget::new(
+        format!("{backend}:tokens"),
+        TokenQuota::per(tokens.count, tokens.per),
+    );
     if let Some(key) = &p.key {
         budget = budget.keyed_by(key.extractor());
     }
     if p.adaptive {
         budget = budget.adaptive();
     }
-    let builder = TpmLayer::builder().budget(budget).body_limit(body_limit);
+    let mut builder = TpmLayer::builder().budget(budget).body_limit(body_limit);
+    if let Some(store) = shared {
+        builder = store.tokens(builder);
+    }
     let builder = match p.mode {
         LimitMode::Refuse => builder.refuse(),
         LimitMode::Wait => builder.wait(p.max_wait.map_or(DEFAULT_MAX_WAIT, |d| d.0)),
@@ -273,7 +293,7 @@ fn retry_layer(p: &RetryPolicy, body_limit: usize) -> RetryLayer {
     b.build()
 }
 
-fn cache_layer(p: &CachePolicy, body_limit: usize) -> CacheLayer {
+fn cache_layer(p: &CachePolicy, body_limit: usize, shared: Option<&SharedStore>) -> CacheLayer {
     let mut b = CacheLayer::builder()
         .body_limit(body_limit)
         .deterministic_only(p.deterministic_only);
@@ -290,10 +310,90 @@ fn cache_layer(p: &CachePolicy, body_limit: usize) -> CacheLayer {
                 .fold(KeyRules::none(), |rules, f| rules.exclude(f.clone())),
         );
     }
+    if let Some(store) = shared {
+        b = store.cache(b);
+    }
     match &p.partition {
         Some(Partition::Shared) => b = b.shared_across_tenants(),
         Some(Partition::By(key)) => b = b.partition_by(key.extractor()),
         None => {}
     }
     b.build()
+}
+
+/// The shared store a policy names, ready to hand to each layer.
+#[cfg(feature = "redis")]
+struct SharedStore {
+    redis: tollgate_redis::RedisStore,
+    on_failure: tollgate_core::store::OnStoreFailure,
+}
+
+#[cfg(feature = "redis")]
+impl SharedStore {
+    fn rate(
+        &self,
+        b: tollgate_ratelimit::RateLimitBuilder,
+    ) -> tollgate_ratelimit::RateLimitBuilder {
+        b.store(self.redis.clone(), self.on_failure)
+    }
+    fn tokens(&self, b: tollgate_tpm::TpmBuilder) -> tollgate_tpm::TpmBuilder {
+        b.store(self.redis.clone(), self.on_failure)
+    }
+    fn cache(&self, b: tollgate_cache::CacheBuilder) -> tollgate_cache::CacheBuilder {
+        b.store(self.redis.clone())
+    }
+}
+
+#[cfg(feature = "redis")]
+fn shared_store(store: &Store) -> Result<Option<SharedStore>, PolicyError> {
+    use tollgate_core::store::OnStoreFailure;
+    let Store::Redis(r) = store else {
+        return Ok(None);
+    };
+    let mut redis = tollgate_redis::RedisStore::open(&r.url)
+        .map_err(|e| PolicyError::new(format!("store `{}`: {e}", r.url)))?;
+    if let Some(ns) = &r.namespace {
+        redis = redis.namespace(ns);
+    }
+    if let Some(t) = r.timeout {
+        redis = redis.timeout(t.0);
+    }
+    let on_failure = match r.on_failure {
+        super::FailureMode::Closed => OnStoreFailure::Closed,
+        super::FailureMode::Open => OnStoreFailure::Open {
+            instances: r.instances.unwrap_or(1),
+        },
+    };
+    Ok(Some(SharedStore { redis, on_failure }))
+}
+
+/// Without the `redis` feature there is no shared store to hand out.
+#[cfg(not(feature = "redis"))]
+enum SharedStore {}
+
+#[cfg(not(feature = "redis"))]
+impl SharedStore {
+    fn rate(
+        &self,
+        _: tollgate_ratelimit::RateLimitBuilder,
+    ) -> tollgate_ratelimit::RateLimitBuilder {
+        match *self {}
+    }
+    fn tokens(&self, _: tollgate_tpm::TpmBuilder) -> tollgate_tpm::TpmBuilder {
+        match *self {}
+    }
+    fn cache(&self, _: tollgate_cache::CacheBuilder) -> tollgate_cache::CacheBuilder {
+        match *self {}
+    }
+}
+
+#[cfg(not(feature = "redis"))]
+fn shared_store(store: &Store) -> Result<Option<SharedStore>, PolicyError> {
+    match store {
+        Store::Memory => Ok(None),
+        Store::Redis(r) => Err(PolicyError::new(format!(
+            "store `{}`: this build of tollgate has no `redis` feature",
+            r.url
+        ))),
+    }
 }

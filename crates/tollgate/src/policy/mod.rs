@@ -254,28 +254,71 @@ pub struct FailoverPolicy {
     pub on_context_length: bool,
 }
 
-/// Where limits, budgets and cache entries are kept.
+/// Where limits, budgets and cache entries are kept: `memory`, a `redis://` URL, or a
+/// map with the URL and what to do when Redis cannot answer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Store {
     /// In this process (the default).
     #[default]
     Memory,
-    /// In Redis, shared by every instance: `redis://host:port/db`.
-    Redis(String),
+    /// In Redis, shared by every instance.
+    Redis(RedisPolicy),
+}
+
+/// What each layer does when Redis cannot answer in time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Refuse with a 503: nothing passes uncounted (the default).
+    #[default]
+    Closed,
+    /// Go on with this instance's share of every quota (quota ÷ `instances`).
+    Open,
+}
+
+/// A Redis store.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisPolicy {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// `closed` (the default) or `open`.
+    #[serde(default)]
+    pub on_failure: FailureMode,
+    /// How many instances share the quotas: with `on_failure: open`, each keeps
+    /// quota ÷ instances while Redis is away. Required with `open`.
+    #[serde(default)]
+    pub instances: Option<u32>,
+    /// The longest a Redis call may take (50 ms by default).
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    /// The key prefix, a Redis Cluster hash tag (`tollgate` by default).
+    #[serde(default)]
+    pub namespace: Option<String>,
 }
 
 impl<'de> Deserialize<'de> for Store {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let s = s.trim();
-        if s == "memory" {
-            Ok(Store::Memory)
-        } else if s.starts_with("redis://") || s.starts_with("rediss://") {
-            Ok(Store::Redis(s.to_owned()))
-        } else {
-            Err(serde::de::Error::custom(format!(
-                "`{s}` is not a store: expected `memory` or a `redis://` URL"
-            )))
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Name(String),
+            Redis(RedisPolicy),
+        }
+        let redis_url = |s: &str| s.starts_with("redis://") || s.starts_with("rediss://");
+        match Repr::deserialize(d)? {
+            Repr::Name(s) if s.trim() == "memory" => Ok(Store::Memory),
+            Repr::Name(s) if redis_url(s.trim()) => Ok(Store::Redis(RedisPolicy {
+                url: s.trim().to_owned(),
+                on_failure: FailureMode::Closed,
+                instances: None,
+                timeout: None,
+                namespace: None,
+            })),
+            Repr::Redis(r) if redis_url(r.url.trim()) => Ok(Store::Redis(r)),
+            Repr::Name(s) | Repr::Redis(RedisPolicy { url: s, .. }) => Err(serde::de::Error::custom(format!(
+                "`{s}` is not a store: expected `memory`, a `redis://` URL, or {{ url: redis://…, on_failure: closed|open, instances: N }}"
+            ))),
         }
     }
 }
@@ -415,6 +458,13 @@ impl Policy {
                 }
             }
             names.push(name);
+        }
+        if let Store::Redis(r) = &self.store {
+            if r.on_failure == FailureMode::Open && r.instances.unwrap_or(0) == 0 {
+                return Err(PolicyError::new(
+                    "store.instances: `on_failure: open` needs the number of instances sharing the quota, so that each keeps only its share while Redis is away",
+                ));
+            }
         }
         if let Some(r) = &self.retry {
             if let Some(f) = r.factor {
