@@ -170,6 +170,7 @@ impl RateLimitBuilder {
             Some((_, OnStoreFailure::Open { instances })) => instances.max(1),
             _ => 1,
         };
+        let quotas: Vec<_> = self.limits.iter().map(Limit::quota).collect();
         let limits = self
             .limits
             .into_iter()
@@ -197,9 +198,9 @@ impl RateLimitBuilder {
                 },
             );
         }
-        let remote = self
-            .store
-            .map(|(store, on_failure)| Arc::new(Remote::new(store, on_failure, self.clock.now())));
+        let remote = self.store.map(|(store, on_failure)| {
+            Arc::new(Remote::new(store, on_failure, self.clock.now(), quotas))
+        });
         RateLimitLayer { shared, remote }
     }
 }

@@ -7,6 +7,7 @@ use tokio::time::Instant;
 use tollgate_core::key::Key;
 use tollgate_core::store::{OnStoreFailure, RateCell, RateStore, StoreHealth};
 
+use crate::quota::Quota;
 use crate::shared::{Keys, Limits};
 
 /// The shared store of a layer, and what to do without it.
@@ -14,6 +15,9 @@ pub(crate) struct Remote {
     pub(crate) store: Arc<dyn RateStore>,
     pub(crate) on_failure: OnStoreFailure,
     pub(crate) health: StoreHealth,
+    /// Each limit's whole quota, as the store keeps it: the limits in process hold only
+    /// this instance's share when failing open.
+    pub(crate) quotas: Vec<Quota>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -25,25 +29,32 @@ impl std::fmt::Debug for Remote {
 }
 
 impl Remote {
-    pub(crate) fn new(store: Arc<dyn RateStore>, on_failure: OnStoreFailure, now: Instant) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn RateStore>,
+        on_failure: OnStoreFailure,
+        now: Instant,
+        quotas: Vec<Quota>,
+    ) -> Self {
         Self {
             store,
             on_failure,
             health: StoreHealth::new(now),
+            quotas,
         }
     }
 }
 
 /// The cells of a request: one per limit, named by the limit and the key.
-pub(crate) fn cells(limits: &Limits, keys: &Keys) -> Arc<[RateCell]> {
+pub(crate) fn cells(remote: &Remote, limits: &Limits, keys: &Keys) -> Arc<[RateCell]> {
     limits
         .limits
         .iter()
+        .zip(&remote.quotas)
         .zip(keys.iter())
-        .map(|(l, k)| RateCell {
+        .map(|((l, q), k)| RateCell {
             key: Key::prefixed(&l.limit.name, k.as_str()),
-            interval: l.limit.quota.interval(),
-            burst: l.limit.quota.burst_size(),
+            interval: q.interval(),
+            burst: q.burst_size(),
         })
         .collect()
 }

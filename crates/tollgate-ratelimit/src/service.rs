@@ -93,7 +93,7 @@ where
                 sleep: None,
                 svc: Some(ready),
                 req: Some(req),
-                cells: remote::cells(limits, &keys),
+                cells: remote::cells(remote, limits, &keys),
                 keys,
                 priority,
                 remote: Arc::clone(remote),

@@ -149,4 +149,10 @@ async fn failing_open_holds_to_this_instances_share() {
     for _ in 0..20 {
         assert!(send(&mut svc, req("acme")).await.is_ok());
     }
+    // The store is asked for the whole quota, not this instance's share.
+    let last = store.seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        (last.interval, last.burst),
+        (Duration::from_millis(1500), 40)
+    );
 }

@@ -26,7 +26,7 @@ use tollgate_core::BoxError;
 use tower::{Layer, Service};
 
 use crate::body::{RemoteHold, Settlement, TpmBody};
-use crate::budget::{Budget, Budgets, Ledger, ProviderView, Ticket};
+use crate::budget::{Budget, Budgets, Ledger, ProviderView, Ticket, TokenQuota};
 use crate::estimate::Estimator;
 use tollgate_core::refusal::Reason;
 use tollgate_core::store::{
@@ -48,6 +48,9 @@ struct Remote {
     store: Arc<dyn TokenStore>,
     on_failure: OnStoreFailure,
     health: StoreHealth,
+    /// Each budget's whole quota, as the store keeps it: the ledgers in process hold only
+    /// this instance's share when failing open.
+    quotas: Vec<TokenQuota>,
 }
 
 impl fmt::Debug for Shared {
@@ -236,6 +239,7 @@ impl TpmBuilder {
             Some((_, OnStoreFailure::Open { instances })) => instances.max(1),
             _ => 1,
         };
+        let quotas: Vec<TokenQuota> = self.budgets.iter().map(|b| b.quota).collect();
         let ledgers = self
             .budgets
             .into_iter()
@@ -272,6 +276,7 @@ impl TpmBuilder {
                     store,
                     on_failure,
                     health: StoreHealth::new(self.clock.now()),
+                    quotas,
                 }),
             }),
         }
@@ -377,11 +382,12 @@ async fn reserve_in_store(
     let cells: Arc<[TokenCell]> = budgets
         .ledgers
         .iter()
+        .zip(&remote.quotas)
         .zip(&ticket.keys)
-        .map(|(l, k)| TokenCell {
+        .map(|((l, q), k)| TokenCell {
             key: Key::prefixed(&l.budget.name, k.as_str()),
-            capacity: l.budget.quota.capacity(),
-            window: l.budget.quota.window(),
+            capacity: q.capacity(),
+            window: q.window(),
         })
         .collect();
     let deadline = match shared.queue.mode() {

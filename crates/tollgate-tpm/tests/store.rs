@@ -154,5 +154,10 @@ async fn failing_closed_refuses_and_failing_open_spends_the_local_share() {
     store.fail.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(600)).await;
     drain(svc.oneshot(chat(10, 200, 100)).await.unwrap().into_body());
-    assert_eq!(store.reserved.lock().unwrap().len(), 1);
+    let reserved = store.reserved.lock().unwrap().clone();
+    assert_eq!(reserved.len(), 1);
+    assert_eq!(
+        reserved[0].0[0].capacity, 4000,
+        "the whole budget, not this instance's share"
+    );
 }
