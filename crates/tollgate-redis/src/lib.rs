@@ -55,7 +55,10 @@
 
 #[cfg(feature = "cache")]
 mod cache;
+mod pooled;
 mod scripts;
+
+pub use pooled::PooledStore;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -87,6 +90,7 @@ pub struct RedisStore {
 
 struct Scripts {
     gcra: Script,
+    borrow: Script,
     reserve: Script,
     settle: Script,
 }
@@ -119,6 +123,7 @@ impl RedisStore {
             timeout: DEFAULT_TIMEOUT,
             scripts: Arc::new(Scripts {
                 gcra: Script::new(scripts::GCRA),
+                borrow: Script::new(scripts::BORROW),
                 reserve: Script::new(scripts::RESERVE),
                 settle: Script::new(scripts::SETTLE),
             }),

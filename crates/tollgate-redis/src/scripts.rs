@@ -96,3 +96,52 @@ for i = 1, #KEYS do
 end
 return 1
 "#;
+
+/// Borrowing cells for spending in process (pooled mode), all or nothing.
+///
+/// KEYS: one per bucket. ARGV per bucket: `interval_us, burst, want, give_back`. A bucket
+/// with `want` 0 is only given back to. A wanted bucket grants up to `want` cells, but at
+/// most a quarter of what it has now (at least one), so that slices shrink as the quota
+/// runs out and no instance sits on what others need. Returns `{1, 0, 0, grant...}`, or
+/// `{0, binding, wait_us}`.
+pub(crate) const BORROW: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local new, grants = {}, {}
+local worst, binding = 0, 0
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[4 * i - 3])
+  local tau = interval * (tonumber(ARGV[4 * i - 2]) - 1)
+  local want = tonumber(ARGV[4 * i - 1])
+  local back = tonumber(ARGV[4 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i])) or now
+  tat = tat - back * interval
+  if tat < now then tat = now end
+  grants[i] = 0
+  if want > 0 then
+    local avail = math.floor((now + tau - tat) / interval) + 1
+    if avail < 1 then
+      local wait = tat - tau - now
+      if wait > worst then worst = wait; binding = i - 1 end
+    else
+      local g = math.min(want, math.max(1, math.floor(avail / 4)))
+      grants[i] = g
+      tat = tat + g * interval
+    end
+  end
+  new[i] = tat
+end
+for i = 1, #KEYS do
+  local back = tonumber(ARGV[4 * i])
+  if (worst == 0 and grants[i] > 0) or back > 0 then
+    if worst > 0 then new[i] = new[i] - grants[i] * tonumber(ARGV[4 * i - 3]) end
+    local ttl = math.ceil((new[i] - now) / 1000) + 1
+    if ttl < 1 then ttl = 1 end
+    redis.call('SET', KEYS[i], string.format('%.0f', new[i]), 'PX', ttl)
+  end
+end
+if worst > 0 then return {0, binding, math.ceil(worst)} end
+local out = {1, 0, 0}
+for i = 1, #KEYS do out[i + 3] = grants[i] end
+return out
+"#;
