@@ -30,6 +30,10 @@
 //! - `goodput`: the demo's burst without repeats, through the demo's policy, against a
 //!   provider at 600 RPM / 100k TPM with a few 5xx: makespan ÷ the least time the quota
 //!   allows, provider 429s, failures (goal: ≤ 1.05, ≤ 1% of requests, 0).
+//! - `redis`: rate-limit decisions against the local Redis (`REDIS_URL`, or
+//!   127.0.0.1:6379) at concurrency 64, plain (one script call each) and pooled: decisions
+//!   per second, p99 latency, Redis calls per decision from `INFO commandstats`, and
+//!   whether pooled mode held the quota (goal: plain 1 call per decision, pooled ≥ 10×).
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -40,6 +44,7 @@ mod goodput;
 mod load;
 mod overhead;
 mod ratelimit;
+mod redis;
 mod report;
 mod retry;
 mod scenarios;
@@ -87,6 +92,8 @@ enum Scenario {
     Overhead,
     /// The demo's burst without repeats: makespan against the quota's floor, 429s, failures.
     Goodput,
+    /// Decisions against the local Redis, plain and pooled (needs REDIS_URL or 127.0.0.1:6379).
+    Redis,
 }
 
 fn main() -> ExitCode {
@@ -111,6 +118,7 @@ fn main() -> ExitCode {
             Scenario::Failover => failover::run(&args).await,
             Scenario::Overhead => overhead::run(&args).await,
             Scenario::Goodput => goodput::run(&args).await,
+            Scenario::Redis => redis::run_scenario(&args).await,
         }
     });
     match result {
