@@ -91,6 +91,7 @@ pub struct RedisStore {
 struct Scripts {
     gcra: Script,
     borrow: Script,
+    token_borrow: Script,
     reserve: Script,
     settle: Script,
 }
@@ -124,6 +125,7 @@ impl RedisStore {
             scripts: Arc::new(Scripts {
                 gcra: Script::new(scripts::GCRA),
                 borrow: Script::new(scripts::BORROW),
+                token_borrow: Script::new(scripts::TOKEN_BORROW),
                 reserve: Script::new(scripts::RESERVE),
                 settle: Script::new(scripts::SETTLE),
             }),

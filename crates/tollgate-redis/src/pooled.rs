@@ -6,12 +6,15 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tollgate_core::store::{RateCell, RateDecision, RateStore, StoreError, StoreFuture};
+use tollgate_core::store::{
+    RateCell, RateDecision, RateStore, StoreError, StoreFuture, TokenCell, TokenDecision,
+    TokenStore,
+};
 
 use crate::RedisStore;
 
-/// A [`RateStore`] that borrows cells from Redis in slices and spends them in process
-/// (the approach TensorZero documents for its rate limits).
+/// A [`RateStore`] and [`TokenStore`] that borrows cells and tokens from Redis in slices
+/// and spends them in process (the approach TensorZero documents for its rate limits).
 ///
 /// - **The global quota holds.** Redis counts a cell when it is lent, so the instances
 ///   together never spend more than the quota; cells are spent at most `lease` after
@@ -21,15 +24,36 @@ use crate::RedisStore;
 ///   borrows at a time. A refusal from Redis is remembered until its wait has passed, so
 ///   the requests behind it are refused locally too.
 /// - **Slices shrink as the quota runs out**: Redis lends at most a quarter of what a
-///   bucket has left (at least one cell), up to `slice`, so no instance sits on what the
-///   others need; cells not spent within the lease are given back on the next borrow.
+///   bucket has left (at least one cell, or the request's tokens), up to `slice` or
+///   `token_slice`, so no instance sits on what the others need; what a lease left
+///   unspent is given back on the next borrow.
+/// - **Budgets** settle in process: a refund goes back to the slice, an overrun is taken
+///   from it, and Redis hears of both at the next give-back. Tokens of requests still in
+///   flight stay held in Redis across a give-back.
 #[derive(Clone)]
 pub struct PooledStore {
     redis: RedisStore,
     slice: u32,
+    token_slice: u64,
     lease: Duration,
     state: Arc<Mutex<HashMap<String, Pool>>>,
+    tokens: Arc<Mutex<HashMap<String, TokenPool>>>,
     borrowing: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A token bucket's slice in process.
+///
+/// `lent` is what Redis holds for this instance: reservations in flight, free tokens, and
+/// tokens spent since the last give-back. At a give-back, the part not in flight goes
+/// back: its free tokens return to the bucket, the spent ones stay spent.
+#[derive(Debug, Default)]
+struct TokenPool {
+    lent: u64,
+    in_flight: u64,
+    /// Negative after a request used more than it reserved.
+    free: i64,
+    lease_end: Option<Instant>,
+    refused_until: Option<Instant>,
 }
 
 impl std::fmt::Debug for PooledStore {
@@ -65,10 +89,19 @@ impl PooledStore {
         Self {
             redis,
             slice: 100,
+            token_slice: 20_000,
             lease: Duration::from_millis(250),
             state: Arc::default(),
+            tokens: Arc::default(),
             borrowing: Arc::default(),
         }
+    }
+
+    /// The most tokens borrowed at once per budget (20,000 by default; at least the
+    /// request's own amount).
+    pub fn token_slice(mut self, tokens: u64) -> Self {
+        self.token_slice = tokens.max(1);
+        self
     }
 
     /// The most cells borrowed at once per bucket.
@@ -215,5 +248,210 @@ impl RateStore for PooledStore {
                 Box::pin(async move { this.borrow(&cells, &keys).await })
             }
         }
+    }
+}
+
+enum TokenLocal {
+    Reserved,
+    Refused(usize, Duration),
+    Borrow,
+}
+
+impl PooledStore {
+    fn tokens_local(&self, keys: &[String], amount: u64, now: Instant) -> TokenLocal {
+        let mut pools = lock(&self.tokens);
+        let mut refused: Option<(usize, Duration)> = None;
+        let mut all_have = true;
+        let need = i64::try_from(amount).unwrap_or(i64::MAX);
+        for (i, k) in keys.iter().enumerate() {
+            let Some(pool) = pools.get_mut(k) else {
+                all_have = false;
+                continue;
+            };
+            if let Some(until) = pool.refused_until {
+                if until > now {
+                    let wait = until - now;
+                    if refused.is_none_or(|(_, w)| wait > w) {
+                        refused = Some((i, wait));
+                    }
+                } else {
+                    pool.refused_until = None;
+                }
+            }
+            all_have &= pool.free >= need && pool.lease_end.is_some_and(|end| end > now);
+        }
+        if let Some((i, wait)) = refused {
+            return TokenLocal::Refused(i, wait);
+        }
+        if !all_have {
+            return TokenLocal::Borrow;
+        }
+        for k in keys {
+            if let Some(pool) = pools.get_mut(k) {
+                pool.free -= need;
+                pool.in_flight += amount;
+            }
+        }
+        TokenLocal::Reserved
+    }
+
+    async fn tokens_borrow(
+        &self,
+        cells: &[TokenCell],
+        keys: &[String],
+        amount: u64,
+    ) -> Result<TokenDecision, StoreError> {
+        let _one_at_a_time = self.borrowing.lock().await;
+        let now = Instant::now();
+        match self.tokens_local(keys, amount, now) {
+            TokenLocal::Reserved => return Ok(TokenDecision::Reserved),
+            TokenLocal::Refused(binding, wait) => {
+                return Ok(TokenDecision::Denied {
+                    binding,
+                    retry_after: Some(wait),
+                })
+            }
+            TokenLocal::Borrow => {}
+        }
+        let need = i64::try_from(amount).unwrap_or(i64::MAX);
+        let mut inv = self.redis.scripts.token_borrow.prepare_invoke();
+        inv.arg(amount).arg(crate::token_ttl_ms(cells));
+        let mut wanted = Vec::with_capacity(keys.len());
+        // What is given back, to restore if Redis never hears of it.
+        let mut given = Vec::with_capacity(keys.len());
+        {
+            let mut pools = lock(&self.tokens);
+            if pools.len() > 10_000 {
+                pools.retain(|_, p| p.lent > 0 || p.refused_until.is_some_and(|u| u > now));
+            }
+            for (c, k) in cells.iter().zip(keys) {
+                let pool = pools.entry(k.clone()).or_default();
+                let valid = pool.lease_end.is_some_and(|end| end > now);
+                let want = if valid && pool.free >= need {
+                    0
+                } else {
+                    self.token_slice.max(amount)
+                };
+                // An expired lease, or a slice too small: give back what is not in
+                // flight and start again.
+                let (back_lent, back_free) = if want > 0 {
+                    let back = (pool.lent.saturating_sub(pool.in_flight), pool.free);
+                    pool.lent = pool.in_flight;
+                    pool.free = 0;
+                    back
+                } else {
+                    (0, 0)
+                };
+                wanted.push(want > 0);
+                given.push((back_lent, back_free));
+                inv.key(k)
+                    .arg(c.capacity)
+                    .arg(crate::micros(c.window))
+                    .arg(want)
+                    .arg(back_lent)
+                    .arg(back_free);
+            }
+        }
+        let mut conn = self.redis.conn.clone();
+        let answer: Result<Vec<i64>, StoreError> =
+            RedisStore::timed(self.redis.timeout, inv.invoke_async(&mut conn)).await;
+        let mut pools = lock(&self.tokens);
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                // Redis may not have taken the give-back: keep it to give again.
+                for (k, (lent, free)) in keys.iter().zip(given) {
+                    let pool = pools.entry(k.clone()).or_default();
+                    pool.lent += lent;
+                    pool.free += free;
+                }
+                return Err(e);
+            }
+        };
+        let (ok, binding, wait) = match answer.as_slice() {
+            [ok, binding, wait, ..] => (*ok, *binding, *wait),
+            _ => {
+                return Err(StoreError::new(
+                    "an unexpected answer from the borrow script",
+                ))
+            }
+        };
+        if ok != 1 {
+            let binding = usize::try_from(binding).unwrap_or(0);
+            let retry_after = u64::try_from(wait).ok().map(Duration::from_micros);
+            if let (Some(wait), Some(pool)) = (
+                retry_after,
+                keys.get(binding).and_then(|k| pools.get_mut(k)),
+            ) {
+                pool.refused_until = Some(now + wait);
+            }
+            return Ok(TokenDecision::Denied {
+                binding,
+                retry_after,
+            });
+        }
+        for ((k, wanted), grant) in keys.iter().zip(&wanted).zip(answer.iter().skip(3)) {
+            let pool = pools.entry(k.clone()).or_default();
+            if *wanted {
+                let grant = u64::try_from(*grant).unwrap_or(0);
+                pool.lent += grant;
+                pool.free += i64::try_from(grant).unwrap_or(i64::MAX);
+                pool.lease_end = Some(now + self.lease);
+            }
+            pool.free -= need;
+            pool.in_flight += amount;
+        }
+        Ok(TokenDecision::Reserved)
+    }
+}
+
+impl TokenStore for PooledStore {
+    fn reserve(
+        &self,
+        cells: Arc<[TokenCell]>,
+        amount: u64,
+    ) -> StoreFuture<Result<TokenDecision, StoreError>> {
+        if let Some(i) = cells.iter().position(|c| amount > c.capacity) {
+            return Box::pin(std::future::ready(Ok(TokenDecision::Denied {
+                binding: i,
+                retry_after: None,
+            })));
+        }
+        let keys: Vec<String> = cells
+            .iter()
+            .map(|c| self.redis.redis_key("tk", c.key.as_str()))
+            .collect();
+        match self.tokens_local(&keys, amount, Instant::now()) {
+            TokenLocal::Reserved => Box::pin(std::future::ready(Ok(TokenDecision::Reserved))),
+            TokenLocal::Refused(binding, wait) => {
+                Box::pin(std::future::ready(Ok(TokenDecision::Denied {
+                    binding,
+                    retry_after: Some(wait),
+                })))
+            }
+            TokenLocal::Borrow => {
+                let this = self.clone();
+                Box::pin(async move { this.tokens_borrow(&cells, &keys, amount).await })
+            }
+        }
+    }
+
+    /// Settles in process: nothing leaves it until the next give-back.
+    fn settle(
+        &self,
+        cells: Arc<[TokenCell]>,
+        reserved: u64,
+        used: u64,
+    ) -> StoreFuture<Result<(), StoreError>> {
+        let mut pools = lock(&self.tokens);
+        for c in cells.iter() {
+            let key = self.redis.redis_key("tk", c.key.as_str());
+            let pool = pools.entry(key).or_default();
+            pool.in_flight = pool.in_flight.saturating_sub(reserved);
+            let back = i64::try_from(reserved).unwrap_or(i64::MAX)
+                - i64::try_from(used).unwrap_or(i64::MAX);
+            pool.free = pool.free.saturating_add(back);
+        }
+        Box::pin(std::future::ready(Ok(())))
     }
 }

@@ -145,3 +145,60 @@ local out = {1, 0, 0}
 for i = 1, #KEYS do out[i + 3] = grants[i] end
 return out
 "#;
+
+/// Borrowing tokens for spending in process (pooled budgets), all or nothing, and giving
+/// back what a lease left.
+///
+/// KEYS: one per bucket. ARGV: `amount, ttl_ms`, then per bucket `capacity, window_us,
+/// want, back_lent, back_free`. First each bucket takes back `back_lent` lent tokens
+/// (released from its holds) of which `back_free` (possibly negative: overspent) return
+/// to the free tokens. Then each bucket with `want` > 0 lends up to `want` — at least
+/// `amount`, at most a quarter of its free tokens when that is more than `amount` — as a
+/// hold. Returns `{1, 0, 0, grant...}`; `{0, binding, wait_us}` (`-1`: never fits).
+pub(crate) const TOKEN_BORROW: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local amount = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local state, grants = {}, {}
+local worst, binding = 0, 0
+for i = 1, #KEYS do
+  local base = 5 * i - 2
+  local cap = tonumber(ARGV[base])
+  local rate = cap / tonumber(ARGV[base + 1])
+  local want = tonumber(ARGV[base + 2])
+  local back_lent = tonumber(ARGV[base + 3])
+  local back_free = tonumber(ARGV[base + 4])
+  local v = redis.call('HMGET', KEYS[i], 'a', 'h', 't')
+  local h = tonumber(v[2]) or 0
+  local a = tonumber(v[1]) or cap
+  local last = tonumber(v[3]) or now
+  if now > last then a = a + (now - last) * rate end
+  h = h - back_lent
+  if h < 0 then h = 0 end
+  a = a + back_free
+  if a > cap - h then a = cap - h end
+  grants[i] = 0
+  if want > 0 then
+    if amount > cap then return {0, i - 1, -1} end
+    if a < amount then
+      local wait = (amount - a) / rate
+      if wait > worst then worst = wait; binding = i - 1 end
+    else
+      local g = math.min(want, math.max(amount, math.floor(a / 4)))
+      grants[i] = g
+    end
+  end
+  state[i] = {a, h}
+end
+for i = 1, #KEYS do
+  local g = grants[i]
+  if worst > 0 then g = 0 end
+  redis.call('HSET', KEYS[i], 'a', tostring(state[i][1] - g), 'h', tostring(state[i][2] + g), 't', string.format('%.0f', now))
+  redis.call('PEXPIRE', KEYS[i], ttl)
+end
+if worst > 0 then return {0, binding, math.ceil(worst)} end
+local out = {1, 0, 0}
+for i = 1, #KEYS do out[i + 3] = grants[i] end
+return out
+"#;
