@@ -325,6 +325,7 @@ fn cache_layer(p: &CachePolicy, body_limit: usize, shared: Option<&SharedStore>)
 #[cfg(feature = "redis")]
 struct SharedStore {
     redis: tollgate_redis::RedisStore,
+    pooled: Option<tollgate_redis::PooledStore>,
     on_failure: tollgate_core::store::OnStoreFailure,
 }
 
@@ -334,10 +335,16 @@ impl SharedStore {
         &self,
         b: tollgate_ratelimit::RateLimitBuilder,
     ) -> tollgate_ratelimit::RateLimitBuilder {
-        b.store(self.redis.clone(), self.on_failure)
+        match &self.pooled {
+            Some(p) => b.store(p.clone(), self.on_failure),
+            None => b.store(self.redis.clone(), self.on_failure),
+        }
     }
     fn tokens(&self, b: tollgate_tpm::TpmBuilder) -> tollgate_tpm::TpmBuilder {
-        b.store(self.redis.clone(), self.on_failure)
+        match &self.pooled {
+            Some(p) => b.store(p.clone(), self.on_failure),
+            None => b.store(self.redis.clone(), self.on_failure),
+        }
     }
     fn cache(&self, b: tollgate_cache::CacheBuilder) -> tollgate_cache::CacheBuilder {
         b.store(self.redis.clone())
@@ -364,7 +371,14 @@ fn shared_store(store: &Store) -> Result<Option<SharedStore>, PolicyError> {
             instances: r.instances.unwrap_or(1),
         },
     };
-    Ok(Some(SharedStore { redis, on_failure }))
+    let pooled = r
+        .pooled
+        .then(|| tollgate_redis::PooledStore::new(redis.clone()));
+    Ok(Some(SharedStore {
+        redis,
+        pooled,
+        on_failure,
+    }))
 }
 
 /// Without the `redis` feature there is no shared store to hand out.

@@ -295,6 +295,10 @@ pub struct RedisPolicy {
     /// The key prefix, a Redis Cluster hash tag (`tollgate` by default).
     #[serde(default)]
     pub namespace: Option<String>,
+    /// Borrow slices of each quota and spend them in process, so most decisions never
+    /// reach Redis (the global quota still holds).
+    #[serde(default)]
+    pub pooled: bool,
 }
 
 impl<'de> Deserialize<'de> for Store {
@@ -314,6 +318,7 @@ impl<'de> Deserialize<'de> for Store {
                 instances: None,
                 timeout: None,
                 namespace: None,
+                pooled: false,
             })),
             Repr::Redis(r) if redis_url(r.url.trim()) => Ok(Store::Redis(r)),
             Repr::Name(s) | Repr::Redis(RedisPolicy { url: s, .. }) => Err(serde::de::Error::custom(format!(
