@@ -35,6 +35,40 @@ fn namespace() -> String {
     format!("it-{}-{nanos}", std::process::id())
 }
 
+fn policy(url: &str, pooled: bool) -> String {
+    format!(
+        r#"
+primary:    {{ url: "http://placeholder" }}
+rate_limit: {{ requests: 6/min, tokens: 100k/min, mode: refuse }}
+cache:      {{ ttl: 1m, partition: "header:x-tenant-id" }}
+store:      {{ url: "{url}", namespace: "{ns}", timeout: 1s, pooled: {pooled} }}
+"#,
+        ns = namespace()
+    )
+}
+
+#[tokio::test]
+async fn two_pooled_instances_share_one_quota() {
+    let Some(url) = tollgate_testkit::redis::redis_url("two_pooled_instances_share_one_quota")
+    else {
+        return;
+    };
+    let yaml = policy(&url, true);
+    let provider = Provider::builder().spawn().await.unwrap();
+    let (a, b) = (instance(&yaml, &provider), instance(&yaml, &provider));
+    let mut admitted = 0;
+    for i in 0..12 {
+        let svc = if i % 3 == 0 { &a } else { &b };
+        if let Ok(res) = svc.clone().oneshot(chat("acme", &format!("p{i}"))).await {
+            res.into_body().collect().await.unwrap();
+            admitted += 1;
+        }
+    }
+    // Slices shrink to single cells as the quota runs out: neither instance strands any.
+    assert_eq!(admitted, 6);
+    assert_eq!(provider.stats().requests, 6);
+}
+
 #[tokio::test]
 async fn two_instances_share_one_quota_and_one_cache() {
     let Some(url) =
@@ -42,15 +76,7 @@ async fn two_instances_share_one_quota_and_one_cache() {
     else {
         return;
     };
-    let yaml = format!(
-        r#"
-primary:    {{ url: "http://placeholder" }}
-rate_limit: {{ requests: 6/min, mode: refuse }}
-cache:      {{ ttl: 1m, partition: "header:x-tenant-id" }}
-store:      {{ url: "{url}", namespace: "{ns}", timeout: 1s }}
-"#,
-        ns = namespace()
-    );
+    let yaml = policy(&url, false);
     let provider = Provider::builder().spawn().await.unwrap();
     let (a, b) = (instance(&yaml, &provider), instance(&yaml, &provider));
 
