@@ -1,7 +1,9 @@
 //! Redis-backed stores for Tollgate, so many instances share one quota.
 //!
 //! [`RedisStore`] implements `tollgate-core`'s [`RateStore`] and [`TokenStore`], and (with
-//! the `cache` feature, on by default) `tollgate-cache`'s `CacheStore`:
+//! the `cache` feature, on by default) `tollgate-cache`'s `CacheStore`; [`PooledStore`]
+//! wraps it so that each instance borrows slices of the quotas and spends them in process
+//! (one Redis call per hundred decisions instead of one per decision):
 //!
 //! - **One round trip per decision.** Each decision is one Lua script call (`EVALSHA`;
 //!   the script is loaded again by itself after a `NOSCRIPT`, when Redis restarted). The
@@ -18,6 +20,15 @@
 //!   every task, reconnecting by itself; created lazily, so an application starts while
 //!   Redis is down. Every call has a timeout (50 ms by default); a call that fails or times
 //!   out is a [`StoreError`], and the layer applies its [`OnStoreFailure`](tollgate_core::store::OnStoreFailure) policy.
+//!
+//! Hand it to the layers with `RateLimitBuilder::store`, `TpmBuilder::store` and
+//! `CacheBuilder::store`, or write `store: redis://…` in a policy file.
+//!
+//! **Known limits.** A settlement that never reaches Redis (Redis away at that moment and
+//! for the three tries after it, or the process killed with requests in flight) leaves
+//! its tokens held until the bucket's key expires, which an active bucket's never does;
+//! likewise a pooled instance that dies keeps its unspent slices. Holds carry no
+//! deadline of their own yet.
 //!
 //! Why redis-rs and not fred: both are maintained and async; redis-rs is the one most
 //! Rust services already link, its `ConnectionManager` and `Script` are exactly the two
