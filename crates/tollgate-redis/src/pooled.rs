@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tollgate_core::key::Key;
 use tollgate_core::store::{
     RateCell, RateDecision, RateStore, StoreError, StoreFuture, TokenCell, TokenDecision,
     TokenStore,
@@ -36,8 +37,8 @@ pub struct PooledStore {
     slice: u32,
     token_slice: u64,
     lease: Duration,
-    state: Arc<Mutex<HashMap<String, Pool>>>,
-    tokens: Arc<Mutex<HashMap<String, TokenPool>>>,
+    state: Arc<Shards>,
+    tokens: Arc<Mutex<HashMap<Key, TokenPool>>>,
     borrowing: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -77,6 +78,57 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The cell pools, in shards: a decision locks only its own buckets' shards, so the
+/// runtime's threads rarely wait on one another.
+struct Shards {
+    maps: Box<[Mutex<HashMap<Key, Pool>>]>,
+    hasher: std::hash::RandomState,
+}
+
+type Guards<'a> = Vec<(usize, MutexGuard<'a, HashMap<Key, Pool>>)>;
+
+impl Shards {
+    fn new() -> Self {
+        Self {
+            maps: (0..32).map(|_| Mutex::default()).collect(),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    fn shard(&self, key: &Key) -> usize {
+        use std::hash::BuildHasher;
+        (self.hasher.hash_one(key) as usize) % self.maps.len()
+    }
+
+    /// Locks the shards of `keys`, in ascending order (so two decisions never wait on
+    /// each other in a cycle).
+    fn lock(&self, keys: &[Key]) -> Guards<'_> {
+        let mut shards: Vec<usize> = keys.iter().map(|k| self.shard(k)).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        shards
+            .into_iter()
+            .map(|i| (i, lock(&self.maps[i])))
+            .collect()
+    }
+
+    fn pool<'g>(&self, guards: &'g mut Guards<'_>, key: &Key) -> Option<&'g mut Pool> {
+        let shard = self.shard(key);
+        guards
+            .iter_mut()
+            .find(|(i, _)| *i == shard)
+            .and_then(|(_, map)| map.get_mut(key))
+    }
+
+    fn pool_or_new<'g>(&self, guards: &'g mut Guards<'_>, key: &Key) -> Option<&'g mut Pool> {
+        let shard = self.shard(key);
+        guards
+            .iter_mut()
+            .find(|(i, _)| *i == shard)
+            .map(|(_, map)| map.entry(key.clone()).or_default())
+    }
+}
+
 enum Local {
     Admitted,
     Refused(usize, Duration),
@@ -91,7 +143,7 @@ impl PooledStore {
             slice: 100,
             token_slice: 20_000,
             lease: Duration::from_millis(250),
-            state: Arc::default(),
+            state: Arc::new(Shards::new()),
             tokens: Arc::default(),
             borrowing: Arc::default(),
         }
@@ -116,12 +168,12 @@ impl PooledStore {
         self
     }
 
-    fn local(&self, keys: &[String], now: Instant) -> Local {
-        let mut state = lock(&self.state);
+    fn local(&self, keys: &[Key], now: Instant) -> Local {
+        let mut guards = self.state.lock(keys);
         let mut refused: Option<(usize, Duration)> = None;
         let mut all_have = true;
         for (i, k) in keys.iter().enumerate() {
-            let Some(pool) = state.get_mut(k) else {
+            let Some(pool) = self.state.pool(&mut guards, k) else {
                 all_have = false;
                 continue;
             };
@@ -144,18 +196,14 @@ impl PooledStore {
             return Local::Borrow;
         }
         for k in keys {
-            if let Some(pool) = state.get_mut(k) {
+            if let Some(pool) = self.state.pool(&mut guards, k) {
                 pool.cells -= 1;
             }
         }
         Local::Admitted
     }
 
-    async fn borrow(
-        &self,
-        cells: &[RateCell],
-        keys: &[String],
-    ) -> Result<RateDecision, StoreError> {
+    async fn borrow(&self, cells: &[RateCell], keys: &[Key]) -> Result<RateDecision, StoreError> {
         let _one_at_a_time = self.borrowing.lock().await;
         let now = Instant::now();
         // Another task may have borrowed while this one waited.
@@ -172,13 +220,17 @@ impl PooledStore {
         let mut inv = self.redis.scripts.borrow.prepare_invoke();
         let mut wanted = Vec::with_capacity(keys.len());
         {
-            let mut state = lock(&self.state);
+            let mut guards = self.state.lock(keys);
             // Forget idle buckets once there are many: nothing lent, nothing refused.
-            if state.len() > 10_000 {
-                state.retain(|_, p| p.cells > 0 || p.refused_until.is_some_and(|u| u > now));
+            for (_, map) in guards.iter_mut() {
+                if map.len() > 1_000 {
+                    map.retain(|_, p| p.cells > 0 || p.refused_until.is_some_and(|u| u > now));
+                }
             }
             for (c, k) in cells.iter().zip(keys) {
-                let pool = state.entry(k.clone()).or_default();
+                let Some(pool) = self.state.pool_or_new(&mut guards, k) else {
+                    continue;
+                };
                 let valid = pool.lease_end.is_some_and(|end| end > now);
                 let (want, back) = if valid && pool.cells > 0 {
                     (0, 0)
@@ -186,7 +238,7 @@ impl PooledStore {
                     (self.slice, std::mem::take(&mut pool.cells))
                 };
                 wanted.push(want > 0);
-                inv.key(k)
+                inv.key(self.redis.redis_key("rl", k.as_str()))
                     .arg(crate::micros(c.interval))
                     .arg(c.burst.max(1))
                     .arg(want)
@@ -204,11 +256,14 @@ impl PooledStore {
                 ))
             }
         };
-        let mut state = lock(&self.state);
+        let mut guards = self.state.lock(keys);
         if ok != 1 {
             let binding = usize::try_from(binding).unwrap_or(0);
             let retry_after = Duration::from_micros(u64::try_from(wait).unwrap_or(0));
-            if let Some(pool) = keys.get(binding).and_then(|k| state.get_mut(k)) {
+            if let Some(pool) = keys
+                .get(binding)
+                .and_then(|k| self.state.pool(&mut guards, k))
+            {
                 pool.refused_until = Some(now + retry_after);
             }
             return Ok(RateDecision::Denied {
@@ -217,7 +272,9 @@ impl PooledStore {
             });
         }
         for ((k, wanted), grant) in keys.iter().zip(&wanted).zip(answer.iter().skip(3)) {
-            let pool = state.entry(k.clone()).or_default();
+            let Some(pool) = self.state.pool_or_new(&mut guards, k) else {
+                continue;
+            };
             if *wanted {
                 pool.cells = u32::try_from(*grant).unwrap_or(0);
                 pool.lease_end = Some(now + self.lease);
@@ -231,10 +288,8 @@ impl PooledStore {
 
 impl RateStore for PooledStore {
     fn acquire(&self, cells: Arc<[RateCell]>) -> StoreFuture<Result<RateDecision, StoreError>> {
-        let keys: Vec<String> = cells
-            .iter()
-            .map(|c| self.redis.redis_key("rl", c.key.as_str()))
-            .collect();
+        // Local pools are found by the cell's own key; only a borrow hashes it for Redis.
+        let keys: Vec<Key> = cells.iter().map(|c| c.key.clone()).collect();
         match self.local(&keys, Instant::now()) {
             Local::Admitted => Box::pin(std::future::ready(Ok(RateDecision::Admitted))),
             Local::Refused(binding, retry_after) => {
@@ -258,7 +313,7 @@ enum TokenLocal {
 }
 
 impl PooledStore {
-    fn tokens_local(&self, keys: &[String], amount: u64, now: Instant) -> TokenLocal {
+    fn tokens_local(&self, keys: &[Key], amount: u64, now: Instant) -> TokenLocal {
         let mut pools = lock(&self.tokens);
         let mut refused: Option<(usize, Duration)> = None;
         let mut all_have = true;
@@ -298,7 +353,7 @@ impl PooledStore {
     async fn tokens_borrow(
         &self,
         cells: &[TokenCell],
-        keys: &[String],
+        keys: &[Key],
         amount: u64,
     ) -> Result<TokenDecision, StoreError> {
         let _one_at_a_time = self.borrowing.lock().await;
@@ -344,7 +399,7 @@ impl PooledStore {
                 };
                 wanted.push(want > 0);
                 given.push((back_lent, back_free));
-                inv.key(k)
+                inv.key(self.redis.redis_key("tk", k.as_str()))
                     .arg(c.capacity)
                     .arg(crate::micros(c.window))
                     .arg(want)
@@ -417,10 +472,7 @@ impl TokenStore for PooledStore {
                 retry_after: None,
             })));
         }
-        let keys: Vec<String> = cells
-            .iter()
-            .map(|c| self.redis.redis_key("tk", c.key.as_str()))
-            .collect();
+        let keys: Vec<Key> = cells.iter().map(|c| c.key.clone()).collect();
         match self.tokens_local(&keys, amount, Instant::now()) {
             TokenLocal::Reserved => Box::pin(std::future::ready(Ok(TokenDecision::Reserved))),
             TokenLocal::Refused(binding, wait) => {
@@ -445,8 +497,7 @@ impl TokenStore for PooledStore {
     ) -> StoreFuture<Result<(), StoreError>> {
         let mut pools = lock(&self.tokens);
         for c in cells.iter() {
-            let key = self.redis.redis_key("tk", c.key.as_str());
-            let pool = pools.entry(key).or_default();
+            let pool = pools.entry(c.key.clone()).or_default();
             pool.in_flight = pool.in_flight.saturating_sub(reserved);
             let back = i64::try_from(reserved).unwrap_or(i64::MAX)
                 - i64::try_from(used).unwrap_or(i64::MAX);
