@@ -49,6 +49,11 @@ pub(crate) async fn run(args: &Args) -> Result<(), BoxError> {
     policy.primary.url = provider.url();
     policy.fallbacks.clear();
     policy.cache = None;
+    // With no fallback to move on to, every request waits its turn: the whole burst must
+    // fit within the wait allowed (the demo's 30 s would refuse the tail of the full run).
+    if let Some(rl) = policy.rate_limit.as_mut() {
+        rl.max_wait = Some(tollgate::policy::Dur(Duration::from_secs(180)));
+    }
     let client: Client<HttpConnector, BoxBody> = Client::builder(TokioExecutor::new()).build_http();
     let svc = policy.build::<_, _, Full<Bytes>>(client)?;
 
