@@ -184,3 +184,137 @@ async fn failing_open_holds_to_the_local_share_and_recovers() {
         send(&svc).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_fail_closed_or_open_and_come_back() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use tollgate_tpm::{Budget, TokenQuota, TpmLayer};
+
+    let Some(mut server) = Server::start("budgets_fail_closed_or_open_and_come_back") else {
+        return;
+    };
+    // Answers every request as having used 100 tokens.
+    let provider = service_fn(|_: Request<tollgate_core::facts::ReplayBody>| async {
+        let body = r#"{"choices":[],"usage":{"prompt_tokens":50,"completion_tokens":50,"total_tokens":100}}"#;
+        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
+            body.as_bytes(),
+        ))))
+    });
+    let layer = |on_failure| {
+        let store = RedisStore::open(&server.url())
+            .unwrap()
+            .timeout(Duration::from_millis(100));
+        TpmLayer::builder()
+            .budget(Budget::new("tpm", TokenQuota::per_minute(4_000)))
+            .store(store, on_failure)
+            .build()
+    };
+    let closed = layer(OnStoreFailure::Closed).layer(provider);
+    let open = layer(OnStoreFailure::Open { instances: 4 }).layer(provider);
+    let chat = || {
+        Request::post("/v1/chat/completions")
+            .body(Full::new(Bytes::from_static(
+                br#"{"model":"gpt-4o","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#,
+            )))
+            .unwrap()
+    };
+    closed
+        .clone()
+        .oneshot(chat())
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+
+    server.kill();
+    let err = closed.clone().oneshot(chat()).await.unwrap_err();
+    assert!(err.downcast_ref::<StoreError>().is_some(), "{err}");
+    // Open: a quarter of 4,000 tokens, about 110 reserved each: nine pass, not 36.
+    let mut passed = 0;
+    for _ in 0..20 {
+        if let Ok(res) = open.clone().oneshot(chat()).await {
+            res.into_body().collect().await.unwrap();
+            passed += 1;
+        }
+    }
+    assert!(
+        (8..=10).contains(&passed),
+        "{passed} passed on this instance's share"
+    );
+
+    server.restart().unwrap();
+    let start = Instant::now();
+    loop {
+        if let Ok(res) = closed.clone().oneshot(chat()).await {
+            res.into_body().collect().await.unwrap();
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "not back within 3 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        start.elapsed() <= Duration::from_millis(1200),
+        "back within about a second: {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_without_redis_misses_quickly_and_finds_its_entries_after() {
+    use std::sync::Arc;
+    use tollgate_cache::key::CacheKey;
+    use tollgate_cache::store::{CacheStore, Stored};
+
+    let Some(mut server) =
+        Server::start("a_cache_without_redis_misses_quickly_and_finds_its_entries_after")
+    else {
+        return;
+    };
+    let store = RedisStore::open(&server.url())
+        .unwrap()
+        .timeout(Duration::from_millis(100));
+    let value = Arc::new(Stored {
+        status: http::StatusCode::OK,
+        headers: http::HeaderMap::new(),
+        frames: vec![bytes::Bytes::from_static(b"{}")],
+        stream: false,
+    });
+    let key = CacheKey([7; 32]);
+    store
+        .put(key, Arc::clone(&value), Duration::from_secs(60))
+        .await;
+    assert!(store.get(&key).await.is_some());
+    server.kill();
+    let t = Instant::now();
+    assert!(store.get(&key).await.is_none(), "a miss, not an error");
+    store.put(key, value, Duration::from_secs(60)).await;
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "bounded by the timeout: {:?}",
+        t.elapsed()
+    );
+    server.restart().unwrap();
+    // Redis kept nothing; a new entry is stored and found again.
+    let start = Instant::now();
+    while store.get(&key).await.is_none() && start.elapsed() < Duration::from_secs(3) {
+        store
+            .put(
+                key,
+                Arc::new(Stored {
+                    status: http::StatusCode::OK,
+                    headers: http::HeaderMap::new(),
+                    frames: vec![],
+                    stream: false,
+                }),
+                Duration::from_secs(60),
+            )
+            .await;
+    }
+    assert!(store.get(&key).await.is_some(), "Redis is used again");
+}
