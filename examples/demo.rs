@@ -26,17 +26,18 @@ use hyper_util::rt::TokioExecutor;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tollgate::failover::X_TOLLGATE_BACKEND;
 use tollgate::policy::{BoxBody, Policy, PolicyService};
-use tollgate_testkit::workload::{Burst, Call};
+use tollgate_testkit::workload::{
+    demo_fallback, demo_faults, demo_primary, Burst, Call, DEMO_RPM, DEMO_TPM,
+};
 use tollgate_testkit::{Faults, Provider, Stats};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The primary's limits, as the simulated provider enforces them.
-const PRIMARY_RPM: u64 = 600;
-const PRIMARY_TPM: u64 = 100_000;
-/// The fallback's limits.
-const FALLBACK_RPM: u64 = 600;
-const FALLBACK_TPM: u64 = 100_000;
+/// The providers' limits (the fallback has the primary's).
+const PRIMARY_RPM: u64 = DEMO_RPM;
+const PRIMARY_TPM: u64 = DEMO_TPM;
+const FALLBACK_RPM: u64 = DEMO_RPM;
+const FALLBACK_TPM: u64 = DEMO_TPM;
 /// When the primary goes down, and for how long.
 const OUTAGE_AT: Duration = Duration::from_secs(1);
 const OUTAGE_FOR: Duration = Duration::from_secs(3);
@@ -54,30 +55,10 @@ struct Tally {
 }
 
 async fn providers() -> Result<(Provider, Provider), BoxError> {
-    let primary = Provider::builder()
-        .rpm(PRIMARY_RPM)
-        .tpm(PRIMARY_TPM)
-        .completion_tokens(80)
-        .latency(Duration::from_millis(150))
-        .chunk_delay(Duration::from_millis(15))
-        .tokens_per_chunk(8)
-        .faults(Faults {
-            server_error_rate: 0.02,
-            ..Faults::default()
-        })
-        .seed(7)
-        .spawn()
-        .await?;
-    let fallback = Provider::builder()
-        .rpm(FALLBACK_RPM)
-        .tpm(FALLBACK_TPM)
-        .completion_tokens(80)
-        .latency(Duration::from_millis(250))
-        .chunk_delay(Duration::from_millis(15))
-        .tokens_per_chunk(8)
-        .spawn()
-        .await?;
-    Ok((primary, fallback))
+    Ok((
+        demo_primary().spawn().await?,
+        demo_fallback().spawn().await?,
+    ))
 }
 
 /// Takes the primary down for a while, as providers do.
@@ -88,10 +69,7 @@ async fn outage(primary: &Provider, started: Instant) {
         ..Faults::default()
     });
     tokio::time::sleep(OUTAGE_FOR).await;
-    primary.set_faults(Faults {
-        server_error_rate: 0.02,
-        ..Faults::default()
-    });
+    primary.set_faults(demo_faults());
 }
 
 fn request(call: &Call, url: &str) -> Request<Full<Bytes>> {

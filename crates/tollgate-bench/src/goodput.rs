@@ -13,8 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tollgate::policy::{BoxBody, Policy};
-use tollgate_testkit::workload::{quota_floor, Burst};
-use tollgate_testkit::{Faults, Provider};
+use tollgate_testkit::workload::{demo_primary, quota_floor, Burst, DEMO_RPM, DEMO_TPM};
 use tower::ServiceExt;
 
 use crate::report;
@@ -22,25 +21,12 @@ use crate::Args;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-const RPM: u64 = 600;
-const TPM: u64 = 100_000;
+const RPM: u64 = DEMO_RPM;
+const TPM: u64 = DEMO_TPM;
 const POLICY: &str = include_str!("../../../examples/tollgate.yaml");
 
 pub(crate) async fn run(args: &Args) -> Result<(), BoxError> {
-    let provider = Provider::builder()
-        .rpm(RPM)
-        .tpm(TPM)
-        .completion_tokens(80)
-        .latency(Duration::from_millis(150))
-        .chunk_delay(Duration::from_millis(15))
-        .tokens_per_chunk(8)
-        .faults(Faults {
-            server_error_rate: 0.02,
-            ..Faults::default()
-        })
-        .seed(7)
-        .spawn()
-        .await?;
+    let provider = demo_primary().spawn().await?;
     // The demo's policy, for one backend and without the cache: every request costs quota.
     let mut policy = match &args.policy {
         Some(path) => Policy::from_path(path)?,

@@ -134,6 +134,41 @@ pub fn quota_floor(stats: &crate::Stats, rpm: u64, tpm: u64, window: Duration) -
     Duration::from_secs_f64(over(stats.ok, rpm).max(over(stats.tokens_served(), tpm)))
 }
 
+/// The demo's primary provider: 600 RPM, 100k TPM, 80-token answers after 150 ms,
+/// streamed 8 tokens every 15 ms, and 2% of answers 500 or 503 (seeded). The demo and the
+/// `goodput` benchmark both use it, so their figures describe the same provider.
+pub fn demo_primary() -> crate::ProviderBuilder {
+    crate::Provider::builder()
+        .rpm(DEMO_RPM)
+        .tpm(DEMO_TPM)
+        .completion_tokens(80)
+        .latency(Duration::from_millis(150))
+        .chunk_delay(Duration::from_millis(15))
+        .tokens_per_chunk(8)
+        .faults(demo_faults())
+        .seed(7)
+}
+
+/// The demo's fallback: the primary's limits, a little slower, no faults.
+pub fn demo_fallback() -> crate::ProviderBuilder {
+    demo_primary()
+        .latency(Duration::from_millis(250))
+        .faults(crate::Faults::default())
+}
+
+/// The demo primary's faults outside its outage.
+pub fn demo_faults() -> crate::Faults {
+    crate::Faults {
+        server_error_rate: 0.02,
+        ..crate::Faults::default()
+    }
+}
+
+/// The demo providers' requests per minute.
+pub const DEMO_RPM: u64 = 600;
+/// The demo providers' tokens per minute.
+pub const DEMO_TPM: u64 = 100_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
