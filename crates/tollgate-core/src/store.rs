@@ -101,7 +101,11 @@ pub struct TokenCell {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenDecision {
     /// The tokens were taken from every bucket and are held until settled.
-    Reserved,
+    Reserved {
+        /// The store's name for this reservation, given back to
+        /// [`TokenStore::settle`] (0 from a store that keeps no record per reservation).
+        hold: u64,
+    },
     /// None were taken; the bucket at `binding` binds. `retry_after` is when all would
     /// have enough, or `None` when the amount is more than a bucket can ever hold.
     Denied {
@@ -122,11 +126,12 @@ pub trait TokenStore: Send + Sync + 'static {
         amount: u64,
     ) -> StoreFuture<Result<TokenDecision, StoreError>>;
 
-    /// Releases a reservation of `reserved` tokens of which `used` were spent: the rest
-    /// goes back, or, when more was used, the difference is taken too.
+    /// Releases the reservation `hold` of `reserved` tokens of which `used` were spent: the
+    /// rest goes back, or, when more was used, the difference is taken too.
     fn settle(
         &self,
         cells: Arc<[TokenCell]>,
+        hold: u64,
         reserved: u64,
         used: u64,
     ) -> StoreFuture<Result<(), StoreError>>;

@@ -24,11 +24,11 @@
 //! Hand it to the layers with `RateLimitBuilder::store`, `TpmBuilder::store` and
 //! `CacheBuilder::store`, or write `store: redis://…` in a policy file.
 //!
-//! **Known limits.** A settlement that never reaches Redis (Redis away at that moment and
-//! for the three tries after it, or the process killed with requests in flight) leaves
-//! its tokens held until the bucket's key expires, which an active bucket's never does;
-//! likewise a pooled instance that dies keeps its unspent slices. Holds carry no
-//! deadline of their own yet.
+//! **Holds end.** Every reservation is a hold with a deadline ([`RedisStore::max_hold`],
+//! 10 minutes by default): a settlement that never arrives (the process killed with
+//! requests in flight, or Redis away when it tried three times) is released as fully
+//! spent at the deadline, not held for ever. Known limit: a pooled instance that dies
+//! keeps its unspent slices until the bucket's key expires.
 //!
 //! Why redis-rs and not fred: both are maintained and async; redis-rs is the one most
 //! Rust services already link, its `ConnectionManager` and `Script` are exactly the two
@@ -94,6 +94,10 @@ pub struct RedisStore {
     conn: ConnectionManager,
     namespace: Arc<str>,
     timeout: Duration,
+    max_hold: Duration,
+    /// Names this process's holds apart from every other's.
+    nonce: u64,
+    next_hold: Arc<std::sync::atomic::AtomicU64>,
     scripts: Arc<Scripts>,
     #[cfg(feature = "cache")]
     max_entry_bytes: usize,
@@ -133,12 +137,21 @@ impl RedisStore {
             conn,
             namespace: "{tollgate}".into(),
             timeout: DEFAULT_TIMEOUT,
+            max_hold: Duration::from_secs(600),
+            nonce: {
+                use std::hash::{BuildHasher, Hasher};
+                // std's RandomState is seeded from the OS: a process's own random number.
+                let mut h = std::hash::RandomState::new().build_hasher();
+                h.write_u32(std::process::id());
+                h.finish()
+            },
+            next_hold: Arc::new(std::sync::atomic::AtomicU64::new(1)),
             scripts: Arc::new(Scripts {
                 gcra: Script::new(scripts::GCRA),
                 borrow: Script::new(scripts::BORROW),
-                token_borrow: Script::new(scripts::TOKEN_BORROW),
-                reserve: Script::new(scripts::RESERVE),
-                settle: Script::new(scripts::SETTLE),
+                token_borrow: Script::new(&scripts::token_borrow()),
+                reserve: Script::new(&scripts::reserve()),
+                settle: Script::new(&scripts::settle()),
             }),
             #[cfg(feature = "cache")]
             max_entry_bytes: 4 * 1024 * 1024,
@@ -156,6 +169,19 @@ impl RedisStore {
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    /// The longest a reservation is held for a request that never settles it (10 min by
+    /// default): a process that died, or a settlement that could not reach Redis. Past
+    /// it, the hold is released as fully spent.
+    pub fn max_hold(mut self, d: Duration) -> Self {
+        self.max_hold = d;
+        self
+    }
+
+    /// The sorted-set member naming hold `hold` of `amount` tokens.
+    fn hold_member(&self, hold: u64, amount: u64) -> String {
+        format!("{:016x}{hold:016x}:{amount}", self.nonce)
     }
 
     /// The Redis key of `key` for `kind`: the namespace, the kind, and 128 bits of the
@@ -233,10 +259,17 @@ impl TokenStore for RedisStore {
     ) -> StoreFuture<Result<TokenDecision, StoreError>> {
         let this = self.clone();
         Box::pin(async move {
+            let hold = this
+                .next_hold
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut inv = this.scripts.reserve.prepare_invoke();
-            inv.arg(amount).arg(token_ttl_ms(&cells));
+            inv.arg(amount)
+                .arg(token_ttl_ms(&cells))
+                .arg(this.hold_member(hold, amount))
+                .arg(micros(this.max_hold));
             for c in cells.iter() {
                 inv.key(this.redis_key("tk", c.key.as_str()))
+                    .key(this.redis_key("tkh", c.key.as_str()))
                     .arg(c.capacity)
                     .arg(micros(c.window));
             }
@@ -244,7 +277,7 @@ impl TokenStore for RedisStore {
             let (ok, binding, wait): (i64, i64, i64) =
                 Self::timed(this.timeout, inv.invoke_async(&mut conn)).await?;
             Ok(if ok == 1 {
-                TokenDecision::Reserved
+                TokenDecision::Reserved { hold }
             } else {
                 TokenDecision::Denied {
                     binding: usize::try_from(binding).unwrap_or(0),
@@ -257,15 +290,20 @@ impl TokenStore for RedisStore {
     fn settle(
         &self,
         cells: Arc<[TokenCell]>,
+        hold: u64,
         reserved: u64,
         used: u64,
     ) -> StoreFuture<Result<(), StoreError>> {
         let this = self.clone();
         Box::pin(async move {
             let mut inv = this.scripts.settle.prepare_invoke();
-            inv.arg(reserved).arg(used).arg(token_ttl_ms(&cells));
+            inv.arg(reserved)
+                .arg(used)
+                .arg(token_ttl_ms(&cells))
+                .arg(this.hold_member(hold, reserved));
             for c in cells.iter() {
                 inv.key(this.redis_key("tk", c.key.as_str()))
+                    .key(this.redis_key("tkh", c.key.as_str()))
                     .arg(c.capacity)
                     .arg(micros(c.window));
             }

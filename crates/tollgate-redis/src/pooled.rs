@@ -359,7 +359,7 @@ impl PooledStore {
         let _one_at_a_time = self.borrowing.lock().await;
         let now = Instant::now();
         match self.tokens_local(keys, amount, now) {
-            TokenLocal::Reserved => return Ok(TokenDecision::Reserved),
+            TokenLocal::Reserved => return Ok(TokenDecision::Reserved { hold: 0 }),
             TokenLocal::Refused(binding, wait) => {
                 return Ok(TokenDecision::Denied {
                     binding,
@@ -400,6 +400,7 @@ impl PooledStore {
                 wanted.push(want > 0);
                 given.push((back_lent, back_free));
                 inv.key(self.redis.redis_key("tk", k.as_str()))
+                    .key(self.redis.redis_key("tkh", k.as_str()))
                     .arg(c.capacity)
                     .arg(crate::micros(c.window))
                     .arg(want)
@@ -456,7 +457,7 @@ impl PooledStore {
             pool.free -= need;
             pool.in_flight += amount;
         }
-        Ok(TokenDecision::Reserved)
+        Ok(TokenDecision::Reserved { hold: 0 })
     }
 }
 
@@ -474,7 +475,9 @@ impl TokenStore for PooledStore {
         }
         let keys: Vec<Key> = cells.iter().map(|c| c.key.clone()).collect();
         match self.tokens_local(&keys, amount, Instant::now()) {
-            TokenLocal::Reserved => Box::pin(std::future::ready(Ok(TokenDecision::Reserved))),
+            TokenLocal::Reserved => {
+                Box::pin(std::future::ready(Ok(TokenDecision::Reserved { hold: 0 })))
+            }
             TokenLocal::Refused(binding, wait) => {
                 Box::pin(std::future::ready(Ok(TokenDecision::Denied {
                     binding,
@@ -492,6 +495,7 @@ impl TokenStore for PooledStore {
     fn settle(
         &self,
         cells: Arc<[TokenCell]>,
+        _hold: u64,
         reserved: u64,
         used: u64,
     ) -> StoreFuture<Result<(), StoreError>> {

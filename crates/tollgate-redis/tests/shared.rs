@@ -196,7 +196,7 @@ async fn reserve_and_settle(stores: Vec<Arc<dyn TokenStore>>) {
                 while start.elapsed() < run {
                     let amount = 200 + next(1800);
                     match store.reserve(Arc::clone(&cells), amount).await.unwrap() {
-                        TokenDecision::Reserved => {
+                        TokenDecision::Reserved { hold } => {
                             let now = held.fetch_add(amount, Ordering::SeqCst) + amount;
                             most_held.fetch_max(now, Ordering::SeqCst);
                             tokio::time::sleep(Duration::from_millis(next(20))).await;
@@ -205,7 +205,7 @@ async fn reserve_and_settle(stores: Vec<Arc<dyn TokenStore>>) {
                             held.fetch_sub(amount, Ordering::SeqCst);
                             spent.fetch_add(used, Ordering::SeqCst);
                             store
-                                .settle(Arc::clone(&cells), amount, used)
+                                .settle(Arc::clone(&cells), hold, amount, used)
                                 .await
                                 .unwrap();
                         }
@@ -299,10 +299,10 @@ async fn an_amount_larger_than_the_bucket_is_refused_for_good() {
             retry_after: None
         }
     );
-    assert_eq!(
-        store.reserve(Arc::clone(&cells), 100).await.unwrap(),
-        TokenDecision::Reserved
-    );
+    let TokenDecision::Reserved { hold } = store.reserve(Arc::clone(&cells), 100).await.unwrap()
+    else {
+        panic!("reserved");
+    };
     // Held, not free: a second reservation waits for the first to settle.
     assert!(matches!(
         store.reserve(Arc::clone(&cells), 1).await.unwrap(),
@@ -311,11 +311,56 @@ async fn an_amount_larger_than_the_bucket_is_refused_for_good() {
             ..
         }
     ));
-    store.settle(Arc::clone(&cells), 100, 40).await.unwrap();
-    assert_eq!(
+    store
+        .settle(Arc::clone(&cells), hold, 100, 40)
+        .await
+        .unwrap();
+    assert!(matches!(
         store.reserve(Arc::clone(&cells), 60).await.unwrap(),
-        TokenDecision::Reserved
-    );
+        TokenDecision::Reserved { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_hold_never_settled_ends_at_its_deadline() {
+    let Some(url) = tollgate_testkit::redis::redis_url("a_hold_never_settled_ends_at_its_deadline")
+    else {
+        return;
+    };
+    let ns = fresh_namespace("holds");
+    // 100 tokens a second. A request reserves them all and its process dies: no settle.
+    let cells: Arc<[TokenCell]> = Arc::new([TokenCell {
+        key: Key::new("t"),
+        capacity: 100,
+        window: Duration::from_secs(1),
+    }]);
+    let forever = RedisStore::open(&url).unwrap().namespace(&ns);
+    let deadline = RedisStore::open(&url)
+        .unwrap()
+        .namespace(&fresh_namespace("holds-deadline"))
+        .max_hold(Duration::from_millis(200));
+    for store in [&forever, &deadline] {
+        assert!(matches!(
+            store.reserve(Arc::clone(&cells), 100).await.unwrap(),
+            TokenDecision::Reserved { .. }
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Held for ever (10 min), nothing refills into it; past a 200 ms deadline, the hold
+    // counts as spent and the bucket refills.
+    assert!(matches!(
+        forever.reserve(Arc::clone(&cells), 50).await.unwrap(),
+        TokenDecision::Denied { .. }
+    ));
+    let TokenDecision::Reserved { hold } = deadline.reserve(Arc::clone(&cells), 50).await.unwrap()
+    else {
+        panic!("the expired hold no longer holds the bucket");
+    };
+    // A settle that arrives after its hold's deadline gives back only what was unused.
+    deadline
+        .settle(Arc::clone(&cells), hold, 50, 50)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

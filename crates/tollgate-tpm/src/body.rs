@@ -36,6 +36,7 @@ pub(crate) struct Settlement {
 pub(crate) struct RemoteHold {
     pub(crate) store: Arc<dyn TokenStore>,
     pub(crate) cells: Arc<[TokenCell]>,
+    pub(crate) hold: u64,
 }
 
 impl std::fmt::Debug for RemoteHold {
@@ -58,10 +59,10 @@ impl RemoteHold {
             );
             return;
         };
-        let (store, cells) = (Arc::clone(&self.store), Arc::clone(&self.cells));
+        let (store, cells, hold) = (Arc::clone(&self.store), Arc::clone(&self.cells), self.hold);
         runtime.spawn(async move {
             for attempt in 0..3u32 {
-                match store.settle(Arc::clone(&cells), reserved, used).await {
+                match store.settle(Arc::clone(&cells), hold, reserved, used).await {
                     Ok(()) => return,
                     Err(e) if attempt == 2 => {
                         tracing::warn!(error = %e, reserved, used, "a shared reservation could not be settled; its tokens stay held");

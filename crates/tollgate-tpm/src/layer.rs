@@ -396,11 +396,12 @@ async fn reserve_in_store(
     };
     loop {
         match remote.store.reserve(Arc::clone(&cells), ticket.cost).await {
-            Ok(TokenDecision::Reserved) => {
+            Ok(TokenDecision::Reserved { hold }) => {
                 remote.health.answered("tpm");
                 return Ok(Some(RemoteHold {
                     store: Arc::clone(&remote.store),
                     cells,
+                    hold,
                 }));
             }
             Ok(TokenDecision::Denied {

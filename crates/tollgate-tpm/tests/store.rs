@@ -40,7 +40,7 @@ impl TokenStore for Scripted {
             Ok(d)
         } else {
             self.reserved.lock().unwrap().push((cells.to_vec(), amount));
-            Ok(TokenDecision::Reserved)
+            Ok(TokenDecision::Reserved { hold: 7 })
         };
         Box::pin(std::future::ready(answer))
     }
@@ -48,9 +48,11 @@ impl TokenStore for Scripted {
     fn settle(
         &self,
         _: Arc<[TokenCell]>,
+        hold: u64,
         reserved: u64,
         used: u64,
     ) -> StoreFuture<Result<(), StoreError>> {
+        assert_eq!(hold, 7, "the hold the store named");
         self.settled.lock().unwrap().push((reserved, used));
         Box::pin(std::future::ready(Ok(())))
     }
