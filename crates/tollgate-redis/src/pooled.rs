@@ -39,7 +39,10 @@ pub struct PooledStore {
     lease: Duration,
     state: Arc<Shards>,
     tokens: Arc<Mutex<HashMap<Key, TokenPool>>>,
-    borrowing: Arc<tokio::sync::Mutex<()>>,
+    /// One borrow at a time per shard of buckets (and one for budgets): a task finding
+    /// its slice empty waits for the borrow in flight rather than borrowing again.
+    borrowing: Arc<[tokio::sync::Mutex<()>]>,
+    borrowing_tokens: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A token bucket's slice in process.
@@ -145,7 +148,8 @@ impl PooledStore {
             lease: Duration::from_millis(250),
             state: Arc::new(Shards::new()),
             tokens: Arc::default(),
-            borrowing: Arc::default(),
+            borrowing: (0..32).map(|_| tokio::sync::Mutex::new(())).collect(),
+            borrowing_tokens: Arc::default(),
         }
     }
 
@@ -204,7 +208,14 @@ impl PooledStore {
     }
 
     async fn borrow(&self, cells: &[RateCell], keys: &[Key]) -> Result<RateDecision, StoreError> {
-        let _one_at_a_time = self.borrowing.lock().await;
+        let mut shards: Vec<usize> = keys.iter().map(|k| self.state.shard(k)).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        // In ascending order, so two borrows never wait on each other in a cycle.
+        let mut _one_at_a_time = Vec::with_capacity(shards.len());
+        for i in shards {
+            _one_at_a_time.push(self.borrowing[i].lock().await);
+        }
         let now = Instant::now();
         // Another task may have borrowed while this one waited.
         match self.local(keys, now) {
@@ -288,6 +299,23 @@ impl PooledStore {
 
 impl RateStore for PooledStore {
     fn acquire(&self, cells: Arc<[RateCell]>) -> StoreFuture<Result<RateDecision, StoreError>> {
+        // One bucket, the common case: one shard, nothing allocated.
+        if let [cell] = &*cells {
+            let now = Instant::now();
+            let mut map = lock(&self.state.maps[self.state.shard(&cell.key)]);
+            if let Some(pool) = map.get_mut(&cell.key) {
+                if let Some(until) = pool.refused_until.filter(|u| *u > now) {
+                    return Box::pin(std::future::ready(Ok(RateDecision::Denied {
+                        binding: 0,
+                        retry_after: until - now,
+                    })));
+                }
+                if pool.cells > 0 && pool.lease_end.is_some_and(|end| end > now) {
+                    pool.cells -= 1;
+                    return Box::pin(std::future::ready(Ok(RateDecision::Admitted)));
+                }
+            }
+        }
         // Local pools are found by the cell's own key; only a borrow hashes it for Redis.
         let keys: Vec<Key> = cells.iter().map(|c| c.key.clone()).collect();
         match self.local(&keys, Instant::now()) {
@@ -356,7 +384,7 @@ impl PooledStore {
         keys: &[Key],
         amount: u64,
     ) -> Result<TokenDecision, StoreError> {
-        let _one_at_a_time = self.borrowing.lock().await;
+        let _one_at_a_time = self.borrowing_tokens.lock().await;
         let now = Instant::now();
         match self.tokens_local(keys, amount, now) {
             TokenLocal::Reserved => return Ok(TokenDecision::Reserved { hold: 0 }),
