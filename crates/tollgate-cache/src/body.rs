@@ -31,6 +31,27 @@ pub(crate) struct Recording {
     pub(crate) too_big: bool,
 }
 
+/// The frames copied into one allocation of exactly their size, each frame a slice of it.
+/// A frame as it arrived is often a slice of the HTTP client's read buffer, many times
+/// its size: kept as it is, an entry would hold that whole buffer while the cache counts
+/// only the entry's bytes.
+fn compact(frames: &[Bytes], size: usize) -> Vec<Bytes> {
+    let mut all = bytes::BytesMut::with_capacity(size);
+    for f in frames {
+        all.extend_from_slice(f);
+    }
+    let all = all.freeze();
+    let mut at = 0;
+    frames
+        .iter()
+        .map(|f| {
+            let part = all.slice(at..at + f.len());
+            at += f.len();
+            part
+        })
+        .collect()
+}
+
 impl Recording {
     fn keep(&mut self, data: &Bytes) {
         if self.too_big {
@@ -56,7 +77,7 @@ impl Recording {
         let stored = Arc::new(Stored {
             status: self.status,
             headers: std::mem::take(&mut self.headers),
-            frames: std::mem::take(&mut self.frames),
+            frames: compact(&self.frames, self.size),
             stream: self.stream,
         });
         // Write it now when the store can (the in-memory one always can), so the very next

@@ -351,3 +351,65 @@ async fn ttls_per_model_and_per_route() {
     assert_eq!(send(&svc, chat("a", Q)).await.0, "miss");
     assert_eq!(calls.load(Ordering::SeqCst), 4);
 }
+
+/// A store that keeps what it is given, to look at.
+#[derive(Clone, Default)]
+struct Kept(Arc<std::sync::Mutex<Vec<Arc<tollgate_cache::store::Stored>>>>);
+
+impl tollgate_cache::store::CacheStore for Kept {
+    fn get<'a>(
+        &'a self,
+        _: &'a tollgate_cache::key::CacheKey,
+    ) -> tollgate_cache::store::StoreFuture<'a, Option<Arc<tollgate_cache::store::Stored>>> {
+        Box::pin(std::future::ready(None))
+    }
+    fn put(
+        &self,
+        _: tollgate_cache::key::CacheKey,
+        value: Arc<tollgate_cache::store::Stored>,
+        _: Duration,
+    ) -> tollgate_cache::store::StoreFuture<'_, ()> {
+        self.0.lock().unwrap().push(value);
+        Box::pin(std::future::ready(()))
+    }
+}
+
+#[tokio::test]
+async fn an_entry_holds_its_own_bytes_not_the_buffer_they_arrived_in() {
+    // The answer arrives as a small slice of a large buffer, as hyper's reads do.
+    let buffer = Bytes::from(vec![b' '; 1 << 20]);
+    let answer = {
+        let mut v = buffer.to_vec();
+        v[..2].copy_from_slice(b"{}");
+        Bytes::from(v)
+    };
+    let range = answer.as_ptr() as usize..answer.as_ptr() as usize + answer.len();
+    let frame = answer.slice(0..2);
+    let kept = Kept::default();
+    let layer = CacheLayer::builder().store(kept.clone()).build();
+    let svc = layer.layer(tower::service_fn(move |_: Request<ReplayBody>| {
+        let frame = frame.clone();
+        async move {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(frame))
+                    .unwrap(),
+            )
+        }
+    }));
+    let req = Request::post("/v1/chat/completions")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"m","messages":[]}"#,
+        )))
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    res.into_body().collect().await.unwrap();
+    let stored = kept.0.lock().unwrap()[0].clone();
+    assert_eq!(&stored.frames[0][..], b"{}");
+    let at = stored.frames[0].as_ptr() as usize;
+    assert!(
+        !range.contains(&at),
+        "the entry must not point into the 1 MiB buffer"
+    );
+}
