@@ -14,9 +14,10 @@
 //! - **Cooldown:** a backend that fails repeatedly (3 times in 30 s) or answers 429/503
 //!   with a long `Retry-After` is set aside — for the hint when given — then given one
 //!   trial request, and brought back on success ([`Cooldown`]). The state is shared by
-//!   every clone. When every backend is cooling, the request waits for the first one back
-//!   (up to a bound) or is refused with the time until one is ([`AllCooling`]) — never a
-//!   bare "no deployments available".
+//!   every clone. When no backend can take the request now — each cooling, or saying
+//!   when it can (its limiter's wait, a `Retry-After`) — the request waits for the first
+//!   one back (up to a bound) or is refused with the time until one is ([`AllCooling`]) —
+//!   never a bare "no deployments available".
 //! - **`poll_ready` never waits for all backends** (tower's `Steer` does, and one slow
 //!   backend blocks the rest): a backend that is not ready is passed over.
 //! - **Streams:** failover happens only before the first byte reaches the caller; an SSE

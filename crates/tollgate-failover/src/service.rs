@@ -119,7 +119,7 @@ impl Why {
     }
 }
 
-/// When every backend is cooling.
+/// When no backend can take a request now: every one cooling, or saying when it can.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AllCooling {
     /// Refuse at once, saying when the first backend is back (the default).
@@ -491,11 +491,19 @@ where
                         Some((why, hint)) => {
                             metrics::counter!("tollgate_failover_moved_on_total", "backend" => backend.name.to_string(), "why" => why.as_str()).increment(1);
                             tracing::debug!(backend = %backend.name, why = why.as_str(), "moving on to the next backend");
-                            if let Some(d) =
-                                health.failure(shared.clock.now(), hint, &shared.cooldown)
-                            {
+                            let entered =
+                                health.failure(shared.clock.now(), hint, &shared.cooldown);
+                            if let Some(d) = entered {
                                 metrics::counter!("tollgate_failover_cooldowns_total", "backend" => backend.name.to_string()).increment(1);
                                 tracing::info!(backend = %backend.name, cooldown_ms = d.as_millis() as u64, "backend set aside");
+                            }
+                            // When it said when it could take the request (its limiter's
+                            // wait, a server's hint) or was set aside until then, that is
+                            // when it is back: a request that may wait for the first
+                            // backend back waits for this one too.
+                            if let Some(d) = entered.or(hint) {
+                                let back = shared.clock.now() + d;
+                                earliest = Some(earliest.map_or(back, |e| e.min(back)));
                             }
                             last = Some(match read_body {
                                 Some((rp, bytes)) => Ok(Err((rp, bytes))),

@@ -73,3 +73,57 @@ async fn the_layer_makes_the_wrapped_service_the_primary() {
     let res = svc.oneshot(req()).await.unwrap();
     assert_eq!(res.headers()[X_TOLLGATE_BACKEND], "primary");
 }
+
+/// A backend whose limiter refuses its first `n` requests, saying when it will admit.
+fn full_for(
+    n: u32,
+    wait: std::time::Duration,
+    tag: &'static str,
+) -> BoxCloneSyncService<Request<ReplayBody>, Response<Full<Bytes>>, tollgate_core::BoxError> {
+    let calls = Arc::new(AtomicU32::new(0));
+    BoxCloneSyncService::new(tower::service_fn(move |_: Request<ReplayBody>| {
+        let call = calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if call < n {
+                let r = tollgate_core::refusal::Refusal::new(
+                    tollgate_core::refusal::LimitKind::Requests,
+                    "rpm",
+                    Some(wait),
+                )
+                .with_reason(tollgate_core::refusal::Reason::WaitTooLong);
+                return Err(r.into());
+            }
+            Ok(Response::new(Full::new(Bytes::from(tag))))
+        }
+    }))
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_every_backend_full_it_waits_for_the_first_to_admit() {
+    // Neither backend can take the request now: their limiters say in 2 s and 8 s. With
+    // a wait allowed when no backend can answer, the request waits the 2 s for the first
+    // rather than failing.
+    let svc = Failover::builder()
+        .backend(Backend::new(
+            "primary",
+            full_for(1, std::time::Duration::from_secs(2), "primary"),
+        ))
+        .backend(
+            Backend::new(
+                "fallback",
+                full_for(1, std::time::Duration::from_secs(8), "fallback"),
+            )
+            .priority(1),
+        )
+        .all_cooling(tollgate_failover::AllCooling::Wait(
+            std::time::Duration::from_secs(5),
+        ))
+        .build();
+    let start = tokio::time::Instant::now();
+    let res = svc
+        .oneshot(req())
+        .await
+        .expect("served once the primary admits");
+    assert_eq!(res.headers()[X_TOLLGATE_BACKEND], "primary");
+    assert_eq!(start.elapsed(), std::time::Duration::from_secs(2));
+}
