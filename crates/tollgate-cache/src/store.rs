@@ -4,6 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use tollgate_core::clock::later;
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
@@ -108,7 +109,7 @@ impl CacheStore for MemoryStore {
     }
 
     fn put(&self, key: CacheKey, value: Arc<Stored>, ttl: Duration) -> StoreFuture<'_, ()> {
-        let expires = self.clock.now() + ttl;
+        let expires = later(self.clock.now(), ttl);
         metrics::counter!("tollgate_cache_stored_bytes_total").increment(value.size() as u64);
         self.cache.insert(key, Entry { value, expires });
         Box::pin(std::future::ready(()))

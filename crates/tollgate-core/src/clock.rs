@@ -31,6 +31,17 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+/// `at + d`, or a time about a century away when that sum would overflow (a `max_wait`
+/// of `Duration::MAX`, a store's absurd wait): to every caller a wait that long means
+/// "not in this process's life", and no setting or input may make the sum panic, as
+/// `Instant + Duration` does.
+pub fn later(at: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    at.checked_add(d)
+        .or_else(|| at.checked_add(CENTURY))
+        .unwrap_or(at)
+}
+
 /// A boxed sleep returned by [`Clock::sleep_until`].
 pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
@@ -47,7 +58,7 @@ pub trait Clock: fmt::Debug + Send + Sync + 'static {
 
     /// A future that completes after `duration` has passed on this clock.
     fn sleep(&self, duration: Duration) -> Sleep {
-        self.sleep_until(self.now() + duration)
+        self.sleep_until(later(self.now(), duration))
     }
 }
 
@@ -276,6 +287,17 @@ mod tests {
         let waker = Waker::noop();
         let mut cx = Context::from_waker(waker);
         fut.as_mut().poll(&mut cx)
+    }
+
+    #[test]
+    fn later_never_panics_and_is_exact_when_it_can_be() {
+        let now = Instant::now();
+        assert_eq!(
+            later(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        let far = later(now, Duration::MAX);
+        assert!(far > now + Duration::from_secs(50 * 365 * 24 * 3600));
     }
 
     #[test]

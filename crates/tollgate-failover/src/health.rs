@@ -2,6 +2,7 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+use tollgate_core::clock::later;
 
 use tokio::time::Instant;
 
@@ -109,7 +110,14 @@ impl Health {
         rules: &Cooldown,
     ) -> Option<Duration> {
         let mut s = self.lock();
-        let cool = |d: Duration| (State::Cooling { until: now + d }, Some(d));
+        let cool = |d: Duration| {
+            (
+                State::Cooling {
+                    until: later(now, d),
+                },
+                Some(d),
+            )
+        };
         let (next, entered) = match &mut *s {
             // A failed trial: back to cooling.
             State::Trial { .. } | State::Cooling { .. } => cool(hint.unwrap_or(rules.duration)),

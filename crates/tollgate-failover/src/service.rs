@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tollgate_core::clock::later;
 
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -502,7 +503,7 @@ where
                             // when it is back: a request that may wait for the first
                             // backend back waits for this one too.
                             if let Some(d) = entered.or(hint) {
-                                let back = shared.clock.now() + d;
+                                let back = later(shared.clock.now(), d);
                                 earliest = Some(earliest.map_or(back, |e| e.min(back)));
                             }
                             last = Some(match read_body {

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use tollgate_core::clock::later;
 
 use http::Response;
 use pin_project_lite::pin_project;
@@ -125,7 +126,7 @@ impl<S, Req> RemoteWait<S, Req> {
                             );
                             return Poll::Ready(Decided::Refused(r.into()));
                         }
-                        Some(deadline) if clock.now() + retry_after > deadline => {
+                        Some(deadline) if later(clock.now(), retry_after) > deadline => {
                             let r = limits.refusal(
                                 &self.keys,
                                 binding,

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use tollgate_core::clock::later;
 
 use http::{Request, Response};
 use tollgate_core::clock::Clock;
@@ -83,7 +84,7 @@ where
         if let Some(remote) = self.remote.as_ref().filter(|_| !limits.any_closed()) {
             let ask = remote.health.should_ask(shared.clock().now());
             let deadline = match shared.mode() {
-                Mode::Wait { max_wait, .. } => Some(shared.clock().now() + max_wait),
+                Mode::Wait { max_wait, .. } => Some(later(shared.clock().now(), max_wait)),
                 Mode::Refuse => None,
             };
             let fresh = self.inner.clone();

@@ -156,3 +156,21 @@ async fn failing_open_holds_to_this_instances_share() {
         (Duration::from_millis(1500), 40)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn absurd_waits_and_bounds_never_panic() {
+    // A store answering a wait of centuries, under a max_wait of Duration::MAX.
+    let store = Scripted::default();
+    let layer = RateLimitLayer::builder()
+        .limit(limit())
+        .wait(Duration::MAX)
+        .store(store.clone(), OnStoreFailure::Closed)
+        .build();
+    let mut svc = layer.layer(ok_service());
+    *store.deny_for.lock().unwrap() = Some(Duration::from_secs(u64::MAX / 4));
+    let err = tokio::time::timeout(Duration::from_secs(1), send(&mut svc, req("acme"))).await;
+    // Refused at once as too long, or still waiting: either way, no panic.
+    if let Ok(res) = err {
+        assert_eq!(refusal(res.unwrap_err()).reason(), Reason::WaitTooLong);
+    }
+}

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+use tollgate_core::clock::later;
 
 use tokio::time::Instant;
 use tollgate_core::key::Key;
@@ -275,7 +276,7 @@ impl PooledStore {
                 .get(binding)
                 .and_then(|k| self.state.pool(&mut guards, k))
             {
-                pool.refused_until = Some(now + retry_after);
+                pool.refused_until = Some(later(now, retry_after));
             }
             return Ok(RateDecision::Denied {
                 binding,
@@ -288,7 +289,7 @@ impl PooledStore {
             };
             if *wanted {
                 pool.cells = u32::try_from(*grant).unwrap_or(0);
-                pool.lease_end = Some(now + self.lease);
+                pool.lease_end = Some(later(now, self.lease));
             }
             // One cell of every bucket is this request's.
             pool.cells = pool.cells.saturating_sub(1);
@@ -371,8 +372,8 @@ impl PooledStore {
         }
         for k in keys {
             if let Some(pool) = pools.get_mut(k) {
-                pool.free -= need;
-                pool.in_flight += amount;
+                pool.free = pool.free.saturating_sub(need);
+                pool.in_flight = pool.in_flight.saturating_add(amount);
             }
         }
         TokenLocal::Reserved
@@ -446,8 +447,8 @@ impl PooledStore {
                 // Redis may not have taken the give-back: keep it to give again.
                 for (k, (lent, free)) in keys.iter().zip(given) {
                     let pool = pools.entry(k.clone()).or_default();
-                    pool.lent += lent;
-                    pool.free += free;
+                    pool.lent = pool.lent.saturating_add(lent);
+                    pool.free = pool.free.saturating_add(free);
                 }
                 return Err(e);
             }
@@ -467,7 +468,7 @@ impl PooledStore {
                 retry_after,
                 keys.get(binding).and_then(|k| pools.get_mut(k)),
             ) {
-                pool.refused_until = Some(now + wait);
+                pool.refused_until = Some(later(now, wait));
             }
             return Ok(TokenDecision::Denied {
                 binding,
@@ -478,12 +479,14 @@ impl PooledStore {
             let pool = pools.entry(k.clone()).or_default();
             if *wanted {
                 let grant = u64::try_from(*grant).unwrap_or(0);
-                pool.lent += grant;
-                pool.free += i64::try_from(grant).unwrap_or(i64::MAX);
-                pool.lease_end = Some(now + self.lease);
+                pool.lent = pool.lent.saturating_add(grant);
+                pool.free = pool
+                    .free
+                    .saturating_add(i64::try_from(grant).unwrap_or(i64::MAX));
+                pool.lease_end = Some(later(now, self.lease));
             }
-            pool.free -= need;
-            pool.in_flight += amount;
+            pool.free = pool.free.saturating_sub(need);
+            pool.in_flight = pool.in_flight.saturating_add(amount);
         }
         Ok(TokenDecision::Reserved { hold: 0 })
     }

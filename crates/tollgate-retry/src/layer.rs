@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tollgate_core::clock::later;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -375,7 +376,7 @@ where
                 None => attempts.await,
                 Some(d) => {
                     let mut attempts = std::pin::pin!(attempts);
-                    let mut timer = c.clock.sleep_until(start + d);
+                    let mut timer = c.clock.sleep_until(later(start, d));
                     std::future::poll_fn(|cx| {
                         if let Poll::Ready(r) = attempts.as_mut().poll(cx) {
                             return Poll::Ready(r);

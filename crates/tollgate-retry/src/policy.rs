@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tollgate_core::clock::later;
 
 use http::{Request, Response};
 use tokio::time::Instant;
@@ -120,7 +121,7 @@ impl<B, ResB> tower::retry::Policy<Request<RequestBody<B>>, Response<RetryBody<R
         };
         let now = c.clock.now();
         if let Some(deadline) = c.deadline {
-            if now + wait >= self.start + deadline {
+            if later(now, wait) >= later(self.start, deadline) {
                 Self::give_up("deadline", reason);
                 return None;
             }

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tollgate_core::clock::later;
 
 use http::header::CONTENT_LENGTH;
 use http::{Request, Response, StatusCode};
@@ -391,7 +392,7 @@ async fn reserve_in_store(
         })
         .collect();
     let deadline = match shared.queue.mode() {
-        Mode::Wait { max_wait, .. } => Some(clock.now() + max_wait),
+        Mode::Wait { max_wait, .. } => Some(later(clock.now(), max_wait)),
         Mode::Refuse => None,
     };
     loop {
@@ -413,7 +414,7 @@ async fn reserve_in_store(
                 match (retry_after, deadline) {
                     (None, _) => return Err(refuse(Reason::TooLarge).into()),
                     (Some(_), None) => return Err(refuse(Reason::OverLimit).into()),
-                    (Some(wait), Some(deadline)) if clock.now() + wait > deadline => {
+                    (Some(wait), Some(deadline)) if later(clock.now(), wait) > deadline => {
                         return Err(refuse(Reason::WaitTooLong).into());
                     }
                     (Some(wait), Some(_)) => clock.sleep(wait).await,

@@ -244,7 +244,7 @@ impl<A: Admit> WaitQueue<A> {
                 queue: Arc::clone(self),
                 slot,
                 enqueued_at: now,
-                deadline: now + max_wait,
+                deadline: crate::clock::later(now, max_wait),
                 sleep: None,
                 done: false,
             }),
@@ -282,7 +282,7 @@ impl<T> Queue<T> {
                     e.head = true;
                     e.binding = i;
                     e.ready_at = match denial {
-                        Denial::Wait(w) => Some(now + w),
+                        Denial::Wait(w) => Some(crate::clock::later(now, w)),
                         Denial::Never => None,
                     };
                     blocked.push(Arc::clone(&e.ticket));
