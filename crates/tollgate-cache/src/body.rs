@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tollgate_core::body::{EndWatch, Polled};
 use tollgate_core::BoxError;
 
 use crate::flight::Leader;
@@ -110,7 +111,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Replay { frames: VecDeque<Bytes> },
-        Record { #[pin] inner: B, recording: Option<Recording> },
+        Record { #[pin] inner: B, watch: EndWatch, recording: Option<Recording> },
         Pass { #[pin] inner: B },
     }
 }
@@ -129,11 +130,23 @@ impl<B> CacheBody<B> {
             },
         }
     }
-    pub(crate) fn record(inner: B, recording: Recording) -> Self {
+    pub(crate) fn record(inner: B, recording: Recording) -> Self
+    where
+        B: Body,
+    {
+        let watch = EndWatch::new(&inner);
+        let mut recording = Some(recording);
+        if watch.is_complete() {
+            // Nothing to wait for (an empty answer): a server may never poll it.
+            if let Some(r) = recording.take() {
+                r.finish();
+            }
+        }
         Self {
             kind: Kind::Record {
                 inner,
-                recording: Some(recording),
+                watch,
+                recording,
             },
         }
     }
@@ -161,19 +174,30 @@ where
                 Poll::Ready(frames.pop_front().map(|f| Ok(Frame::data(f))))
             }
             KindProj::Pass { inner } => inner.poll_frame(cx).map_err(Into::into),
-            KindProj::Record { inner, recording } => match ready!(inner.poll_frame(cx)) {
-                Some(Ok(frame)) => {
+            KindProj::Record {
+                inner,
+                watch,
+                recording,
+            } => match ready!(watch.poll_frame(inner, cx)) {
+                Polled::Frame { frame, last } => {
                     if let (Some(data), Some(r)) = (frame.data_ref(), recording.as_mut()) {
                         r.keep(data);
                     }
+                    if last {
+                        // Complete: store it now, as a server that knows the length will
+                        // not poll for the end.
+                        if let Some(r) = recording.take() {
+                            r.finish();
+                        }
+                    }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Some(Err(e)) => {
+                Polled::Error(e) => {
                     // A partial answer is never stored; the flight is abandoned.
                     recording.take();
                     Poll::Ready(Some(Err(e.into())))
                 }
-                None => {
+                Polled::End { .. } => {
                     if let Some(r) = recording.take() {
                         r.finish();
                     }
@@ -187,8 +211,11 @@ where
         match &self.kind {
             Kind::Replay { frames } => frames.is_empty(),
             Kind::Pass { inner } => inner.is_end_stream(),
-            // The recording must see the end, so never claim it early.
-            Kind::Record { recording, inner } => recording.is_none() && inner.is_end_stream(),
+            // The recording must see the end, so never claim it early; once it has, the
+            // inner body says.
+            Kind::Record {
+                recording, inner, ..
+            } => recording.is_none() && inner.is_end_stream(),
         }
     }
 

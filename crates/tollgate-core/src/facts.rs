@@ -144,6 +144,9 @@ pub enum FactsError {
     Body(BoxError),
     /// The request says it is JSON, and it is not.
     MalformedJson(serde_json::Error),
+    /// The request has no body, and needs one: it says it is JSON, or it is sent to a
+    /// model endpoint (`/v1/chat/completions`, `/v1/embeddings`, …).
+    EmptyBody,
 }
 
 impl FactsError {
@@ -151,7 +154,7 @@ impl FactsError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Body(_) | Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
+            Self::Body(_) | Self::MalformedJson(_) | Self::EmptyBody => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -161,6 +164,7 @@ impl FactsError {
             Self::TooLarge { .. } => "request_too_large",
             Self::Body(_) => "body_read_error",
             Self::MalformedJson(_) => "invalid_json",
+            Self::EmptyBody => "empty_body",
         };
         openai_error(
             self.status(),
@@ -179,6 +183,7 @@ impl fmt::Display for FactsError {
             }
             Self::Body(e) => write!(f, "could not read the request body: {e}"),
             Self::MalformedJson(e) => write!(f, "request body is not valid JSON: {e}"),
+            Self::EmptyBody => f.write_str("request body is empty; a JSON body is required"),
         }
     }
 }
@@ -188,7 +193,7 @@ impl std::error::Error for FactsError {
         match self {
             Self::Body(e) => Some(&**e),
             Self::MalformedJson(e) => Some(e),
-            Self::TooLarge { .. } => None,
+            Self::TooLarge { .. } | Self::EmptyBody => None,
         }
     }
 }
@@ -241,8 +246,20 @@ impl RequestFacts {
     ///
     /// `path` (the URI path) decides the [`ApiKind`] when it names a known endpoint; the
     /// body's shape decides otherwise.
+    ///
+    /// A body that is empty (or only white space) is refused with
+    /// [`FactsError::EmptyBody`] when the request says it is JSON or goes to a model
+    /// endpoint: sent on, it would spend a quota cell on a certain 400.
     pub fn parse(path: &str, headers: &HeaderMap, body: Bytes) -> Result<Self, FactsError> {
-        let json = if body.iter().all(u8::is_ascii_whitespace) || !is_json_content_type(headers) {
+        let json_type = is_json_content_type(headers);
+        let json = if body.iter().all(u8::is_ascii_whitespace) {
+            if json_type
+                && (headers.contains_key(CONTENT_TYPE) || ApiKind::from_path(path).is_some())
+            {
+                return Err(FactsError::EmptyBody);
+            }
+            None
+        } else if !json_type {
             None
         } else {
             Some(serde_json::from_slice::<Value>(&body).map_err(FactsError::MalformedJson)?)
@@ -733,6 +750,18 @@ mod tests {
 
         let empty = RequestFacts::parse("/v1/models", &HeaderMap::new(), Bytes::new()).unwrap();
         assert!(empty.json().is_none());
+        // No body where one is needed: refused, not sent on to spend a quota cell.
+        let mut json = HeaderMap::new();
+        json.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (path, headers) in [
+            ("/v1/models", &json),
+            ("/v1/chat/completions", &HeaderMap::new()),
+        ] {
+            let err = RequestFacts::parse(path, headers, Bytes::from_static(b" \n")).unwrap_err();
+            assert!(matches!(err, FactsError::EmptyBody), "{path}");
+            assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        }
+        assert!(RequestFacts::parse("/svc/Method", &grpc, Bytes::new()).is_ok());
     }
 
     #[test]

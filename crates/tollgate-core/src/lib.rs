@@ -11,7 +11,9 @@
 //! | [`duration`] | Go-style durations (`6m0s`), as OpenAI writes resets |
 //! | [`usage`] | token usage from JSON bodies and, frame by frame, from SSE streams |
 //! | [`refusal`] | the typed error a limit returns, and its 429 response |
+//! | [`unavailable`] | every backend away for its own failures: a 503 with `Retry-After`, never a 429 |
 //! | [`response`] | errors in OpenAI's error shape; the layer that turns Tollgate errors into responses |
+//! | [`body`] | when a response body is over, as every body wrapper must see it (a server that knows the length stops polling early) |
 //! | [`clock`] | one place to take time from: tokio's (pausable) clock or a manual one |
 //! | [`wait`] | the bounded, prioritised wait queue every limit that can wait shares |
 //!
@@ -49,6 +51,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod body;
 pub mod clock;
 pub mod duration;
 pub mod facts;
@@ -57,6 +60,7 @@ pub mod key;
 pub mod refusal;
 pub mod response;
 pub mod store;
+pub mod unavailable;
 pub mod usage;
 pub mod wait;
 

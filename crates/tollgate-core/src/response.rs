@@ -2,8 +2,10 @@
 //!
 //! [`openai_error`] builds `{"error": {"message", "type", "param", "code"}}` with a status.
 //! [`ErrorResponseLayer`] is the one step a server takes to turn Tollgate's typed errors —
-//! a [`Refusal`] (429 with `Retry-After` and `RateLimit` headers) or a [`FactsError`]
-//! (413, 400) — into responses; any other error passes through unchanged.
+//! a [`Refusal`] (429 with `Retry-After` and `RateLimit` headers), a [`FactsError`]
+//! (413, 400), [`Unavailable`](crate::unavailable::Unavailable) (503 with `Retry-After`)
+//! or a [`StoreError`](crate::store::StoreError) (503) — into responses; any other error
+//! passes through unchanged.
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -74,6 +76,9 @@ pub fn error_response<B: From<Bytes>>(
         }
         if let Some(f) = e.downcast_ref::<FactsError>() {
             return Some(f.to_response());
+        }
+        if let Some(u) = e.downcast_ref::<crate::unavailable::Unavailable>() {
+            return Some(u.to_response());
         }
         if let Some(e) = e.downcast_ref::<crate::store::StoreError>() {
             // The shared quota could not be consulted and the layer fails closed: the

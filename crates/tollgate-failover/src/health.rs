@@ -38,6 +38,8 @@ enum State {
     },
     Cooling {
         until: Instant,
+        /// Set aside because its provider said 429: its quota, not an outage.
+        limited: bool,
     },
     /// Cooled down: one trial request decides.
     Trial {
@@ -58,8 +60,9 @@ pub(crate) enum Gate {
     Open,
     /// Take this one request as its trial.
     Trial,
-    /// Set aside until then.
-    Cooling(Instant),
+    /// Set aside until then; `true` when for its provider's 429s (a limit), `false` for
+    /// errors (an outage).
+    Cooling(Instant, bool),
     /// A trial is in flight; others skip it for now.
     Busy,
 }
@@ -82,7 +85,7 @@ impl Health {
         let mut s = self.lock();
         match &mut *s {
             State::Healthy { .. } => Gate::Open,
-            State::Cooling { until } if now < *until => Gate::Cooling(*until),
+            State::Cooling { until, limited } if now < *until => Gate::Cooling(*until, *limited),
             State::Cooling { .. } => {
                 *s = State::Trial { in_flight: true };
                 Gate::Trial
@@ -102,11 +105,13 @@ impl Health {
         };
     }
 
-    /// The backend failed. Returns the cooldown it entered, if it did.
+    /// The backend failed (`limited`: its provider answered 429). Returns the cooldown it
+    /// entered, if it did.
     pub(crate) fn failure(
         &self,
         now: Instant,
         hint: Option<Duration>,
+        limited: bool,
         rules: &Cooldown,
     ) -> Option<Duration> {
         let mut s = self.lock();
@@ -114,6 +119,7 @@ impl Health {
             (
                 State::Cooling {
                     until: later(now, d),
+                    limited,
                 },
                 Some(d),
             )
@@ -156,16 +162,19 @@ mod tests {
         let h = Health::new();
         let rules = Cooldown::default();
         let t0 = Instant::now();
-        assert_eq!(h.failure(t0, None, &rules), None);
-        assert_eq!(h.failure(t0 + Duration::from_secs(1), None, &rules), None);
+        assert_eq!(h.failure(t0, None, false, &rules), None);
         assert_eq!(
-            h.failure(t0 + Duration::from_secs(2), None, &rules),
+            h.failure(t0 + Duration::from_secs(1), None, false, &rules),
+            None
+        );
+        assert_eq!(
+            h.failure(t0 + Duration::from_secs(2), None, false, &rules),
             Some(Duration::from_secs(30))
         );
         let t = t0 + Duration::from_secs(2);
         assert_eq!(
             h.gate(t + Duration::from_secs(29)),
-            Gate::Cooling(t + Duration::from_secs(30))
+            Gate::Cooling(t + Duration::from_secs(30), false)
         );
         assert_eq!(h.gate(t + Duration::from_secs(30)), Gate::Trial);
         assert_eq!(
@@ -182,9 +191,12 @@ mod tests {
         let h = Health::new();
         let rules = Cooldown::default();
         let t0 = Instant::now();
-        h.failure(t0, None, &rules);
-        h.failure(t0 + Duration::from_secs(1), None, &rules);
-        assert_eq!(h.failure(t0 + Duration::from_secs(40), None, &rules), None);
+        h.failure(t0, None, false, &rules);
+        h.failure(t0 + Duration::from_secs(1), None, false, &rules);
+        assert_eq!(
+            h.failure(t0 + Duration::from_secs(40), None, false, &rules),
+            None
+        );
         assert_eq!(h.gate(t0 + Duration::from_secs(40)), Gate::Open);
     }
 
@@ -194,17 +206,17 @@ mod tests {
         let rules = Cooldown::default();
         let t0 = Instant::now();
         assert_eq!(
-            h.failure(t0, Some(Duration::from_secs(60)), &rules),
+            h.failure(t0, Some(Duration::from_secs(60)), false, &rules),
             Some(Duration::from_secs(60))
         );
         assert_eq!(h.gate(t0 + Duration::from_secs(60)), Gate::Trial);
         assert_eq!(
-            h.failure(t0 + Duration::from_secs(60), None, &rules),
+            h.failure(t0 + Duration::from_secs(60), None, false, &rules),
             Some(Duration::from_secs(30))
         );
         assert!(matches!(
             h.gate(t0 + Duration::from_secs(61)),
-            Gate::Cooling(_)
+            Gate::Cooling(..)
         ));
     }
 }

@@ -16,7 +16,8 @@ use tokio::time::Instant;
 use tollgate_core::clock::{Clock, SharedClock};
 use tollgate_core::facts::{buffer_with_facts, ReplayBody, DEFAULT_BODY_LIMIT};
 use tollgate_core::headers;
-use tollgate_core::refusal::{LimitKind, Reason as RefusalReason, Refusal};
+use tollgate_core::refusal::{LimitKind, Refusal};
+use tollgate_core::unavailable::Unavailable;
 use tollgate_core::BoxError;
 use tower::Service;
 
@@ -394,17 +395,25 @@ where
             // The last failure, to hand back when every backend failed: an answer (streamed,
             // or read) or an error.
             let mut last: Option<Outcome<ResB>> = None;
+            // The refusal that would pass soonest, when a backend's own limit refused.
+            let mut refused: Option<Refusal> = None;
             let start = shared.clock.now();
             loop {
                 let now = shared.clock.now();
                 let mut earliest: Option<Instant> = None;
+                // The backend cooling that is back first, and whether its provider's
+                // quota (429s) is why it is away.
+                let mut first_back: Option<(Instant, bool, &str)> = None;
                 let mut tried = false;
                 for (i, (backend, health)) in shared.backends.iter().enumerate() {
                     let trial = match health.gate(now) {
                         Gate::Open => false,
                         Gate::Trial => true,
-                        Gate::Cooling(until) => {
+                        Gate::Cooling(until, limited) => {
                             earliest = Some(earliest.map_or(until, |e| e.min(until)));
+                            if first_back.is_none_or(|(t, ..)| until < t) {
+                                first_back = Some((until, limited, &backend.name));
+                            }
                             continue;
                         }
                         Gate::Busy => continue,
@@ -489,19 +498,52 @@ where
                             }
                             return res.map(|r| served(r, &backend.name));
                         }
+                        Some((Why::Refused, hint)) => {
+                            // A limit in this backend's own stack said "not for this key
+                            // until then": move this request on and remember that time,
+                            // nothing more. The backend is as healthy as it was; other
+                            // keys still go to it.
+                            metrics::counter!("tollgate_failover_moved_on_total", "backend" => backend.name.to_string(), "why" => Why::Refused.as_str()).increment(1);
+                            tracing::debug!(backend = %backend.name, "refused by the backend's limit; moving on");
+                            if trial {
+                                health.trial_abandoned();
+                            }
+                            if let Some(d) = hint {
+                                let back = later(shared.clock.now(), d);
+                                earliest = Some(earliest.map_or(back, |e| e.min(back)));
+                            }
+                            if let Err(e) = res {
+                                let sooner = |r: &Refusal, than: &Refusal| match (
+                                    r.retry_after(),
+                                    than.retry_after(),
+                                ) {
+                                    (Some(a), Some(b)) => a < b,
+                                    (a, b) => a.is_some() && b.is_none(),
+                                };
+                                if let Some(r) = find_refusal(&*e) {
+                                    if refused.as_ref().is_none_or(|k| sooner(r, k)) {
+                                        refused = Some(r.clone());
+                                    }
+                                }
+                            }
+                        }
                         Some((why, hint)) => {
                             metrics::counter!("tollgate_failover_moved_on_total", "backend" => backend.name.to_string(), "why" => why.as_str()).increment(1);
                             tracing::debug!(backend = %backend.name, why = why.as_str(), "moving on to the next backend");
-                            let entered =
-                                health.failure(shared.clock.now(), hint, &shared.cooldown);
+                            let entered = health.failure(
+                                shared.clock.now(),
+                                hint,
+                                why == Why::RateLimited,
+                                &shared.cooldown,
+                            );
                             if let Some(d) = entered {
                                 metrics::counter!("tollgate_failover_cooldowns_total", "backend" => backend.name.to_string()).increment(1);
                                 tracing::info!(backend = %backend.name, cooldown_ms = d.as_millis() as u64, "backend set aside");
                             }
-                            // When it said when it could take the request (its limiter's
-                            // wait, a server's hint) or was set aside until then, that is
-                            // when it is back: a request that may wait for the first
-                            // backend back waits for this one too.
+                            // When it said when it could take the request (a server's
+                            // hint) or was set aside until then, that is when it is back:
+                            // a request that may wait for the first backend back waits
+                            // for this one too.
                             if let Some(d) = entered.or(hint) {
                                 let back = later(shared.clock.now(), d);
                                 earliest = Some(earliest.map_or(back, |e| e.min(back)));
@@ -521,6 +563,11 @@ where
                         continue;
                     }
                 }
+                // A limit refused this request somewhere: that is its answer (a 429 with
+                // the time), for it is this key that must wait, not the backends.
+                if let Some(r) = refused {
+                    return Err(r.into());
+                }
                 if tried {
                     // Every backend tried failed, and none is back in time: the last answer.
                     return match last {
@@ -530,14 +577,34 @@ where
                         None => Err("no backend could take the request".into()),
                     };
                 }
-                // Nobody could be tried: every backend is cooling (or busy with a trial).
+                // Nobody could be tried: every backend is set aside. When the first back is
+                // away because its provider's quota ran out (429s), that is a limit: 429
+                // with the time. Otherwise an outage, not a limit: 503 with the time.
                 let back_in = back_in.unwrap_or(Duration::from_millis(100));
-                return Err(Refusal::new(LimitKind::Requests, "failover", Some(back_in))
-                    .with_reason(RefusalReason::OverLimit)
-                    .into());
+                return Err(match first_back {
+                    Some((_, true, name)) => Refusal::new(
+                        LimitKind::Requests,
+                        format!("upstream:{name}"),
+                        Some(back_in),
+                    )
+                    .into(),
+                    _ => Unavailable::new(back_in).into(),
+                });
             }
         })
     }
+}
+
+/// The first [`Refusal`] in an error's source chain.
+fn find_refusal<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Refusal> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<Refusal>() {
+            return Some(r);
+        }
+        cur = err.source();
+    }
+    None
 }
 
 async fn http_body_util_collect<B>(body: B) -> Result<bytes::Bytes, BoxError>

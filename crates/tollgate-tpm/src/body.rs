@@ -7,6 +7,7 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tollgate_core::body::{EndWatch, Polled};
 use tollgate_core::key::Key;
 use tollgate_core::store::{TokenCell, TokenStore};
 use tollgate_core::usage::{Usage, UsageScanner};
@@ -139,6 +140,7 @@ pin_project! {
     pub struct TpmBody<B> {
         #[pin]
         inner: B,
+        watch: EndWatch,
         scanner: Option<UsageScanner>,
         filter: Option<UsageChunkFilter>,
         settlement: Option<Settlement>,
@@ -153,9 +155,10 @@ impl<B: std::fmt::Debug> std::fmt::Debug for TpmBody<B> {
     }
 }
 
-impl<B> TpmBody<B> {
+impl<B: Body> TpmBody<B> {
     pub(crate) fn passthrough(inner: B) -> Self {
         Self {
+            watch: EndWatch::new(&inner),
             inner,
             scanner: None,
             filter: None,
@@ -169,12 +172,31 @@ impl<B> TpmBody<B> {
         filter: bool,
         settlement: Settlement,
     ) -> Self {
-        Self {
+        let watch = EndWatch::new(&inner);
+        let mut body = Self {
             inner,
+            watch,
             scanner: Some(scanner),
             filter: filter.then(UsageChunkFilter::default),
             settlement: Some(settlement),
+        };
+        if watch.is_complete() {
+            // An empty answer: a server may never poll it, so settle now.
+            body.settle();
         }
+        body
+    }
+
+    /// The body is complete: settle with the usage read (or keep the reservation).
+    fn settle(&mut self) {
+        settle(&mut self.settlement, &mut self.scanner);
+    }
+}
+
+/// Settles with the usage read, or keeps the reservation when none was; once.
+fn settle(settlement: &mut Option<Settlement>, scanner: &mut Option<UsageScanner>) {
+    if let (Some(settlement), Some(scanner)) = (settlement.take(), scanner.take()) {
+        settlement.settle(scanner.finish());
     }
 }
 
@@ -192,36 +214,39 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         loop {
-            match ready!(this.inner.as_mut().poll_frame(cx)) {
-                Some(Ok(frame)) => {
+            match ready!(this.watch.poll_frame(this.inner.as_mut(), cx)) {
+                Polled::Frame { frame, last } => {
                     let Some(data) = frame.data_ref() else {
                         return Poll::Ready(Some(Ok(frame)));
                     };
                     if let Some(s) = this.scanner.as_mut() {
                         s.feed(data);
                     }
-                    match this.filter.as_mut() {
-                        None => return Poll::Ready(Some(Ok(frame))),
-                        Some(f) => {
-                            let out = f.push(data);
-                            if !out.is_empty() {
-                                return Poll::Ready(Some(Ok(Frame::data(out))));
-                            }
-                        }
+                    if last {
+                        // Complete: settle now, as a server that knows the length will
+                        // not poll for the end.
+                        settle(this.settlement, this.scanner);
+                    }
+                    let Some(f) = this.filter.as_mut() else {
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
+                    let mut out = f.push(data);
+                    if last {
+                        out = join(out, f.finish());
+                        this.filter.take();
+                    }
+                    if !out.is_empty() || last {
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
                 }
-                Some(Err(e)) => {
+                Polled::Error(e) => {
                     // Cut midway: the reservation stands (dropping the settlement keeps it).
                     this.settlement.take();
                     this.scanner.take();
                     return Poll::Ready(Some(Err(e.into())));
                 }
-                None => {
-                    if let (Some(settlement), Some(scanner)) =
-                        (this.settlement.take(), this.scanner.take())
-                    {
-                        settlement.settle(scanner.finish());
-                    }
+                Polled::End { .. } => {
+                    settle(this.settlement, this.scanner);
                     if let Some(tail) = this.filter.as_mut().map(UsageChunkFilter::finish) {
                         this.filter.take();
                         if !tail.is_empty() {
@@ -235,7 +260,8 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        // A pending settlement must see the end, so never claim it early.
+        // A pending settlement must see the end, so never claim it early; once settled
+        // (on the last frame), the inner body says.
         self.settlement.is_none() && self.filter.is_none() && self.inner.is_end_stream()
     }
 
@@ -244,6 +270,20 @@ where
             SizeHint::default()
         } else {
             self.inner.size_hint()
+        }
+    }
+}
+
+/// `a` then `b`, copying only when both have bytes.
+fn join(a: Bytes, b: Bytes) -> Bytes {
+    match (a.is_empty(), b.is_empty()) {
+        (_, true) => a,
+        (true, false) => b,
+        (false, false) => {
+            let mut all = bytes::BytesMut::with_capacity(a.len() + b.len());
+            all.extend_from_slice(&a);
+            all.extend_from_slice(&b);
+            all.freeze()
         }
     }
 }

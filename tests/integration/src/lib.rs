@@ -83,3 +83,139 @@ pub async fn post(
 pub fn chat(content: &str) -> serde_json::Value {
     serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": content}]})
 }
+
+/// A policy's stack served behind axum on a free loopback port, as a gateway serves it:
+/// Tollgate's errors become their responses (429, 413, 503…), any other error a 502.
+/// Every path is routed to the stack.
+pub async fn serve(
+    stack: tollgate::policy::PolicyService<axum::body::Body>,
+) -> std::net::SocketAddr {
+    use axum::error_handling::HandleErrorLayer;
+    use axum::response::IntoResponse;
+
+    async fn handle_error(err: axum::BoxError) -> axum::response::Response {
+        tollgate::core::response::error_response::<axum::body::Body>(&*err)
+            .unwrap_or_else(|| (StatusCode::BAD_GATEWAY, err.to_string()).into_response())
+    }
+    let app = axum::Router::new().fallback_service(
+        tower::ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(handle_error))
+            .service(stack),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a free loopback port");
+    let addr = listener.local_addr().expect("a bound address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// Builds `yaml`'s policy stack over a pooled hyper client, ready for [`serve`].
+pub fn build(yaml: &str) -> tollgate::policy::PolicyService<axum::body::Body> {
+    let policy = tollgate::policy::Policy::from_yaml(yaml).expect("a valid policy");
+    let upstream: Client<HttpConnector, tollgate::policy::BoxBody> =
+        Client::builder(TokioExecutor::new()).build_http();
+    policy.build(upstream).expect("a policy that builds")
+}
+
+/// An address on loopback where nothing listens: connecting is refused.
+pub fn dead_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+    let addr = l.local_addr().expect("a bound address");
+    drop(l);
+    format!("http://{addr}")
+}
+
+/// The JSON of every `data:` event of an SSE body but `[DONE]`.
+pub fn sse_events(body: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(str::trim)
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap_or(serde_json::Value::Null))
+        .collect()
+}
+
+/// A `metrics` recorder that sums counters by name and labels, for tests that check what
+/// the layers counted. Install it once per test binary with [`Counters::install`].
+#[derive(Debug, Default)]
+pub struct Counters(
+    std::sync::Mutex<std::collections::HashMap<metrics::Key, std::sync::Arc<Count>>>,
+);
+
+/// One counter of [`Counters`].
+#[derive(Debug, Default)]
+pub struct Count(std::sync::atomic::AtomicU64);
+
+impl metrics::CounterFn for Count {
+    fn increment(&self, n: u64) {
+        self.0.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn absolute(&self, n: u64) {
+        self.0.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Counters {
+    /// The process's recorder, installed on first use.
+    pub fn install() -> &'static Counters {
+        static COUNTERS: std::sync::OnceLock<&'static Counters> = std::sync::OnceLock::new();
+        COUNTERS.get_or_init(|| {
+            let c: &'static Counters = Box::leak(Box::default());
+            // Another recorder already installed: the counts stay 0 and the test says so.
+            let _ = metrics::set_global_recorder(c);
+            c
+        })
+    }
+
+    /// The counter `name` with the label `label = value`.
+    pub fn get(&self, name: &str, label: &str, value: &str) -> u64 {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter()
+            .filter(|(k, _)| {
+                k.name() == name && k.labels().any(|l| l.key() == label && l.value() == value)
+            })
+            .map(|(_, c)| c.0.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+}
+
+impl metrics::Recorder for &'static Counters {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = map.entry(key.clone()).or_default();
+        metrics::Counter::from_arc(std::sync::Arc::clone(count))
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
