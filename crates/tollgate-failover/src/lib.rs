@@ -5,7 +5,7 @@
 //! request it tries them in order:
 //!
 //! - **It moves on** after an answer no other backend would give: 429 (after the backend's
-//!   own retries), a Tollgate refusal (its limiter would wait past `max_wait`), 408, 5xx,
+//!   own retries), a Tollgate refusal (its limiter refused, or would wait past `max_wait`), 408, 5xx,
 //!   529, a timeout or connection error — and, when switched on, `context_length_exceeded`
 //!   or a content-policy refusal. Anything else (a 400, a 401) is the answer, returned as
 //!   it is.
@@ -14,10 +14,19 @@
 //! - **Cooldown:** a backend that fails repeatedly (3 times in 30 s) or answers 429/503
 //!   with a long `Retry-After` is set aside — for the hint when given — then given one
 //!   trial request, and brought back on success ([`Cooldown`]). The state is shared by
-//!   every clone. When no backend can take the request now — each cooling, or saying
-//!   when it can (its limiter's wait, a `Retry-After`) — the request waits for the first
-//!   one back (up to a bound) or is refused with the time until one is ([`AllCooling`]) —
-//!   never a bare "no deployments available".
+//!   every clone. Only the backend's own answers count: its provider's 429s, 5xx, 408,
+//!   transport errors.
+//! - **A refusal is not a failure.** A Tollgate limit in the backend's stack (keyed by
+//!   tenant, API key or model) says "not for this key until t": the request moves on to
+//!   the next backend, and nothing is cooled, so every other key still goes to the
+//!   backend. When every backend refused, the caller gets the refusal that passes
+//!   soonest (a 429 with its `Retry-After`).
+//! - **When no backend can take the request now** — each set aside, or saying when it can
+//!   (its limiter's wait, a `Retry-After`) — the request waits for the first one back (up
+//!   to a bound) or is answered with the time until one is ([`AllCooling`]): an
+//!   [`Unavailable`](tollgate_core::unavailable::Unavailable) (503) when the first back is
+//!   away for errors, a [`Refusal`](tollgate_core::refusal::Refusal) (429) when it is away
+//!   because its provider's quota ran out — never a bare "no deployments available".
 //! - **`poll_ready` never waits for all backends** (tower's `Steer` does, and one slow
 //!   backend blocks the rest): a backend that is not ready is passed over.
 //! - **Streams:** failover happens only before the first byte reaches the caller; an SSE

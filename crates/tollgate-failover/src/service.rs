@@ -90,7 +90,8 @@ impl<S> Backend<S> {
 pub enum Why {
     /// 429.
     RateLimited,
-    /// A Tollgate limiter in the backend's stack refused.
+    /// A Tollgate limit in the backend's stack refused this request's key: it moves on,
+    /// and the backend's health is untouched.
     Refused,
     /// 5xx or 529.
     ServerError,
@@ -124,7 +125,9 @@ impl Why {
 /// When no backend can take a request now: every one cooling, or saying when it can.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AllCooling {
-    /// Refuse at once, saying when the first backend is back (the default).
+    /// Answer at once with the time until the first backend is back (the default): an
+    /// [`Unavailable`] (503) when it is away for errors, a [`Refusal`] (429) when for its
+    /// provider's 429s.
     Refuse,
     /// Wait for the first backend back, up to this long; refuse beyond it.
     Wait(Duration),

@@ -83,6 +83,32 @@
 //!
 //! [`Policy::build`](policy::Policy::build) wraps any HTTP client service in that stack;
 //! the `demo` example runs it against simulated providers.
+//! [`Policy::describe`](policy::Policy::describe) writes the resolved stack out: each
+//! backend with the limits it really gets, its own or inherited.
+//!
+//! # What a caller is answered, and why
+//!
+//! A server turns Tollgate's errors into answers in one step
+//! ([`core::response::ErrorResponseLayer`], or [`core::response::error_response`] in a
+//! handler). Every body is OpenAI's error shape, `{"error": {"message", "type", "param",
+//! "code"}}`, so SDKs raise the right exception; **429 is kept for limits**, so an outage
+//! is never read as "slow down".
+//!
+//! | cause | status | `error.code` | headers |
+//! |---|---|---|---|
+//! | a Tollgate limit (requests or tokens) refuses this key, or would make it wait past `max_wait` | 429 | `rate_limit_exceeded` | `Retry-After`, `RateLimit`, `RateLimit-Policy` |
+//! | the request alone costs more than a whole quota | 429 | `request_too_large` | `x-should-retry: false` |
+//! | every backend is set aside after its provider's own 429s | 429 | `rate_limit_exceeded` | `Retry-After` (the first back) |
+//! | every backend is set aside after errors (5xx, 408, connection failures) | 503 | `upstream_unavailable` | `Retry-After` (the first back) |
+//! | the shared store (Redis) is away and the layer fails closed | 503 | `quota_store_unavailable` | `Retry-After: 1` |
+//! | the request body is over the cap | 413 | `request_too_large` | |
+//! | the body is not JSON, or is empty where JSON is needed | 400 | `invalid_json`, `empty_body` | |
+//! | the backend's own answer (a 400, a 401, its 5xx after retries) | as the backend said | as the backend said | as the backend sent |
+//! | the last backend could not be reached at all | the server's choice for a transport error (502 is usual) | | |
+//!
+//! A refusal names a key and a time; it moves that request on to the next backend and
+//! cools nothing. Only a backend's own answers — its provider's 429s, 5xx, 408, transport
+//! errors — count against its health.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

@@ -266,3 +266,48 @@ mod build {
         );
     }
 }
+
+#[test]
+fn describe_lists_each_backend_with_its_resolved_limits_and_where_they_come_from() {
+    let policy = Policy::from_yaml(
+        r#"
+primary:    { url: "https://api.openai.com", model: gpt-4o }
+fallbacks:
+  - { name: mini, url: "https://api.openai.com", model: gpt-4o-mini }
+  - { name: own, url: "https://example.com", rate_limit: { requests: 100/min, mode: refuse } }
+rate_limit: { requests: 500/min, tokens: 30k/min, key: "header:x-tenant-id", max_wait: 10s }
+retry:      { max_retries: 2 }
+cache:      { ttl: 5m }
+"#,
+    )
+    .unwrap();
+    let text = policy.describe();
+    println!("{text}");
+    let line = |starts: &str| {
+        let at = text
+            .find(starts)
+            .unwrap_or_else(|| panic!("{starts} in {text}"));
+        text[at..].lines().take(4).collect::<Vec<_>>().join("\n")
+    };
+    let mini = line("2. mini");
+    assert!(mini.contains("model rewritten to gpt-4o-mini"), "{mini}");
+    assert!(
+        mini.contains("requests: 500/1m0s (burst 500) per header:x-tenant-id key, wait up to 10s (queue 1024) [inherited from the top-level rate_limit]"),
+        "a fallback without its own limits shows the ones it takes: {mini}"
+    );
+    assert!(mini.contains("tokens: 30000/1m0s"), "{mini}");
+    let own = line("3. own");
+    assert!(
+        own.contains(
+            "requests: 100/1m0s (burst 100) per global key, refuse at once with 429 [its own]"
+        ),
+        "{own}"
+    );
+    assert!(
+        !own.contains("tokens:"),
+        "its own limits replace the top-level ones whole: {own}"
+    );
+    assert!(text.contains("retry: up to 2 retries"), "{text}");
+    assert!(text.contains("cache: ttl 5m0s"), "{text}");
+    assert!(text.contains("store: memory"), "{text}");
+}

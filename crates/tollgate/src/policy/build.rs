@@ -205,7 +205,7 @@ fn header(backend: &str, k: &str, v: &str) -> Result<(HeaderName, HeaderValue), 
     }
 }
 
-const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
+pub(super) const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
 
 fn rate_limit_layer(
     backend: &str,

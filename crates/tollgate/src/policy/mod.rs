@@ -37,6 +37,7 @@
 //! TOML goes through the `toml` crate.
 
 mod build;
+mod describe;
 mod units;
 
 use std::collections::BTreeMap;
