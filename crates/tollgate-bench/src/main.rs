@@ -30,7 +30,11 @@
 //! - `goodput`: the demo's burst without repeats, through the demo's policy (primary only,
 //!   no cache, `max_wait` raised so the whole burst may wait its turn), against a provider
 //!   at 600 RPM / 100k TPM with a few 5xx: makespan ÷ the least time the quota allows,
-//!   provider 429s, failures (goal: ≤ 1.05, ≤ 1% of requests, 0).
+//!   provider 429s, failures (goal: ≤ 1.05, ≤ 1% of requests, 0). `goodput --blind`: 300
+//!   requests at concurrency 50 against a provider at 600 a minute with a burst of 10,
+//!   through a policy that states that quota and through one that says only `primary` and
+//!   `retry` (the quota learned from the provider's headers): failures, provider 429s,
+//!   makespan ÷ the quota's floor (goal for the learned one: 0, ≤ 5%, ≤ 1.10).
 //! - `redis`: rate-limit decisions against the local Redis (`REDIS_URL`, or
 //!   127.0.0.1:6379) at concurrency 64, plain (one script call each) and pooled: decisions
 //!   per second, p99 latency, Redis calls per decision from `INFO commandstats`, and
@@ -39,6 +43,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod blind;
 mod cache;
 mod failover;
 mod goodput;
@@ -73,6 +78,10 @@ struct Args {
     /// `overhead`: measure this policy file instead of the built-in one (every layer).
     #[arg(long)]
     policy: Option<std::path::PathBuf>,
+    /// `goodput`: a provider whose quota the policy does not state (learned from its
+    /// headers), beside a policy that states it.
+    #[arg(long)]
+    blind: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -118,6 +127,7 @@ fn main() -> ExitCode {
             Scenario::Cache => cache::run(&args).await,
             Scenario::Failover => failover::run(&args).await,
             Scenario::Overhead => overhead::run(&args).await,
+            Scenario::Goodput if args.blind => blind::run(&args).await,
             Scenario::Goodput => goodput::run(&args).await,
             Scenario::Redis => redis::run_scenario(&args).await,
         }

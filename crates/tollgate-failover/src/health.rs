@@ -134,7 +134,14 @@ impl Health {
                     failures.retain(|t| now.saturating_duration_since(*t) < rules.window);
                     failures.push(now);
                     if failures.len() as u32 >= rules.failures.max(1) {
-                        cool(hint.map_or(rules.duration, |h| h.max(rules.duration)))
+                        // A provider that says when its quota is back is believed: it is
+                        // away until then, not for a whole cooldown. Errors cool for at
+                        // least the cooldown.
+                        cool(match hint {
+                            Some(h) if limited => h,
+                            Some(h) => h.max(rules.duration),
+                            None => rules.duration,
+                        })
                     } else {
                         return None;
                     }

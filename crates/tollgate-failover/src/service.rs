@@ -122,6 +122,9 @@ impl Why {
     }
 }
 
+/// How long a request waits, by default, for a backend whose provider said "later".
+const DEFAULT_QUOTA_WAIT: Duration = Duration::from_secs(30);
+
 /// When no backend can take a request now: every one cooling, or saying when it can.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AllCooling {
@@ -137,6 +140,7 @@ struct Shared<S> {
     backends: Vec<(Backend<S>, Health)>,
     cooldown: Cooldown,
     all_cooling: AllCooling,
+    quota_wait: Duration,
     on_context_length: bool,
     on_content_policy: bool,
     body_limit: usize,
@@ -172,6 +176,7 @@ pub struct FailoverBuilder<S> {
     backends: Vec<Backend<S>>,
     cooldown: Cooldown,
     all_cooling: AllCooling,
+    quota_wait: Duration,
     on_context_length: bool,
     on_content_policy: bool,
     body_limit: usize,
@@ -193,6 +198,7 @@ impl<S: Clone> Failover<S> {
             backends: Vec::new(),
             cooldown: Cooldown::default(),
             all_cooling: AllCooling::Refuse,
+            quota_wait: DEFAULT_QUOTA_WAIT,
             on_context_length: false,
             on_content_policy: false,
             body_limit: DEFAULT_BODY_LIMIT,
@@ -217,6 +223,16 @@ impl<S: Clone> FailoverBuilder<S> {
     /// What to do when every backend is cooling.
     pub fn all_cooling(mut self, a: AllCooling) -> Self {
         self.all_cooling = a;
+        self
+    }
+
+    /// With nowhere else to go, how long a request may wait for a backend away because
+    /// its provider said "later" (a 429 with a hint, or the cooldown one put it in): that
+    /// is a time to wait for, not a failure to report (30 s by default; zero: answer at
+    /// once). Refusals by a backend's own limits are never waited for here: their own
+    /// `max_wait` already decided.
+    pub fn wait_for_quota(mut self, max: Duration) -> Self {
+        self.quota_wait = max;
         self
     }
 
@@ -258,6 +274,7 @@ impl<S: Clone> FailoverBuilder<S> {
                     .collect(),
                 cooldown: self.cooldown,
                 all_cooling: self.all_cooling,
+                quota_wait: self.quota_wait,
                 on_context_length: self.on_context_length,
                 on_content_policy: self.on_content_policy,
                 body_limit: self.body_limit,
@@ -317,6 +334,7 @@ pub struct FailoverLayer<S> {
     fallbacks: Vec<Backend<S>>,
     cooldown: Cooldown,
     all_cooling: AllCooling,
+    quota_wait: Duration,
 }
 
 impl<S> fmt::Debug for FailoverLayer<S> {
@@ -334,7 +352,14 @@ impl<S: Clone> FailoverLayer<S> {
             fallbacks,
             cooldown: Cooldown::default(),
             all_cooling: AllCooling::Refuse,
+            quota_wait: DEFAULT_QUOTA_WAIT,
         }
+    }
+
+    /// See [`FailoverBuilder::wait_for_quota`].
+    pub fn wait_for_quota(mut self, max: Duration) -> Self {
+        self.quota_wait = max;
+        self
     }
 
     /// When a backend is set aside, and for how long.
@@ -356,7 +381,8 @@ impl<S: Clone> tower::Layer<S> for FailoverLayer<S> {
         let mut b = Failover::builder()
             .backend(Backend::new("primary", primary))
             .cooldown(self.cooldown)
-            .all_cooling(self.all_cooling);
+            .all_cooling(self.all_cooling)
+            .wait_for_quota(self.quota_wait);
         for f in &self.fallbacks {
             b = b.backend(f.clone());
         }
@@ -407,6 +433,9 @@ where
                 // The backend cooling that is back first, and whether its provider's
                 // quota (429s) is why it is away.
                 let mut first_back: Option<(Instant, bool, &str)> = None;
+                // When the first backend away for its provider's quota (cooling after 429s,
+                // or a 429 that said when) can take requests again.
+                let mut quota_back: Option<Instant> = None;
                 let mut tried = false;
                 for (i, (backend, health)) in shared.backends.iter().enumerate() {
                     let trial = match health.gate(now) {
@@ -416,6 +445,9 @@ where
                             earliest = Some(earliest.map_or(until, |e| e.min(until)));
                             if first_back.is_none_or(|(t, ..)| until < t) {
                                 first_back = Some((until, limited, &backend.name));
+                            }
+                            if limited {
+                                quota_back = Some(quota_back.map_or(until, |q| q.min(until)));
                             }
                             continue;
                         }
@@ -550,6 +582,9 @@ where
                             if let Some(d) = entered.or(hint) {
                                 let back = later(shared.clock.now(), d);
                                 earliest = Some(earliest.map_or(back, |e| e.min(back)));
+                                if why == Why::RateLimited {
+                                    quota_back = Some(quota_back.map_or(back, |q| q.min(back)));
+                                }
                             }
                             last = Some(match read_body {
                                 Some((rp, bytes)) => Ok(Err((rp, bytes))),
@@ -559,9 +594,19 @@ where
                     }
                 }
                 let back_in = earliest.map(|e| e.saturating_duration_since(now));
+                let waited = now.saturating_duration_since(start);
                 // Wait for the first backend back, when allowed and it is back in time.
                 if let (AllCooling::Wait(max), Some(d)) = (shared.all_cooling, back_in) {
-                    if now.saturating_duration_since(start) + d <= max {
+                    if waited + d <= max {
+                        shared.clock.sleep(d.max(Duration::from_millis(1))).await;
+                        continue;
+                    }
+                }
+                // A backend whose provider said "later" is a time to wait for, when there
+                // is nowhere else to go (`refused` is a limit's own answer: not waited).
+                if let (Some(back), None) = (quota_back, &refused) {
+                    let d = back.saturating_duration_since(now);
+                    if waited + d <= shared.quota_wait {
                         shared.clock.sleep(d.max(Duration::from_millis(1))).await;
                         continue;
                     }

@@ -16,6 +16,7 @@ use tower::Service;
 
 use tollgate_core::wait::Acquire;
 
+use crate::limit::Answer;
 use crate::remote::Remote;
 use crate::shared::{Keys, Limits, Shared};
 use tokio::time::Instant;
@@ -288,10 +289,8 @@ where
                 }
                 StateProj::Called { fut } => {
                     let res = ready!(fut.poll(cx)).map_err(Into::into);
-                    if let (Ok(res), Some(shared), Some(keys)) =
-                        (&res, this.shared.as_ref(), this.keys.as_ref())
-                    {
-                        follow_provider(shared, keys, res);
+                    if let (Some(shared), Some(keys)) = (this.shared.as_ref(), this.keys.as_ref()) {
+                        answered(shared, keys, res.as_ref().ok());
                     }
                     return Poll::Ready(res);
                 }
@@ -306,15 +305,36 @@ where
     }
 }
 
-fn follow_provider<B>(shared: &Shared, keys: &Keys, res: &Response<B>) {
-    let info = RateLimitInfo::from_headers(res.headers(), shared.clock().system_now());
-    if info.requests.remaining.is_none() {
-        return;
-    }
-    let now = shared.clock().now();
-    for (limit, key) in shared.admitter().limits.iter().zip(keys.iter()) {
-        if limit.limit.adaptive {
-            limit.follow_provider(key, &info.requests, now);
+/// Tells the adaptive and learning limits what the answer said (or that none came), and
+/// tries the waiters again when one of them learned something that lets them go.
+fn answered<B>(shared: &Shared, keys: &Keys, res: Option<&Response<B>>) {
+    let limits = &shared.admitter().limits;
+    let kick = match res {
+        None => limits.iter().fold(false, |kick, l| l.unanswered() | kick),
+        Some(res) => {
+            let clock = shared.clock();
+            let h = res.headers();
+            let info = RateLimitInfo::from_headers(h, clock.system_now());
+            let rate_limited = res.status() == http::StatusCode::TOO_MANY_REQUESTS;
+            let hint = rate_limited
+                .then(|| {
+                    tollgate_core::headers::retry_after_ms(h)
+                        .or_else(|| tollgate_core::headers::retry_after(h, clock.system_now()))
+                })
+                .flatten();
+            let answer = Answer {
+                state: &info.requests,
+                rate_limited,
+                hint,
+            };
+            let now = clock.now();
+            limits
+                .iter()
+                .zip(keys.iter())
+                .fold(false, |kick, (l, k)| l.answered(k, &answer, now) | kick)
         }
+    };
+    if kick {
+        shared.dispatch();
     }
 }

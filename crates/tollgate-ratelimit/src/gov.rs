@@ -30,6 +30,11 @@ impl GovClock {
         Self { clock, epoch }
     }
 
+    /// The core clock's reading.
+    pub(crate) fn instant(&self) -> Instant {
+        self.clock.now()
+    }
+
     pub(crate) fn to_nanos(&self, at: Instant) -> Nanos {
         Nanos::from(at.saturating_duration_since(self.epoch))
     }

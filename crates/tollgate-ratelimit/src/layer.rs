@@ -52,6 +52,18 @@ impl RateLimitLayer {
             .sum()
     }
 
+    /// The quota in force for the limit named `limit`: the configured one, or the one a
+    /// learning limit ([`Limit::learned`], [`Limit::learn`]) took from the provider's
+    /// answers; `None` for a limit of another name, or one that knows no quota yet.
+    pub fn quota(&self, limit: &str) -> Option<crate::Quota> {
+        self.shared
+            .admitter()
+            .limits
+            .iter()
+            .find(|l| &*l.limit.name == limit)
+            .and_then(ActiveLimit::quota)
+    }
+
     /// How many requests are waiting for a cell now.
     pub fn waiting(&self) -> usize {
         self.shared.waiting()

@@ -17,6 +17,8 @@ pub(crate) struct LimitMetrics {
     refused: [Key; 4],
     waited: Key,
     wait_seconds: Key,
+    learned_limit: Key,
+    learned_burst: Key,
 }
 
 fn key(name: &'static str, limit: &Arc<str>, extra: Option<(&'static str, &'static str)>) -> Key {
@@ -58,6 +60,8 @@ impl LimitMetrics {
             }),
             waited: key("tollgate_ratelimit_waited_total", limit, None),
             wait_seconds: key("tollgate_ratelimit_wait_seconds", limit, None),
+            learned_limit: key("tollgate_ratelimit_learned_limit", limit, None),
+            learned_burst: key("tollgate_ratelimit_learned_burst", limit, None),
         }
     }
 
@@ -75,6 +79,16 @@ impl LimitMetrics {
             r.register_counter(&self.waited, &META).increment(1);
             r.register_histogram(&self.wait_seconds, &META)
                 .record(wait.as_secs_f64());
+        });
+    }
+
+    /// A quota learned from the provider: requests per minute, and at once.
+    pub(crate) fn learned(&self, per_minute: u64, burst: u64) {
+        metrics::with_recorder(|r| {
+            r.register_gauge(&self.learned_limit, &META)
+                .set(per_minute as f64);
+            r.register_gauge(&self.learned_burst, &META)
+                .set(burst as f64);
         });
     }
 }

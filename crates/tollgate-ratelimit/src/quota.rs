@@ -84,6 +84,20 @@ impl Quota {
         }
     }
 
+    /// No bound worth the name (a cell a nanosecond, `u32::MAX` at once): the ceiling of a
+    /// limit whose quota is learned.
+    pub(crate) fn unbounded() -> Self {
+        Self::with_interval(Duration::from_nanos(1), u32::MAX)
+    }
+
+    /// One cell every `interval`, `burst` at once.
+    pub(crate) fn with_interval(interval: Duration, burst: u32) -> Self {
+        Self {
+            inner: governor::Quota::with_period(interval.max(Duration::from_nanos(1)))
+                .and_then(|q| NonZeroU32::new(burst).map(|b| q.allow_burst(b))),
+        }
+    }
+
     /// The time between two cells: the rate.
     pub fn interval(&self) -> Duration {
         self.inner.map_or(Duration::MAX, |q| q.replenish_interval())

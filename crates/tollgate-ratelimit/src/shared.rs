@@ -59,7 +59,7 @@ impl fmt::Debug for Limits {
 
 impl Limits {
     pub(crate) fn new(limits: Vec<ActiveLimit>, priority: Arc<dyn PriorityExtractor>) -> Self {
-        let adaptive = limits.iter().any(|l| l.limit.adaptive);
+        let adaptive = limits.iter().any(|l| l.limit.adaptive || l.limit.learn);
         Self {
             limits,
             priority,
@@ -69,7 +69,9 @@ impl Limits {
 
     /// Whether a limit's quota is zero (every request refused as too large).
     pub(crate) fn any_closed(&self) -> bool {
-        self.limits.iter().any(|l| l.limit.quota.is_closed())
+        self.limits
+            .iter()
+            .any(|l| l.quota().is_some_and(|q| q.is_closed()))
     }
 
     pub(crate) fn count_admitted(&self) {
@@ -120,7 +122,7 @@ impl Admit for Limits {
     fn pace(&self, _: &Keys) -> Duration {
         self.limits
             .iter()
-            .map(|l| l.limit.quota.interval())
+            .filter_map(|l| l.quota().map(|q| q.interval()))
             .max()
             .unwrap_or(Duration::ZERO)
     }
@@ -130,7 +132,6 @@ impl Admit for Limits {
             return Refusal::new(LimitKind::Requests, "ratelimit", wait).with_reason(reason);
         };
         let limit = &active.limit;
-        let q = limit.quota;
         active.metrics.refused(reason);
         tracing::debug!(
             limit = %limit.name,
@@ -138,13 +139,16 @@ impl Admit for Limits {
             retry_after_ms = wait.map(|w| w.as_millis() as u64),
             "rate limit refused a request"
         );
-        let mut refusal = Refusal::new(LimitKind::Requests, Arc::clone(&limit.name), wait)
-            .with_reason(reason)
-            .with_quota(QuotaInfo {
+        let mut refusal =
+            Refusal::new(LimitKind::Requests, Arc::clone(&limit.name), wait).with_reason(reason);
+        // A learning limit that knows no quota yet states none.
+        if let Some(q) = active.quota() {
+            refusal = refusal.with_quota(QuotaInfo {
                 limit: u64::from(q.burst_size()),
                 window: q.window(),
                 remaining: 0,
             });
+        }
         if let Some(key) = keys.get(i) {
             refusal = refusal.with_key(key.clone());
         }

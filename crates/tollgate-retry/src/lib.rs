@@ -20,7 +20,11 @@
 //! - **It is bounded:** at most `max_retries`; an overall deadline for the whole request,
 //!   waits included (never overrun: the request fails with [`DeadlineExceeded`] at the
 //!   deadline); and a retry budget (tower's `TpsBudget`, 20% of traffic by default), so
-//!   retries stay a bounded share of traffic when a provider is down.
+//!   retries stay a bounded share of traffic when a provider is down. **A 429 (or a
+//!   Tollgate refusal) that says when to come back is waited, not budgeted:** it is a
+//!   pacing signal from a working service, so its retries are bounded by `max_retries`,
+//!   the deadline and `max_server_wait` alone; 5xx, transport errors and 429s without a
+//!   hint draw on the budget.
 //! - **It replays bodies:** the request body is buffered once (or taken from the
 //!   `tollgate-core` facts an outer layer put there) and replayed; a body over the cap is
 //!   sent once and never retried, and the log says so. A streamed answer is retried only

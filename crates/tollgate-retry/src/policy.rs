@@ -126,7 +126,13 @@ impl<B, ResB> tower::retry::Policy<Request<RequestBody<B>>, Response<RetryBody<R
                 return None;
             }
         }
-        if let Some(budget) = &c.budget {
+        // A 429 or a refusal that says when to come back is a pacing signal from a working
+        // service, not a failure: it is waited out, bounded by `max_retries`, the deadline
+        // and `max_server_wait`, and draws nothing from the budget, which is there to stop
+        // retry storms against a failing one (5xx, transport errors, hintless 429s).
+        let paced =
+            hint.is_some() && matches!(reason, crate::Reason::RateLimited | crate::Reason::Refused);
+        if let (Some(budget), false) = (&c.budget, paced) {
             if !budget.withdraw() {
                 Self::give_up("budget", reason);
                 return None;

@@ -114,7 +114,9 @@ impl State {
         let now = Instant::now();
         let cfg = &self.config;
         let state = keys.entry(key.to_owned()).or_insert_with(|| KeyState {
-            requests: cfg.rpm.map(|n| Bucket::new(n, cfg.window, now)),
+            requests: cfg
+                .rpm
+                .map(|n| Bucket::with_burst(n, cfg.window, cfg.burst.unwrap_or(n), now)),
             tokens: cfg.tpm.map(|n| Bucket::new(n, cfg.window, now)),
             stats: Stats::default(),
         });

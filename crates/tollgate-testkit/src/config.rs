@@ -36,6 +36,7 @@ pub struct Faults {
 pub struct ProviderConfig {
     pub(crate) rpm: Option<u64>,
     pub(crate) tpm: Option<u64>,
+    pub(crate) burst: Option<u64>,
     pub(crate) window: Duration,
     pub(crate) completion_tokens: u64,
     pub(crate) chunk_delay: Duration,
@@ -50,6 +51,7 @@ impl Default for ProviderConfig {
         Self {
             rpm: None,
             tpm: None,
+            burst: None,
             window: Duration::from_secs(60),
             completion_tokens: 16,
             chunk_delay: Duration::ZERO,

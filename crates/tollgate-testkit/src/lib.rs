@@ -78,6 +78,15 @@ impl ProviderBuilder {
         self
     }
 
+    /// At most `n` requests at once per API key (the whole window's RPM unless set): the
+    /// bucket refills at the RPM's pace but holds only `n`, as providers that quantise
+    /// minute limits into shorter windows do. `x-ratelimit-limit-requests` still says the
+    /// RPM.
+    pub fn burst(mut self, n: u64) -> Self {
+        self.config.burst = Some(n);
+        self
+    }
+
     /// Tokens per minute allowed to each API key.
     pub fn tpm(mut self, n: u64) -> Self {
         self.config.tpm = Some(n);

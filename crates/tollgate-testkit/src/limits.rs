@@ -2,15 +2,19 @@
 //! Tollgate's limiters so that it judges them fairly.
 //!
 //! Like OpenAI's, a bucket holds a minute's quota and refills continuously, so
-//! `x-ratelimit-reset-*` is the time until it is full again.
+//! `x-ratelimit-reset-*` is the time until it is full again. A bucket may hold less than
+//! its window's quota (a burst), as providers that quantise minute limits into shorter
+//! windows do; `x-ratelimit-limit-*` still says the window's quota.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// A bucket holding up to `capacity`, refilling `capacity` per `window`.
+/// A bucket holding up to `capacity`, refilling `limit` per `window`.
 #[derive(Clone, Debug)]
 pub(crate) struct Bucket {
+    /// The window's quota, as the headers state it.
+    limit: u64,
     capacity: f64,
     level: f64,
     per_sec: f64,
@@ -19,11 +23,17 @@ pub(crate) struct Bucket {
 
 impl Bucket {
     pub(crate) fn new(capacity: u64, window: Duration, now: Instant) -> Self {
-        let capacity = capacity as f64;
+        Self::with_burst(capacity, window, capacity, now)
+    }
+
+    /// `limit` per `window`, holding at most `burst` at once.
+    pub(crate) fn with_burst(limit: u64, window: Duration, burst: u64, now: Instant) -> Self {
+        let capacity = burst.min(limit).max(1) as f64;
         Self {
+            limit,
             capacity,
             level: capacity,
-            per_sec: capacity / window.as_secs_f64().max(1e-9),
+            per_sec: limit as f64 / window.as_secs_f64().max(1e-9),
             last: now,
         }
     }
@@ -52,8 +62,9 @@ impl Bucket {
         self.level -= n as f64;
     }
 
+    /// The window's quota, as the headers and error messages state it.
     pub(crate) fn capacity(&self) -> u64 {
-        self.capacity as u64
+        self.limit
     }
 
     pub(crate) fn remaining(&self) -> u64 {
@@ -86,6 +97,27 @@ mod tests {
         let t2 = t0 + Duration::from_secs(3600);
         b.wait_for(0, t2);
         assert_eq!(b.remaining(), 60, "never more than the capacity");
+    }
+
+    #[test]
+    fn a_burst_smaller_than_the_window_refills_at_the_windows_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::with_burst(600, Duration::from_secs(60), 10, t0);
+        for _ in 0..10 {
+            assert_eq!(b.wait_for(1, t0), Some(Duration::ZERO));
+            b.take(1);
+        }
+        assert_eq!(b.wait_for(1, t0), Some(Duration::from_millis(100)));
+        assert_eq!(
+            b.capacity(),
+            600,
+            "the headers still say the minute's quota"
+        );
+        assert_eq!(
+            b.reset(),
+            Duration::from_secs(1),
+            "ten cells at ten a second"
+        );
     }
 
     #[test]

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tollgate_core::clock::{Clock, SharedClock};
+use tollgate_core::headers::LimitState;
 use tollgate_core::key::{Global, Key, KeyExtractor, RequestHead};
+use tollgate_core::learn::{LearnedQuota, SlowStart};
 use tollgate_core::refusal::{LimitKind, Quota as QuotaInfo, Reason, Refusal};
 use tollgate_core::wait::{Admit, Denial};
 
@@ -77,6 +79,10 @@ pub struct Budget {
     pub(crate) quota: TokenQuota,
     pub(crate) extractor: Arc<dyn KeyExtractor>,
     pub(crate) adaptive: bool,
+    /// Adopts the provider's stated quota (within the configured one).
+    pub(crate) learn: bool,
+    /// Whether `quota` was given; a learned budget without one starts slow.
+    pub(crate) configured: bool,
 }
 
 impl fmt::Debug for Budget {
@@ -85,6 +91,7 @@ impl fmt::Debug for Budget {
             .field("name", &self.name)
             .field("quota", &self.quota)
             .field("adaptive", &self.adaptive)
+            .field("learn", &self.learn)
             .finish_non_exhaustive()
     }
 }
@@ -97,7 +104,34 @@ impl Budget {
             quota,
             extractor: Arc::new(Global),
             adaptive: false,
+            learn: false,
+            configured: true,
         }
+    }
+
+    /// A budget whose quota nobody configured: it is **learned** from the provider's
+    /// answers (`x-ratelimit-limit-tokens` and the rest, or Anthropic's
+    /// `anthropic-ratelimit-tokens-*`) and followed. Until the first answer states it, the
+    /// budget **starts slow** — one request goes, the others wait and are released the
+    /// moment it is known — and after a 429 with a hint every request waits the hint out.
+    /// A provider that states no token quota is not limited. See
+    /// [`TpmLayer::quota`](crate::TpmLayer::quota).
+    pub fn learned(name: impl Into<Arc<str>>) -> Self {
+        Self {
+            learn: true,
+            adaptive: true,
+            configured: false,
+            ..Self::new(name, TokenQuota::per_minute(u64::MAX / 2))
+        }
+    }
+
+    /// Also learns the provider's quota, keeping the configured one as an upper bound: the
+    /// provider's is adopted where it is smaller. A configured budget does not start slow.
+    /// Implies [`adaptive`](Self::adaptive).
+    pub fn learn(mut self) -> Self {
+        self.learn = true;
+        self.adaptive = true;
+        self
     }
 
     /// Whose bucket a request draws from.
@@ -128,12 +162,22 @@ struct Bucket {
     last: Instant,
 }
 
+/// What a learning budget knows: slow start and pauses, and the quota in force (`None`
+/// until one is known, when nothing is counted).
+#[derive(Debug)]
+struct Learning {
+    start: SlowStart,
+    quota: Option<TokenQuota>,
+}
+
 /// A budget with its ledger.
 pub(crate) struct Ledger {
     pub(crate) budget: Budget,
     pub(crate) metrics: crate::metrics::BudgetMetrics,
     clock: SharedClock,
     buckets: Mutex<HashMap<Key, Bucket>>,
+    /// For budgets that learn.
+    learning: Option<Mutex<Learning>>,
 }
 
 impl fmt::Debug for Ledger {
@@ -147,11 +191,78 @@ impl fmt::Debug for Ledger {
 
 impl Ledger {
     pub(crate) fn new(budget: Budget, clock: SharedClock) -> Self {
+        let learning = budget.learn.then(|| {
+            Mutex::new(Learning {
+                start: if budget.configured {
+                    SlowStart::known()
+                } else {
+                    SlowStart::unknown(clock.now())
+                },
+                quota: budget.configured.then_some(budget.quota),
+            })
+        });
         Self {
             metrics: crate::metrics::BudgetMetrics::new(&budget.name),
             budget,
             clock,
             buckets: Mutex::new(HashMap::new()),
+            learning,
+        }
+    }
+
+    fn learning(&self) -> Option<MutexGuard<'_, Learning>> {
+        self.learning
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The quota in force: the configured one, or the one learned; `None` while a
+    /// learning budget knows none.
+    pub(crate) fn quota(&self) -> Option<TokenQuota> {
+        match self.learning() {
+            None => Some(self.budget.quota),
+            Some(l) => l.quota,
+        }
+    }
+
+    /// An answer stated (or did not state) the provider's token quota, or was a 429 with a
+    /// hint. Returns whether waiters should be tried again now.
+    pub(crate) fn answered(&self, state: &LimitState, pause: Option<Instant>) -> bool {
+        let Some(mut l) = self.learning() else {
+            return false;
+        };
+        let mut kick = false;
+        match LearnedQuota::from_state(state) {
+            Some(seen) => {
+                // A token bucket holds the window's quota (providers' do); what is left of
+                // it now comes from `remaining`, followed on every answer.
+                let mut q = TokenQuota::per(seen.limit, seen.window);
+                if self.budget.configured && self.budget.quota.capacity < q.capacity {
+                    q = self.budget.quota;
+                }
+                if l.quota != Some(q) {
+                    tracing::info!(budget = %self.budget.name, per_minute = seen.limit, "learned the provider's token quota");
+                    l.quota = Some(q);
+                    kick = true;
+                }
+                kick |= l.start.learned();
+            }
+            None => kick |= l.start.answered_without_quota(),
+        }
+        if let Some(until) = pause {
+            l.start.pause_until(until);
+        }
+        kick
+    }
+
+    /// A request got no answer: during slow start its place goes to another.
+    pub(crate) fn unanswered(&self) -> bool {
+        match self.learning() {
+            Some(mut l) if l.start.is_unknown() => {
+                l.start.released();
+                true
+            }
+            _ => false,
         }
     }
 
@@ -168,10 +279,20 @@ impl Ledger {
             .unwrap_or_else(|| Key::new("unkeyed"))
     }
 
-    /// Runs `f` on `key`'s bucket, refilled to now.
-    fn with<R>(&self, key: &Key, f: impl FnOnce(&mut Bucket, f64, f64) -> R) -> R {
+    /// Runs `f` on `key`'s bucket, refilled to now; `None` while a learning budget knows no
+    /// quota (nothing is counted then).
+    fn with<R>(&self, key: &Key, f: impl FnOnce(&mut Bucket, f64, f64) -> R) -> Option<R> {
+        let q = self.quota()?;
+        Some(self.with_quota(q, key, f))
+    }
+
+    fn with_quota<R>(
+        &self,
+        q: TokenQuota,
+        key: &Key,
+        f: impl FnOnce(&mut Bucket, f64, f64) -> R,
+    ) -> R {
         let now = self.clock.now();
-        let q = self.budget.quota;
         let cap = q.capacity as f64;
         let mut buckets = self.lock();
         let b = buckets.entry(key.clone()).or_insert(Bucket {
@@ -190,19 +311,39 @@ impl Ledger {
     /// Takes `n` tokens and holds them for a request in flight, or says how long until
     /// they are there.
     pub(crate) fn take(&self, key: &Key, n: u64) -> Result<(), Denial> {
-        if n > self.budget.quota.capacity {
-            return Err(Denial::Never);
-        }
-        self.with(key, |b, _, rate| {
-            let n = n as f64;
-            if b.level >= n {
-                b.level -= n;
-                b.held += n;
-                Ok(())
-            } else {
-                Err(Denial::Wait(Duration::from_secs_f64((n - b.level) / rate)))
+        let quota = match self.learning() {
+            None => self.budget.quota,
+            Some(mut l) => {
+                if let Some(wait) = l.start.admit(self.clock.now()) {
+                    return Err(Denial::Wait(wait));
+                }
+                match l.quota {
+                    Some(q) => q,
+                    // Slow start's probe, or a provider that states no quota.
+                    None => return Ok(()),
+                }
             }
-        })
+        };
+        let taken = if n > quota.capacity {
+            Err(Denial::Never)
+        } else {
+            self.with_quota(quota, key, |b, _, rate| {
+                let n = n as f64;
+                if b.level >= n {
+                    b.level -= n;
+                    b.held += n;
+                    Ok(())
+                } else {
+                    Err(Denial::Wait(Duration::from_secs_f64((n - b.level) / rate)))
+                }
+            })
+        };
+        if taken.is_err() {
+            if let Some(mut l) = self.learning() {
+                l.start.released();
+            }
+        }
+        taken
     }
 
     /// Ends a hold of `reserved` tokens for a request that used `used`: gives back what was
@@ -237,12 +378,15 @@ impl Ledger {
     /// Tokens available to `key` now (negative while in debt).
     pub(crate) fn available(&self, key: &Key) -> i64 {
         self.with(key, |b, _, _| b.level.floor() as i64)
+            .unwrap_or(i64::MAX)
     }
 
     /// Drops the keys whose bucket is full again.
     pub(crate) fn retain_recent(&self) {
         let now = self.clock.now();
-        let q = self.budget.quota;
+        let Some(q) = self.quota() else {
+            return;
+        };
         let cap = q.capacity as f64;
         let mut buckets = self.lock();
         buckets.retain(|_, b| {
@@ -286,6 +430,21 @@ impl Budgets {
                 l.follow(k, view);
             }
         }
+    }
+
+    /// Tells every learning budget what an answer stated (and when to come back after a
+    /// 429); returns whether waiters should be tried again now.
+    pub(crate) fn answered(&self, state: &LimitState, pause: Option<Instant>) -> bool {
+        self.ledgers
+            .iter()
+            .fold(false, |kick, l| l.answered(state, pause) | kick)
+    }
+
+    /// A request got no answer; returns whether waiters should be tried again now.
+    pub(crate) fn unanswered(&self) -> bool {
+        self.ledgers
+            .iter()
+            .fold(false, |kick, l| l.unanswered() | kick)
     }
 
     /// Settles a reservation of `reserved` for a request that used `actual`.
@@ -334,7 +493,8 @@ impl Admit for Budgets {
     fn pace(&self, t: &Ticket) -> Duration {
         self.ledgers
             .iter()
-            .map(|l| Duration::from_secs_f64(t.cost as f64 / l.budget.quota.per_sec().max(1e-9)))
+            .filter_map(|l| l.quota())
+            .map(|q| Duration::from_secs_f64(t.cost as f64 / q.per_sec().max(1e-9)))
             .max()
             .unwrap_or(Duration::ZERO)
     }
@@ -345,14 +505,15 @@ impl Admit for Budgets {
         };
         l.metrics.refused(reason, t.cost);
         tracing::debug!(budget = %l.budget.name, tokens = t.cost, ?reason, "token budget refused a request");
-        let q = l.budget.quota;
-        let mut r = Refusal::new(LimitKind::Tokens, Arc::clone(&l.budget.name), wait)
-            .with_reason(reason)
-            .with_quota(QuotaInfo {
+        let mut r =
+            Refusal::new(LimitKind::Tokens, Arc::clone(&l.budget.name), wait).with_reason(reason);
+        if let Some(q) = l.quota() {
+            r = r.with_quota(QuotaInfo {
                 limit: q.capacity,
                 window: q.window,
                 remaining: t.keys.get(i).map_or(0, |k| l.available(k).max(0) as u64),
             });
+        }
         if let Some(k) = t.keys.get(i) {
             r = r.with_key(k.clone());
         }

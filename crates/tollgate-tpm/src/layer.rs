@@ -41,6 +41,8 @@ struct Shared {
     priority: Arc<dyn PriorityExtractor>,
     body_limit: usize,
     adaptive: bool,
+    /// Some budget learns its quota from the provider.
+    learn: bool,
     remote: Option<Remote>,
 }
 
@@ -100,6 +102,19 @@ impl TpmLayer {
             .iter()
             .find(|l| &*l.budget.name == budget)
             .map(|l| l.available(key))
+    }
+
+    /// The quota in force for the budget named `budget`: the configured one, or the one a
+    /// learning budget ([`Budget::learned`], [`Budget::learn`]) took from the provider's
+    /// answers; `None` for a budget of another name, or one that knows no quota yet.
+    pub fn quota(&self, budget: &str) -> Option<TokenQuota> {
+        self.shared
+            .queue
+            .admitter()
+            .ledgers
+            .iter()
+            .find(|l| &*l.budget.name == budget)
+            .and_then(Ledger::quota)
     }
 
     /// How many keys the budgets hold state for.
@@ -236,6 +251,7 @@ impl TpmBuilder {
     /// The layer.
     pub fn build(self) -> TpmLayer {
         let adaptive = self.budgets.iter().any(|b| b.adaptive);
+        let learn = self.budgets.iter().any(|b| b.learn);
         let share = match self.store {
             Some((_, OnStoreFailure::Open { instances })) => instances.max(1),
             _ => 1,
@@ -273,6 +289,7 @@ impl TpmBuilder {
                 priority: self.priority,
                 body_limit: self.body_limit,
                 adaptive,
+                learn,
                 remote: self.store.map(|(store, on_failure)| Remote {
                     store,
                     on_failure,
@@ -508,6 +525,9 @@ where
                 Ok(res) => res,
                 Err(e) => {
                     let e: BoxError = e.into();
+                    if shared.learn && budgets.unanswered() {
+                        shared.queue.dispatch();
+                    }
                     if never_reached(&*e) {
                         settlement.settle_at(0);
                     } else {
@@ -519,8 +539,23 @@ where
                 }
             };
             if shared.adaptive && settlement.remote.is_none() {
-                let info =
-                    RateLimitInfo::from_headers(res.headers(), shared.queue.clock().system_now());
+                let clock = shared.queue.clock();
+                let info = RateLimitInfo::from_headers(res.headers(), clock.system_now());
+                if shared.learn {
+                    // A 429's hint holds every request back until it passes.
+                    let pause = (res.status() == StatusCode::TOO_MANY_REQUESTS)
+                        .then(|| {
+                            let h = res.headers();
+                            tollgate_core::headers::retry_after_ms(h).or_else(|| {
+                                tollgate_core::headers::retry_after(h, clock.system_now())
+                            })
+                        })
+                        .flatten()
+                        .map(|d| later(clock.now(), d));
+                    if budgets.answered(&info.tokens, pause) {
+                        shared.queue.dispatch();
+                    }
+                }
                 if let Some(remaining) = info.tokens.remaining {
                     let view = ProviderView {
                         remaining,

@@ -292,22 +292,43 @@ cache:      { ttl: 5m }
     let mini = line("2. mini");
     assert!(mini.contains("model rewritten to gpt-4o-mini"), "{mini}");
     assert!(
-        mini.contains("requests: 500/1m0s (burst 500) per header:x-tenant-id key, wait up to 10s (queue 1024) [inherited from the top-level rate_limit]"),
+        mini.contains("requests: 500/1m0s (burst 500) per header:x-tenant-id key, wait up to 10s (queue 1024), the provider's own quota adopted where stricter [inherited from the top-level rate_limit]"),
         "a fallback without its own limits shows the ones it takes: {mini}"
     );
     assert!(mini.contains("tokens: 30000/1m0s"), "{mini}");
     let own = line("3. own");
     assert!(
         own.contains(
-            "requests: 100/1m0s (burst 100) per global key, refuse at once with 429 [its own]"
+            "requests: 100/1m0s (burst 100) per global key, refuse at once with 429, the provider's own quota adopted where stricter [its own]"
         ),
         "{own}"
     );
     assert!(
-        !own.contains("tokens:"),
-        "its own limits replace the top-level ones whole: {own}"
+        own.contains("tokens: learned from the provider"),
+        "its own limits replace the top-level ones whole; the token quota it left out is learned: {own}"
     );
     assert!(text.contains("retry: up to 2 retries"), "{text}");
     assert!(text.contains("cache: ttl 5m0s"), "{text}");
     assert!(text.contains("store: memory"), "{text}");
+
+    // Nothing said of limits: both learned; `learn: false` and no quota: no limit.
+    let bare = Policy::from_yaml("primary: { url: \"https://api.openai.com\" }\n").unwrap();
+    let text = bare.describe();
+    assert!(
+        text.contains("requests: learned from the provider's x-ratelimit-* headers"),
+        "{text}"
+    );
+    assert!(text.contains("wait up to 30s"), "{text}");
+    let exact = Policy::from_yaml(
+        "primary: { url: \"https://api.openai.com\" }\nrate_limit: { requests: 10/s, learn: false }\n",
+    )
+    .unwrap();
+    let text = exact.describe();
+    assert!(
+        text.contains(
+            "requests: 10/1s (burst 10) per global key, wait up to 30s (queue 1024) [inherited"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("tokens: no limit"), "{text}");
 }

@@ -134,6 +134,20 @@ impl<A: Admit> WaitQueue<A> {
         }
     }
 
+    /// Capacity changed outside the queue — a quota was learned, slow start ended — so hands
+    /// it to the waiters now rather than at their next timer.
+    pub fn dispatch(&self) {
+        if self.waiting() == 0 {
+            return;
+        }
+        let now = self.clock.now();
+        let mut wakers = Vec::new();
+        lock(&self.queue).dispatch(&self.admit, now, None, &mut wakers);
+        for w in wakers {
+            w.wake();
+        }
+    }
+
     /// Decides what happens to a request with this ticket and priority.
     pub fn admit(self: &Arc<Self>, ticket: A::Ticket, priority: Priority) -> Admission<A> {
         let (max_wait, max_queue) = match self.mode {

@@ -26,6 +26,9 @@ struct Args {
     /// Tokens per minute per API key (unlimited when absent).
     #[arg(long)]
     tpm: Option<u64>,
+    /// Requests at once per API key (the whole RPM when absent); refills at the RPM's pace.
+    #[arg(long)]
+    burst: Option<u64>,
     /// Tokens in an answer when the request does not cap it lower.
     #[arg(long, default_value_t = 16)]
     completion_tokens: u64,
@@ -92,6 +95,9 @@ async fn main() -> ExitCode {
     }
     if let Some(n) = args.tpm {
         builder = builder.tpm(n);
+    }
+    if let Some(n) = args.burst {
+        builder = builder.burst(n);
     }
     if let Some(seed) = args.seed {
         builder = builder.seed(seed);

@@ -124,7 +124,15 @@ impl Policy {
                 Some(d) => AllCooling::Wait(d.0),
                 None => AllCooling::Refuse,
             })
-            .on_context_length(f.on_context_length);
+            .on_context_length(f.on_context_length)
+            // A backend whose provider said "later" is waited for as long as its own
+            // limiter would wait.
+            .wait_for_quota(
+                self.rate_limit
+                    .as_ref()
+                    .and_then(|r| r.max_wait)
+                    .map_or(DEFAULT_MAX_WAIT, |d| d.0),
+            );
         let failover = failover.build();
 
         Ok(match &self.cache {
@@ -161,19 +169,21 @@ impl Policy {
                 .map_err(Into::into)
                 .map_response(box_response::<ResB>),
         );
-        if let Some(limits) = b.rate_limit.as_ref().or(self.rate_limit.as_ref()) {
-            if let Some(tokens) = limits.tokens {
-                let tpm = tpm_layer(name, limits, tokens, body_limit, shared);
-                svc = BoxCloneSyncService::new(MapResponse::new(
-                    tpm.layer(svc.map_request(box_request::<ReplayBody>)),
-                    box_response::<TpmBody<BoxBody>>,
-                ));
-            }
-            if let Some(requests) = limits.requests {
-                svc = BoxCloneSyncService::new(
-                    rate_limit_layer(name, limits, requests, shared).layer(svc),
-                );
-            }
+        let learned = RateLimitPolicy::default();
+        let limits = b
+            .rate_limit
+            .as_ref()
+            .or(self.rate_limit.as_ref())
+            .unwrap_or(&learned);
+        if limits.tokens.is_some() || limits.learns() {
+            let tpm = tpm_layer(name, limits, body_limit, shared);
+            svc = BoxCloneSyncService::new(MapResponse::new(
+                tpm.layer(svc.map_request(box_request::<ReplayBody>)),
+                box_response::<TpmBody<BoxBody>>,
+            ));
+        }
+        if limits.requests.is_some() || limits.learns() {
+            svc = BoxCloneSyncService::new(rate_limit_layer(name, limits, shared).layer(svc));
         }
         if let Some(r) = &self.retry {
             let retry = retry_layer(r, body_limit);
@@ -210,13 +220,23 @@ pub(super) const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
 fn rate_limit_layer(
     backend: &str,
     p: &RateLimitPolicy,
-    requests: super::Rate,
     shared: Option<&SharedStore>,
 ) -> RateLimitLayer {
-    let count = u32::try_from(requests.count).unwrap_or(u32::MAX);
-    let quota = Quota::per(count, requests.per).burst(p.burst.unwrap_or(count));
     // Named by backend: each backend's quota is its own, in Redis too.
-    let mut limit = Limit::new(format!("{backend}:requests"), quota);
+    let name = format!("{backend}:requests");
+    let mut limit = match p.requests {
+        Some(requests) => {
+            let count = u32::try_from(requests.count).unwrap_or(u32::MAX);
+            let quota = Quota::per(count, requests.per).burst(p.burst.unwrap_or(count));
+            let limit = Limit::new(name, quota);
+            if p.learns() {
+                limit.learn()
+            } else {
+                limit
+            }
+        }
+        None => Limit::learned(name),
+    };
     if let Some(key) = &p.key {
         limit = limit.keyed_by(key.extractor());
     }
@@ -240,14 +260,21 @@ fn rate_limit_layer(
 fn tpm_layer(
     backend: &str,
     p: &RateLimitPolicy,
-    tokens: super::Rate,
     body_limit: usize,
     shared: Option<&SharedStore>,
 ) -> TpmLayer {
-    let mut budget = Budget::new(
-        format!("{backend}:tokens"),
-        TokenQuota::per(tokens.count, tokens.per),
-    );
+    let name = format!("{backend}:tokens");
+    let mut budget = match p.tokens {
+        Some(tokens) => {
+            let budget = Budget::new(name, TokenQuota::per(tokens.count, tokens.per));
+            if p.learns() {
+                budget.learn()
+            } else {
+                budget
+            }
+        }
+        None => Budget::learned(name),
+    };
     if let Some(key) = &p.key {
         budget = budget.keyed_by(key.extractor());
     }

@@ -50,6 +50,8 @@ impl Policy {
     /// assert!(text.contains("mini"));
     /// assert!(text.contains("500/1m0s"));
     /// assert!(text.contains("inherited from the top-level rate_limit"));
+    /// // No token quota given: learned from the provider.
+    /// assert!(text.contains("tokens: learned from the provider"));
     /// ```
     pub fn describe(&self) -> String {
         let mut out = String::new();
@@ -155,41 +157,49 @@ impl Policy {
                     .map_or(String::new(), |x| format!(", deadline {}", d(x.0)))
             )?,
         }
-        let (limits, whence) = match (&b.rate_limit, &self.rate_limit) {
-            (Some(own), _) => (Some(own), "its own"),
-            (None, Some(top)) => (Some(top), "inherited from the top-level rate_limit"),
-            (None, None) => (None, ""),
+        let learned = RateLimitPolicy::default();
+        let (l, whence) = match (&b.rate_limit, &self.rate_limit) {
+            (Some(own), _) => (own, "its own"),
+            (None, Some(top)) => (top, "inherited from the top-level rate_limit"),
+            (None, None) => (&learned, "no rate_limit given: learned"),
         };
-        match limits {
-            None => writeln!(out, "     limits: none")?,
-            Some(l) => {
-                if let Some(r) = l.requests {
-                    writeln!(
-                        out,
-                        "     requests: {r} (burst {}) per {} key, {}{} [{whence}]",
-                        l.burst.map_or(r.count, u64::from),
-                        key(l.key.as_ref()),
-                        mode(l),
-                        if l.adaptive {
-                            ", following the provider's x-ratelimit-* headers"
-                        } else {
-                            ""
-                        }
-                    )?;
-                }
-                if let Some(t) = l.tokens {
-                    writeln!(
-                        out,
-                        "     tokens: {t} per {} key, reserved before the call and settled to the real usage, {}{} [{whence}]",
-                        key(l.key.as_ref()),
-                        mode(l),
-                        if l.adaptive { ", following the provider's x-ratelimit-* headers" } else { "" }
-                    )?;
-                }
-                if l.requests.is_none() && l.tokens.is_none() {
-                    writeln!(out, "     limits: none [{whence}]")?;
-                }
-            }
+        let follow = if l.learns() {
+            ", the provider's own quota adopted where stricter"
+        } else if l.adaptive {
+            ", following the provider's x-ratelimit-* headers"
+        } else {
+            ""
+        };
+        let unknown = "learned from the provider's x-ratelimit-* headers (one request first, the rest once an answer states it)";
+        match (l.requests, l.learns()) {
+            (Some(r), _) => writeln!(
+                out,
+                "     requests: {r} (burst {}) per {} key, {}{follow} [{whence}]",
+                l.burst.map_or(r.count, u64::from),
+                key(l.key.as_ref()),
+                mode(l),
+            )?,
+            (None, true) => writeln!(
+                out,
+                "     requests: {unknown}, per {} key, {} [{whence}]",
+                key(l.key.as_ref()),
+                mode(l),
+            )?,
+            (None, false) => writeln!(out, "     requests: no limit [{whence}]")?,
+        }
+        match (l.tokens, l.learns()) {
+            (Some(t), _) => writeln!(
+                out,
+                "     tokens: {t} per {} key, reserved before the call and settled to the real usage, {}{follow} [{whence}]",
+                key(l.key.as_ref()),
+                mode(l),
+            )?,
+            (None, true) => writeln!(
+                out,
+                "     tokens: {unknown}, reserved before the call and settled to the real usage, {} [{whence}]",
+                mode(l),
+            )?,
+            (None, false) => writeln!(out, "     tokens: no limit [{whence}]")?,
         }
         Ok(())
     }

@@ -58,7 +58,9 @@ pub struct Policy {
     /// Backends tried, by priority, when the primary fails or would wait too long.
     #[serde(default)]
     pub fallbacks: Vec<BackendPolicy>,
-    /// Limits per backend, mirroring the provider's (each backend may set its own).
+    /// Limits per backend, mirroring the provider's (each backend may set its own). Left
+    /// out, each backend learns its provider's quotas from the answers' `x-ratelimit-*`
+    /// headers ([`RateLimitPolicy::default`]).
     #[serde(default)]
     pub rate_limit: Option<RateLimitPolicy>,
     /// Retries per backend.
@@ -148,6 +150,37 @@ pub struct RateLimitPolicy {
     /// Follow the provider's `x-ratelimit-*` headers too, when they say less is left.
     #[serde(default)]
     pub adaptive: bool,
+    /// Learn the provider's quota from its `x-ratelimit-*` headers (true by default): a
+    /// quota left out here (`requests`, `tokens`) is learned, starting slow until the first
+    /// answer states it; a quota given is an upper bound the provider's may only lower.
+    /// `false`: exactly the quotas given, and no limit where none is given.
+    #[serde(default)]
+    pub learn: Option<bool>,
+}
+
+impl Default for RateLimitPolicy {
+    /// What a backend gets when the policy says nothing of limits: both quotas learned from
+    /// the provider, waiting (up to 30 s) rather than refusing.
+    fn default() -> Self {
+        Self {
+            requests: None,
+            tokens: None,
+            burst: None,
+            key: None,
+            mode: LimitMode::Wait,
+            max_wait: None,
+            max_queue: None,
+            adaptive: false,
+            learn: None,
+        }
+    }
+}
+
+impl RateLimitPolicy {
+    /// Whether quotas are learned from the provider (the default).
+    pub fn learns(&self) -> bool {
+        self.learn.unwrap_or(true)
+    }
 }
 
 /// How backoff waits are spread.
