@@ -27,6 +27,13 @@
 //! provider's `x-ratelimit-remaining-requests` / `-reset-requests` and slows down before
 //! the provider starts refusing.
 //!
+//! A [learned](Limit::learned) limit needs no quota at all: it adopts the one the
+//! provider's answers state (`x-ratelimit-limit-requests` per minute, the bucket's size
+//! read from `remaining` and `reset`), starts slow until the first answer states it (one
+//! request goes, the rest wait and are released the moment it is known), and holds every
+//! request back for a 429's hint. [`Limit::learn`] does the same within a configured
+//! quota. With a shared store, learning applies to the in-process fallback only.
+//!
 //! Metrics (through the `metrics` facade, labelled by limit name, never by key):
 //! `tollgate_ratelimit_admitted_total`, `tollgate_ratelimit_refused_total` (with a
 //! `reason`), `tollgate_ratelimit_waited_total` and the histogram

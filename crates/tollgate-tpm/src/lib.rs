@@ -38,6 +38,12 @@
 //! `_settled_tokens_total`, `_refunded_tokens_total`, `_charged_tokens_total`,
 //! `_refused_total{reason}`, `_refused_tokens_total`.
 //!
+//! A [learned](Budget::learned) budget needs no quota: it adopts the one the provider's
+//! answers state (`x-ratelimit-limit-tokens` per minute, or Anthropic's
+//! `anthropic-ratelimit-tokens-*`), starts slow until the first answer states it, and
+//! follows `remaining` from then on; [`Budget::learn`] does the same within a configured
+//! quota.
+//!
 //! # Example
 //!
 //! ```

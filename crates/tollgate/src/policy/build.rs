@@ -244,7 +244,9 @@ fn rate_limit_layer(
         limit = limit.adaptive();
     }
     let mut builder = RateLimitLayer::builder().limit(limit);
-    if let Some(store) = shared {
+    // A shared store holds a stated quota; one still to be learned is learned by each
+    // instance in process (a store asked for "no bound" would bound nothing).
+    if let (Some(store), Some(_)) = (shared, p.requests) {
         builder = store.rate(builder);
     }
     let builder = match p.mode {
@@ -282,7 +284,7 @@ fn tpm_layer(
         budget = budget.adaptive();
     }
     let mut builder = TpmLayer::builder().budget(budget).body_limit(body_limit);
-    if let Some(store) = shared {
+    if let (Some(store), Some(_)) = (shared, p.tokens) {
         builder = store.tokens(builder);
     }
     let builder = match p.mode {

@@ -21,8 +21,16 @@
 //! ```
 //!
 //! Every section but `primary` may be left out, and a section left out is a layer left out
-//! of the stack: no `retry:`, no retries. `examples/tollgate.yaml` in the repository is a
-//! full, annotated policy.
+//! of the stack: no `retry:`, no retries. The one exception is the quota: without
+//! `rate_limit:` each backend **learns** its provider's requests and tokens quotas from the
+//! `x-ratelimit-*` headers of its answers, starting slow (one request first) until an
+//! answer states them, and waits its turn (up to 30 s); a quota that is given is an upper
+//! bound the provider's may only lower (`learn: false` keeps exactly the quotas given).
+//! So `primary` and `retry` alone pass a burst at the provider's pace with no 429 shown.
+//! A learned quota is learned by each instance in process; to share one quota between
+//! instances through `store: redis://…`, state it.
+//! `examples/tollgate.yaml` in the repository is a full, annotated policy, and
+//! [`Policy::describe`] writes out what each backend will do.
 //!
 //! **Strict.** An unknown field is an error, so a typo (`max_retires`) never silently
 //! means "the default". A bad value names the field, the line and what was expected.
