@@ -115,7 +115,8 @@ impl Budget {
     /// budget **starts slow** — one request goes, the others wait and are released the
     /// moment it is known — and after a 429 with a hint every request waits the hint out.
     /// A provider that states no token quota is not limited. See
-    /// [`TpmLayer::quota`](crate::TpmLayer::quota).
+    /// [`TpmLayer::quota`](crate::TpmLayer::quota) and the gauge
+    /// `tollgate_tpm_learned_limit`.
     pub fn learned(name: impl Into<Arc<str>>) -> Self {
         Self {
             learn: true,
@@ -243,6 +244,7 @@ impl Ledger {
                 if l.quota != Some(q) {
                     tracing::info!(budget = %self.budget.name, per_minute = seen.limit, "learned the provider's token quota");
                     l.quota = Some(q);
+                    self.metrics.learned(q.capacity);
                     kick = true;
                 }
                 kick |= l.start.learned();
@@ -438,6 +440,13 @@ impl Budgets {
         self.ledgers
             .iter()
             .fold(false, |kick, l| l.answered(state, pause) | kick)
+    }
+
+    /// Whether some budget counts tokens now: one configured, or learned. A budget still
+    /// learning (or whose provider states no token quota) counts nothing, so asking a
+    /// stream for its usage on the caller's behalf would change the request for nothing.
+    pub(crate) fn counting(&self) -> bool {
+        self.ledgers.iter().any(|l| l.quota().is_some())
     }
 
     /// A request got no answer; returns whether waiters should be tried again now.

@@ -479,7 +479,13 @@ where
         Box::pin(async move {
             let (req, facts) = buffer_with_facts(req, shared.body_limit).await?;
             let estimate = shared.estimator.estimate(&facts);
-            let (req, strip_usage) = match with_usage_requested(&facts) {
+            let counting = shared.queue.admitter().counting();
+            let asked = if counting {
+                with_usage_requested(&facts)
+            } else {
+                None
+            };
+            let (req, strip_usage) = match asked {
                 Some(asked) => {
                     let (parts, _) = req.into_parts();
                     (asked.into_request(parts), true)

@@ -19,6 +19,7 @@ pub(crate) struct BudgetMetrics {
     charged: Key,
     refused: [Key; 4],
     refused_tokens: Key,
+    learned_limit: Key,
 }
 
 fn key(name: &'static str, budget: &Arc<str>, extra: Option<(&'static str, &'static str)>) -> Key {
@@ -48,6 +49,7 @@ impl BudgetMetrics {
             refused: REASONS
                 .map(|r| key("tollgate_tpm_refused_total", budget, Some(("reason", r)))),
             refused_tokens: key("tollgate_tpm_refused_tokens_total", budget, None),
+            learned_limit: key("tollgate_tpm_learned_limit", budget, None),
         }
     }
 
@@ -59,6 +61,14 @@ impl BudgetMetrics {
         add(&self.settled, actual);
         add(&self.refunded, refunded);
         add(&self.charged, charged);
+    }
+
+    /// A token quota learned from the provider, per minute.
+    pub(crate) fn learned(&self, per_minute: u64) {
+        metrics::with_recorder(|r| {
+            r.register_gauge(&self.learned_limit, &META)
+                .set(per_minute as f64)
+        });
     }
 
     pub(crate) fn refused(&self, reason: Reason, tokens: u64) {
