@@ -244,6 +244,16 @@ fn reset_duration(value: &str) -> Option<Duration> {
     parse_go_duration(value).or_else(|| decimal(value, Duration::from_secs(1)))
 }
 
+/// Whether an answer is a server-sent event stream: its `Content-Type` is
+/// `text/event-stream` (any case, parameters such as `; charset=utf-8` aside).
+pub fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
 /// Writes `Retry-After` as whole seconds, rounded up so a client that waits exactly that
 /// long is never early (`0.2 s` becomes `1`).
 pub fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {

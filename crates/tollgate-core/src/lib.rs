@@ -5,6 +5,7 @@
 //!
 //! | module | what it holds |
 //! | --- | --- |
+//! | [`error`] | an error's `source()` chain, searched for a Tollgate error however it was wrapped |
 //! | [`facts`] | the request body buffered once (with a cap), the JSON parsed once, and the fields layers need: model, `stream`, `max_tokens`, the prompt |
 //! | [`key`] | who a request counts against: [`Key`](key::Key) and [`KeyExtractor`](key::KeyExtractor) (tenant header, hashed API key, model, global, closure) |
 //! | [`headers`] | rate-limit headers read (`retry-after-ms`, `Retry-After`, `x-ratelimit-*`, `anthropic-ratelimit-*`, `grpc-retry-pushback-ms`) and written (`Retry-After`, IETF `RateLimit`) |
@@ -55,6 +56,7 @@
 pub mod body;
 pub mod clock;
 pub mod duration;
+pub mod error;
 pub mod facts;
 pub mod headers;
 pub mod key;

@@ -36,6 +36,7 @@ use crate::response::openai_error;
 
 /// What a limit counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum LimitKind {
     /// Requests per interval.
     Requests,

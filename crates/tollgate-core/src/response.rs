@@ -69,8 +69,7 @@ pub fn openai_error<B: From<Bytes>>(
 pub fn error_response<B: From<Bytes>>(
     err: &(dyn std::error::Error + 'static),
 ) -> Option<Response<B>> {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
+    for e in crate::error::chain(err) {
         if let Some(r) = e.downcast_ref::<Refusal>() {
             return Some(r.to_response());
         }
@@ -95,7 +94,6 @@ pub fn error_response<B: From<Bytes>>(
             );
             return Some(res);
         }
-        cur = e.source();
     }
     None
 }

@@ -24,7 +24,6 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
 use http::HeaderMap;
 use serde_json::Value;
 
@@ -212,12 +211,7 @@ impl UsageScanner {
     /// The scanner the response's `Content-Type` calls for: SSE for
     /// `text/event-stream`, JSON (with [`DEFAULT_JSON_LIMIT`]) otherwise.
     pub fn for_response(headers: &HeaderMap) -> Self {
-        let sse = headers
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("text/event-stream"));
-        if sse {
+        if crate::headers::is_event_stream(headers) {
             Self::sse()
         } else {
             Self::json(DEFAULT_JSON_LIMIT)
@@ -563,7 +557,7 @@ mod tests {
     fn for_response_picks_the_mode_from_content_type() {
         let mut h = HeaderMap::new();
         h.insert(
-            CONTENT_TYPE,
+            http::header::CONTENT_TYPE,
             "text/event-stream; charset=utf-8".parse().unwrap(),
         );
         assert!(matches!(UsageScanner::for_response(&h).mode, Mode::Sse(_)));

@@ -8,9 +8,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tollgate_core::clock::later;
 
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
+use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::time::Instant;
 use tollgate_core::clock::{Clock, SharedClock};
@@ -87,6 +88,7 @@ impl<S> Backend<S> {
 
 /// Why a request moved on from a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Why {
     /// 429.
     RateLimited,
@@ -292,15 +294,13 @@ fn judge<B>(
 ) -> Option<(Why, Option<Duration>)> {
     match res {
         Err(e) => {
-            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&**e);
-            while let Some(err) = cur {
+            for err in tollgate_core::error::chain(&**e) {
                 if let Some(r) = err.downcast_ref::<Refusal>() {
                     return Some((Why::Refused, r.retry_after()));
                 }
                 if err.is::<tollgate_core::facts::FactsError>() {
                     return None;
                 }
-                cur = err.source();
             }
             Some((Why::Transport, None))
         }
@@ -474,7 +474,7 @@ where
                     }
                     tried = true;
                     // This backend's request: its model, its headers, from the caller's copy.
-                    let mut p = clone_parts(&parts);
+                    let mut p = parts.clone();
                     for (name, value) in &backend.headers {
                         p.headers.insert(name.clone(), value.clone());
                     }
@@ -492,9 +492,9 @@ where
                     let res: Result<Response<ResB>, BoxError> =
                         svc.call(f.into_request(p)).await.map_err(Into::into);
                     let mut verdict = judge(&res, shared.clock.system_now());
-                    // A 400's error code is read only when a switch asks to move on for it.
-                    let mut read_body: Option<(http::response::Parts, bytes::Bytes)> = None;
-                    let res = match res {
+                    // A 400's error code is read only when a switch asks to move on for it;
+                    // then the answer is kept read (`Ok(Err(..))`).
+                    let res: Outcome<ResB> = match res {
                         Ok(r)
                             if verdict.is_none()
                                 && r.status() == StatusCode::BAD_REQUEST
@@ -502,7 +502,7 @@ where
                                 && r.body().size_hint().upper().is_some_and(|n| n <= 64 * 1024) =>
                         {
                             let (rp, rb) = r.into_parts();
-                            let bytes = http_body_util_collect(rb).await?;
+                            let bytes = rb.collect().await.map_err(Into::into)?.to_bytes();
                             let code = body_code(&bytes);
                             if shared.on_context_length
                                 && code.as_deref() == Some("context_length_exceeded")
@@ -513,25 +513,25 @@ where
                             {
                                 verdict = Some((Why::ContentPolicy, None));
                             }
-                            read_body = Some((rp, bytes));
-                            Err("read".into())
+                            Ok(Err((rp, bytes)))
                         }
-                        other => other,
+                        other => other.map(Ok),
                     };
                     match verdict.take() {
                         None => {
-                            if let Some((rp, bytes)) = read_body {
-                                if trial {
-                                    health.trial_abandoned();
-                                }
-                                return Ok(served_read(rp, bytes, &backend.name));
-                            }
-                            if res.as_ref().is_ok_and(|r| r.status().is_success()) {
+                            if res
+                                .as_ref()
+                                .is_ok_and(|r| r.as_ref().is_ok_and(|r| r.status().is_success()))
+                            {
                                 health.success();
                             } else if trial {
                                 health.trial_abandoned();
                             }
-                            return res.map(|r| served(r, &backend.name));
+                            return match res {
+                                Ok(Ok(r)) => Ok(served(r, &backend.name)),
+                                Ok(Err((rp, bytes))) => Ok(served_read(rp, bytes, &backend.name)),
+                                Err(e) => Err(e),
+                            };
                         }
                         Some((Why::Refused, hint)) => {
                             // A limit in this backend's own stack said "not for this key
@@ -547,7 +547,7 @@ where
                                 let back = later(shared.clock.now(), d);
                                 earliest = Some(earliest.map_or(back, |e| e.min(back)));
                             }
-                            if let Err(e) = res {
+                            if let Err(e) = &res {
                                 let sooner = |r: &Refusal, than: &Refusal| match (
                                     r.retry_after(),
                                     than.retry_after(),
@@ -555,7 +555,7 @@ where
                                     (Some(a), Some(b)) => a < b,
                                     (a, b) => a.is_some() && b.is_none(),
                                 };
-                                if let Some(r) = find_refusal(&*e) {
+                                if let Some(r) = tollgate_core::error::find::<Refusal>(&**e) {
                                     if refused.as_ref().is_none_or(|k| sooner(r, k)) {
                                         refused = Some(r.clone());
                                     }
@@ -586,10 +586,7 @@ where
                                     quota_back = Some(quota_back.map_or(back, |q| q.min(back)));
                                 }
                             }
-                            last = Some(match read_body {
-                                Some((rp, bytes)) => Ok(Err((rp, bytes))),
-                                None => res.map(Ok),
-                            });
+                            last = Some(res);
                         }
                     }
                 }
@@ -643,33 +640,6 @@ where
     }
 }
 
-/// The first [`Refusal`] in an error's source chain.
-fn find_refusal<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Refusal> {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(r) = err.downcast_ref::<Refusal>() {
-            return Some(r);
-        }
-        cur = err.source();
-    }
-    None
-}
-
-async fn http_body_util_collect<B>(body: B) -> Result<bytes::Bytes, BoxError>
-where
-    B: Body<Data = bytes::Bytes>,
-    B::Error: Into<BoxError>,
-{
-    let mut body = std::pin::pin!(body);
-    let mut out = bytes::BytesMut::new();
-    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-        if let Ok(d) = frame.map_err(Into::into)?.into_data() {
-            out.extend_from_slice(&d);
-        }
-    }
-    Ok(out.freeze())
-}
-
 fn served_read<B>(
     mut parts: http::response::Parts,
     bytes: bytes::Bytes,
@@ -683,23 +653,9 @@ fn served_read<B>(
     Response::from_parts(parts, FailoverBody::read(bytes, name))
 }
 
-fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
-    let mut r = Request::new(());
-    *r.method_mut() = p.method.clone();
-    *r.uri_mut() = p.uri.clone();
-    *r.version_mut() = p.version;
-    *r.headers_mut() = p.headers.clone();
-    *r.extensions_mut() = p.extensions.clone();
-    r.into_parts().0
-}
-
 fn served<B>(res: Response<B>, name: &str) -> Response<FailoverBody<B>> {
     let (mut parts, body) = res.into_parts();
-    let sse = parts
-        .headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let sse = headers::is_event_stream(&parts.headers);
     if let Ok(v) = HeaderValue::from_str(name) {
         parts.headers.insert(X_TOLLGATE_BACKEND, v);
     }

@@ -153,8 +153,7 @@ impl HttpClassifier {
 /// limiter's `max_wait` allows); a request Tollgate could not read is returned; any
 /// other error is a transport failure and is retried.
 pub fn error_verdict(err: &(dyn std::error::Error + 'static)) -> Verdict {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
+    for e in tollgate_core::error::chain(err) {
         if let Some(r) = e.downcast_ref::<Refusal>() {
             // A limiter in wait mode refuses only what would wait past its `max_wait`:
             // waiting that long here instead would break the bound the user set, and
@@ -173,7 +172,6 @@ pub fn error_verdict(err: &(dyn std::error::Error + 'static)) -> Verdict {
         if e.is::<tollgate_core::facts::FactsError>() || e.is::<crate::DeadlineExceeded>() {
             return Verdict::Return;
         }
-        cur = e.source();
     }
     Verdict::Retry {
         reason: Reason::Transport,

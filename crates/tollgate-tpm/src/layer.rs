@@ -332,27 +332,21 @@ pub type ResponseFuture<B> =
 /// Whether an error shows the request never reached the provider: a refusal by a limiter
 /// inside, a body that could not be read, or a connection that could not be made.
 fn never_reached(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if e.is::<Refusal>() || e.is::<tollgate_core::facts::FactsError>() {
-            return true;
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            if matches!(
-                io.kind(),
-                ConnectionRefused
-                    | AddrNotAvailable
-                    | NotConnected
-                    | HostUnreachable
-                    | NetworkUnreachable
-            ) {
-                return true;
-            }
-        }
-        cur = e.source();
-    }
-    false
+    tollgate_core::error::chain(err).any(|e| {
+        use std::io::ErrorKind::*;
+        e.is::<Refusal>()
+            || e.is::<tollgate_core::facts::FactsError>()
+            || e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    ConnectionRefused
+                        | AddrNotAvailable
+                        | NotConnected
+                        | HostUnreachable
+                        | NetworkUnreachable
+                )
+            })
+    })
 }
 
 /// Asks a streamed chat request for its usage chunk when the caller did not; returns the
@@ -589,11 +583,7 @@ where
                 TpmBody::passthrough(body)
             } else {
                 let scanner = UsageScanner::for_response(&parts.headers);
-                let sse = parts
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| v.starts_with("text/event-stream"));
+                let sse = tollgate_core::headers::is_event_stream(&parts.headers);
                 let strip = strip_usage && sse;
                 if strip {
                     parts.headers.remove(CONTENT_LENGTH);

@@ -3,10 +3,19 @@
 use tower::layer::util::Stack;
 use tower::ServiceBuilder;
 
+mod sealed {
+    /// Only tower's `ServiceBuilder` implements [`ServiceBuilderExt`](super::ServiceBuilderExt),
+    /// so methods can be added to it without breaking anyone.
+    pub trait Sealed<L> {}
+    impl<L> Sealed<L> for tower::ServiceBuilder<L> {}
+}
+
 /// Tollgate's layers as [`ServiceBuilder`] methods, in the manner of tower-http's
 /// `ServiceBuilderExt`. Each is `.layer(..)` under a name that says what it is; the
 /// outermost call is the first a request meets, as with every `ServiceBuilder`.
-pub trait ServiceBuilderExt<L>: Sized {
+///
+/// Sealed, as tower-http's is: only `ServiceBuilder` implements it.
+pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     /// The response cache: a hit is answered at once and spends no quota.
     #[cfg(feature = "cache")]
     fn tollgate_cache(
