@@ -27,7 +27,6 @@
 //! assert_eq!(a, b);
 //! ```
 
-use std::fmt;
 use std::io::{self, Write};
 
 use http::Method;
@@ -35,28 +34,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tollgate_core::facts::RequestFacts;
 
-/// A cache key: 32 bytes of SHA-256.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct CacheKey(pub [u8; 32]);
-
-/// Hashes eight of the 32 bytes: they are already uniform, so hashing all of them again
-/// only costs time (the maps keyed by it are on every request's path).
-impl std::hash::Hash for CacheKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&self.0[..8]);
-        state.write_u64(u64::from_le_bytes(first));
-    }
-}
-
-impl fmt::Debug for CacheKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in &self.0[..8] {
-            write!(f, "{b:02x}")?;
-        }
-        f.write_str("…")
-    }
-}
+pub use tollgate_core::store::CacheKey;
 
 /// What goes into a key.
 #[derive(Clone, Debug)]

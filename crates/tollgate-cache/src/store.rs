@@ -1,50 +1,16 @@
-//! Where answers are kept: a store trait, and the in-memory store on `moka`.
+//! Where answers are kept: the store trait (in `tollgate-core`, with every store trait),
+//! and the in-memory store on `moka`.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate_core::clock::later;
 
-use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
 use tollgate_core::clock::{Clock, SharedClock};
 
-use crate::key::CacheKey;
+use tollgate_core::store::CacheKey;
 
-/// A stored answer: its status, the headers worth replaying, and its body as the frames
-/// it arrived in (so a stream replays event by event).
-#[derive(Clone, Debug)]
-pub struct Stored {
-    /// The status (always 2xx).
-    pub status: StatusCode,
-    /// `content-type` and the like; never per-request headers such as rate-limit state.
-    pub headers: HeaderMap,
-    /// The body's frames.
-    pub frames: Vec<Bytes>,
-    /// Whether it was a streamed (SSE) answer.
-    pub stream: bool,
-}
-
-impl Stored {
-    /// The body's size in bytes.
-    pub fn size(&self) -> usize {
-        self.frames.iter().map(Bytes::len).sum()
-    }
-}
-
-/// A boxed future, for store methods.
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Keeps answers for a time. The in-memory [`MemoryStore`] is the default; a Redis store
-/// implements the same trait so instances share one cache.
-pub trait CacheStore: Send + Sync + 'static {
-    /// The answer stored under `key`, unless it has expired.
-    fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<Stored>>>;
-    /// Stores `value` under `key` for `ttl`.
-    fn put(&self, key: CacheKey, value: Arc<Stored>, ttl: Duration) -> StoreFuture<'_, ()>;
-}
+pub use tollgate_core::store::{CacheStore, StoreFuture, Stored};
 
 #[derive(Clone)]
 struct Entry {
@@ -96,7 +62,7 @@ impl MemoryStore {
 }
 
 impl CacheStore for MemoryStore {
-    fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<Stored>>> {
+    fn get(&self, key: &CacheKey) -> StoreFuture<Option<Arc<Stored>>> {
         let found = self.cache.get(key).and_then(|e| {
             if self.clock.now() < e.expires {
                 Some(e.value)
@@ -108,7 +74,7 @@ impl CacheStore for MemoryStore {
         Box::pin(std::future::ready(found))
     }
 
-    fn put(&self, key: CacheKey, value: Arc<Stored>, ttl: Duration) -> StoreFuture<'_, ()> {
+    fn put(&self, key: CacheKey, value: Arc<Stored>, ttl: Duration) -> StoreFuture<()> {
         let expires = later(self.clock.now(), ttl);
         metrics::counter!("tollgate_cache_stored_bytes_total").increment(value.size() as u64);
         self.cache.insert(key, Entry { value, expires });

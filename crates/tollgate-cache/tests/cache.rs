@@ -357,10 +357,10 @@ async fn ttls_per_model_and_per_route() {
 struct Kept(Arc<std::sync::Mutex<Vec<Arc<tollgate_cache::store::Stored>>>>);
 
 impl tollgate_cache::store::CacheStore for Kept {
-    fn get<'a>(
-        &'a self,
-        _: &'a tollgate_cache::key::CacheKey,
-    ) -> tollgate_cache::store::StoreFuture<'a, Option<Arc<tollgate_cache::store::Stored>>> {
+    fn get(
+        &self,
+        _: &tollgate_cache::key::CacheKey,
+    ) -> tollgate_cache::store::StoreFuture<Option<Arc<tollgate_cache::store::Stored>>> {
         Box::pin(std::future::ready(None))
     }
     fn put(
@@ -368,7 +368,7 @@ impl tollgate_cache::store::CacheStore for Kept {
         _: tollgate_cache::key::CacheKey,
         value: Arc<tollgate_cache::store::Stored>,
         _: Duration,
-    ) -> tollgate_cache::store::StoreFuture<'_, ()> {
+    ) -> tollgate_cache::store::StoreFuture<()> {
         self.0.lock().unwrap().push(value);
         Box::pin(std::future::ready(()))
     }

@@ -1,9 +1,12 @@
-//! Where limits and budgets keep their state when instances must share it.
+//! Where limits, budgets and cached answers keep their state when instances must share it:
+//! every store trait, in one home.
 //!
-//! The in-process limiter and budget keep their own state. A shared store (Redis, in
-//! `tollgate-redis`) implements these traits so that every instance draws on one quota;
-//! the layers call it once per decision and fall back on a stated policy when it cannot
-//! answer ([`OnStoreFailure`]).
+//! The in-process limiter, budget and cache keep their own state. A shared store (Redis,
+//! in `tollgate-redis`, which depends on this crate alone) implements these traits so that
+//! every instance draws on one quota and reads one cache: [`RateStore`] for the rate
+//! limiter, [`TokenStore`] for the token budget, [`CacheStore`] for the response cache.
+//! The limits call theirs once per decision and fall back on a stated policy when it
+//! cannot answer ([`OnStoreFailure`]); a cache that cannot reach its store misses.
 
 use std::fmt;
 use std::future::Future;
@@ -203,4 +206,59 @@ impl StoreHealth {
             tracing::warn!(store = what, %error, "the shared store failed");
         }
     }
+}
+
+/// A cache key: 32 bytes of SHA-256 over what makes two requests the same question (the
+/// response cache computes it; a store only keeps answers under it).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CacheKey(pub [u8; 32]);
+
+/// Hashes eight of the 32 bytes: they are already uniform, so hashing all of them again
+/// only costs time (the maps keyed by it are on every request's path).
+impl std::hash::Hash for CacheKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str("…")
+    }
+}
+
+/// A stored answer: its status, the headers worth replaying, and its body as the frames
+/// it arrived in (so a stream replays event by event).
+#[derive(Clone, Debug)]
+pub struct Stored {
+    /// The status (always 2xx).
+    pub status: http::StatusCode,
+    /// `content-type` and the like; never per-request headers such as rate-limit state.
+    pub headers: http::HeaderMap,
+    /// The body's frames.
+    pub frames: Vec<bytes::Bytes>,
+    /// Whether it was a streamed (SSE) answer.
+    pub stream: bool,
+}
+
+impl Stored {
+    /// The body's size in bytes.
+    pub fn size(&self) -> usize {
+        self.frames.iter().map(bytes::Bytes::len).sum()
+    }
+}
+
+/// Keeps answers for a time, for the response cache. Its in-memory store is the default;
+/// a Redis store implements the same trait so instances share one cache. A store that
+/// cannot answer says "not stored" (`None`): a cache fails open.
+pub trait CacheStore: Send + Sync + 'static {
+    /// The answer stored under `key`, unless it has expired.
+    fn get(&self, key: &CacheKey) -> StoreFuture<Option<Arc<Stored>>>;
+    /// Stores `value` under `key` for `ttl`.
+    fn put(&self, key: CacheKey, value: Arc<Stored>, ttl: Duration) -> StoreFuture<()>;
 }

@@ -7,8 +7,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
-use tollgate_cache::key::CacheKey;
-use tollgate_cache::store::{CacheStore, StoreFuture, Stored};
+use tollgate_core::store::{CacheKey, CacheStore, StoreFuture, Stored};
 
 use crate::RedisStore;
 
@@ -94,15 +93,11 @@ fn decode(mut buf: Bytes) -> Option<Stored> {
 /// from upstream (it fails open, the only sensible policy for a cache), and says so in a
 /// debug event.
 impl CacheStore for RedisStore {
-    fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<Stored>>> {
+    fn get(&self, key: &CacheKey) -> StoreFuture<Option<Arc<Stored>>> {
+        let (mut conn, k, timeout) = (self.conn.clone(), self.cache_key(key), self.timeout);
         Box::pin(async move {
-            let mut conn = self.conn.clone();
-            let k = self.cache_key(key);
-            let got: Result<Option<Vec<u8>>, _> = Self::timed(
-                self.timeout,
-                redis::cmd("GET").arg(&k).query_async(&mut conn),
-            )
-            .await;
+            let got: Result<Option<Vec<u8>>, _> =
+                Self::timed(timeout, redis::cmd("GET").arg(&k).query_async(&mut conn)).await;
             match got {
                 Ok(Some(bytes)) => decode(Bytes::from(bytes)).map(Arc::new),
                 Ok(None) => None,
@@ -114,20 +109,21 @@ impl CacheStore for RedisStore {
         })
     }
 
-    fn put(&self, key: CacheKey, value: Arc<Stored>, ttl: Duration) -> StoreFuture<'_, ()> {
+    fn put(&self, key: CacheKey, value: Arc<Stored>, ttl: Duration) -> StoreFuture<()> {
+        let (mut conn, k, timeout) = (self.conn.clone(), self.cache_key(&key), self.timeout);
+        let too_big = value.size() > self.max_entry_bytes;
         Box::pin(async move {
-            if value.size() > self.max_entry_bytes || ttl.is_zero() {
+            if too_big || ttl.is_zero() {
                 return;
             }
-            let mut conn = self.conn.clone();
             let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
             let cmd = redis::cmd("SET")
-                .arg(self.cache_key(&key))
+                .arg(k)
                 .arg(encode(&value).as_ref())
                 .arg("PX")
                 .arg(ms)
                 .to_owned();
-            let set: Result<(), _> = Self::timed(self.timeout, cmd.query_async(&mut conn)).await;
+            let set: Result<(), _> = Self::timed(timeout, cmd.query_async(&mut conn)).await;
             if let Err(e) = set {
                 tracing::debug!(error = %e, "cache store in Redis failed; the answer is not cached");
             }

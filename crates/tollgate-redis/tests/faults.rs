@@ -268,8 +268,7 @@ async fn budgets_fail_closed_or_open_and_come_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_without_redis_misses_quickly_and_finds_its_entries_after() {
     use std::sync::Arc;
-    use tollgate_cache::key::CacheKey;
-    use tollgate_cache::store::{CacheStore, Stored};
+    use tollgate_core::store::{CacheKey, CacheStore, Stored};
 
     let Some(mut server) =
         Server::start("a_cache_without_redis_misses_quickly_and_finds_its_entries_after")
