@@ -35,6 +35,10 @@
 //!   through a policy that states that quota and through one that says only `primary` and
 //!   `retry` (the quota learned from the provider's headers): failures, provider 429s,
 //!   makespan ÷ the quota's floor (goal for the learned one: 0, ≤ 5%, ≤ 1.10).
+//! - `stack-cost`: the `overhead` policy's whole stack in process, one request at a time,
+//!   over a client that answers at once: ns per request, and with `--features
+//!   count-allocs` (a counting global allocator, kept out of the other scenarios)
+//!   allocations and bytes per request. Under callgrind it gives instructions per request.
 //! - `redis`: rate-limit decisions against the local Redis (`REDIS_URL`, or
 //!   127.0.0.1:6379) at concurrency 64, plain (one script call each) and pooled: decisions
 //!   per second, p99 latency, Redis calls per decision from `INFO commandstats`, and
@@ -54,6 +58,7 @@ mod redis;
 mod report;
 mod retry;
 mod scenarios;
+mod stack_cost;
 mod tpm;
 
 use std::process::ExitCode;
@@ -104,6 +109,9 @@ enum Scenario {
     Goodput,
     /// Decisions against the local Redis, plain and pooled (needs REDIS_URL or 127.0.0.1:6379).
     Redis,
+    /// The whole stack in process over a client that answers at once: ns (and, with
+    /// `--features count-allocs`, allocations) per request.
+    StackCost,
 }
 
 fn main() -> ExitCode {
@@ -130,6 +138,7 @@ fn main() -> ExitCode {
             Scenario::Goodput if args.blind => blind::run(&args).await,
             Scenario::Goodput => goodput::run(&args).await,
             Scenario::Redis => redis::run_scenario(&args).await,
+            Scenario::StackCost => stack_cost::run(&args).await,
         }
     });
     match result {

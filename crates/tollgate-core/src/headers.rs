@@ -174,17 +174,39 @@ impl RateLimitInfo {
     /// Reads every known rate-limit field; `now` turns Anthropic's RFC 3339 reset
     /// timestamps into durations.
     pub fn from_headers(headers: &HeaderMap, now: SystemTime) -> Self {
-        let openai = |[limit, remaining, reset]: [&str; 3]| LimitState {
-            limit: count(headers, limit),
-            remaining: count(headers, remaining),
-            reset: text(headers, reset).and_then(reset_duration),
+        // One pass over the names first: most answers carry one family or none, and a
+        // lookup by name costs far more than looking at the few names an answer has (it is
+        // read on every answer, by the limiter and the budget both).
+        let (mut has_openai, mut has_anthropic) = (false, false);
+        for name in headers.keys() {
+            let n = name.as_str();
+            has_openai |= n.starts_with("x-ratelimit-");
+            has_anthropic |= n.starts_with("anthropic-ratelimit-");
+        }
+        if !has_openai && !has_anthropic {
+            return Self::default();
+        }
+        let openai = |[limit, remaining, reset]: [&str; 3]| {
+            if !has_openai {
+                return LimitState::default();
+            }
+            LimitState {
+                limit: count(headers, limit),
+                remaining: count(headers, remaining),
+                reset: text(headers, reset).and_then(reset_duration),
+            }
         };
-        let anthropic = |[limit, remaining, reset]: [&str; 3]| LimitState {
-            limit: count(headers, limit),
-            remaining: count(headers, remaining),
-            reset: text(headers, reset)
-                .and_then(|v| humantime::parse_rfc3339_weak(v).ok())
-                .map(|at| until(at, now)),
+        let anthropic = |[limit, remaining, reset]: [&str; 3]| {
+            if !has_anthropic {
+                return LimitState::default();
+            }
+            LimitState {
+                limit: count(headers, limit),
+                remaining: count(headers, remaining),
+                reset: text(headers, reset)
+                    .and_then(|v| humantime::parse_rfc3339_weak(v).ok())
+                    .map(|at| until(at, now)),
+            }
         };
         let either = |a: LimitState, b: LimitState| if a.is_empty() { b } else { a };
         Self {
