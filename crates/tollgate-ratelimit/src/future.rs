@@ -325,6 +325,7 @@ fn answered<B>(shared: &Shared, keys: &Keys, res: Option<&Response<B>>) {
             let answer = Answer {
                 state: &info.requests,
                 rate_limited,
+                success: res.status().is_success(),
                 hint,
             };
             let now = clock.now();

@@ -216,6 +216,9 @@ pub(crate) struct Answer<'a> {
     pub(crate) state: &'a ProviderLimit,
     /// The answer was a 429.
     pub(crate) rate_limited: bool,
+    /// The answer was a success (2xx): only such an answer without quota headers says
+    /// there is no quota to learn; an error page may simply not carry them.
+    pub(crate) success: bool,
     /// The server's hint of when to come back.
     pub(crate) hint: Option<Duration>,
 }
@@ -362,7 +365,15 @@ impl ActiveLimit {
                         }
                         kick |= l.start.learned();
                     }
-                    None => kick |= l.start.answered_without_quota(),
+                    None if answer.success => kick |= l.start.answered_without_quota(),
+                    None => {
+                        // An error without quota headers says nothing of the quota: its
+                        // place in slow start goes to another request.
+                        if l.start.is_unknown() {
+                            l.start.released();
+                            kick = true;
+                        }
+                    }
                 }
                 if answer.rate_limited {
                     let hint = answer.hint.or_else(|| {

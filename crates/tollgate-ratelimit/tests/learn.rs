@@ -286,3 +286,36 @@ async fn a_quota_adopted_late_keeps_its_pace_and_never_stalls() {
     );
     assert_eq!(ok + refused, 24);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_error_without_quota_headers_does_not_end_slow_start() {
+    let start = Instant::now();
+    let (bucket, provider) = provider(Duration::from_millis(50), true, start);
+    // The very first answer is a bare 500, as an error page may be.
+    let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flaky = service_fn(move |req: Request<()>| {
+        let (provider, failed_once) = (provider.clone(), Arc::clone(&failed_once));
+        async move {
+            if !failed_once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return Ok::<_, Infallible>(Response::builder().status(500).body(()).unwrap());
+            }
+            provider.oneshot(req).await
+        }
+    });
+    let layer = learning();
+    let statuses = burst(layer.layer(flaky), 12).await;
+    assert_eq!(statuses.iter().filter(|&&s| s == 500).count(), 1);
+    let seen = std::mem::take(&mut bucket.lock().unwrap().seen);
+    // The second request is slow start's next probe, sent when the 500 came back; the
+    // rest only once its answer stated the quota, never all at once after the error.
+    assert_eq!(seen[0].0, Duration::from_millis(50), "{seen:?}");
+    assert!(
+        seen[1..]
+            .iter()
+            .all(|(t, _)| *t >= Duration::from_millis(100)),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|(_, refused)| !refused), "{seen:?}");
+    assert_eq!(layer.quota("backend").unwrap().burst_size(), 10);
+}

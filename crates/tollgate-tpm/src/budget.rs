@@ -228,7 +228,12 @@ impl Ledger {
 
     /// An answer stated (or did not state) the provider's token quota, or was a 429 with a
     /// hint. Returns whether waiters should be tried again now.
-    pub(crate) fn answered(&self, state: &LimitState, pause: Option<Instant>) -> bool {
+    pub(crate) fn answered(
+        &self,
+        state: &LimitState,
+        success: bool,
+        pause: Option<Instant>,
+    ) -> bool {
         let Some(mut l) = self.learning() else {
             return false;
         };
@@ -249,7 +254,14 @@ impl Ledger {
                 }
                 kick |= l.start.learned();
             }
-            None => kick |= l.start.answered_without_quota(),
+            None if success => kick |= l.start.answered_without_quota(),
+            // An error page without quota headers says nothing of the quota.
+            None => {
+                if l.start.is_unknown() {
+                    l.start.released();
+                    kick = true;
+                }
+            }
         }
         if let Some(until) = pause {
             l.start.pause_until(until);
@@ -436,10 +448,15 @@ impl Budgets {
 
     /// Tells every learning budget what an answer stated (and when to come back after a
     /// 429); returns whether waiters should be tried again now.
-    pub(crate) fn answered(&self, state: &LimitState, pause: Option<Instant>) -> bool {
+    pub(crate) fn answered(
+        &self,
+        state: &LimitState,
+        success: bool,
+        pause: Option<Instant>,
+    ) -> bool {
         self.ledgers
             .iter()
-            .fold(false, |kick, l| l.answered(state, pause) | kick)
+            .fold(false, |kick, l| l.answered(state, success, pause) | kick)
     }
 
     /// Whether some budget counts tokens now: one configured, or learned. A budget still

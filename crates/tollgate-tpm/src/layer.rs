@@ -552,7 +552,7 @@ where
                         })
                         .flatten()
                         .map(|d| later(clock.now(), d));
-                    if budgets.answered(&info.tokens, pause) {
+                    if budgets.answered(&info.tokens, res.status().is_success(), pause) {
                         shared.queue.dispatch();
                     }
                 }
