@@ -13,7 +13,40 @@
 //! | `redis` | [`redis`] | Redis-backed stores, so many instances share one quota and one cache |
 //! | `policy` | [`policy`] | the whole stack from one YAML or TOML file |
 //!
-//! [`core`] is the shared vocabulary: request facts, keys, refusals, server hints.
+//! [`core`] is the shared vocabulary: request facts, keys, refusals, server hints, the
+//! end-of-body rule every body wrapper follows, quota learning and slow start, the wait
+//! queue, and every store trait. No layer crate depends on another; `tollgate-redis`
+//! depends on `tollgate-core` alone.
+//!
+//! ```text
+//!                         tollgate-core
+//!      ┌───────────┬──────────┼──────────┬───────────┬──────────────┐
+//!  ratelimit      tpm       retry      cache      failover     redis (stores)
+//!      └───────────┴──────────┴────┬─────┴───────────┴──────────────┘
+//!                              tollgate (this facade, the policy file)
+//! ```
+//!
+//! # The request path
+//!
+//! What [`Policy::build`](policy::Policy::build) stacks, outermost first (and the order
+//! to keep when stacking by hand):
+//!
+//! ```text
+//! caller
+//!  └ cache          a hit is answered at once and spends no quota
+//!    └ failover     backends in priority order; a refusal moves on and cools nothing
+//!      └ per backend:
+//!        retry       429 / 5xx / transport: wait max(server hint, backoff), again
+//!        └ rate limit requests: configured, or learned from the provider's headers
+//!          └ tokens   reserved from the estimate, settled to the real usage at the body's end
+//!            └ base URL, credentials
+//!              └ the HTTP client
+//! ```
+//!
+//! The cache sits outside everything that spends quota; each retry passes the limits
+//! again; failover sits outside retry so a backend gets its retries before the next is
+//! tried. A limit that would make a request wait past `max_wait` refuses at once, and
+//! retry hands that refusal back rather than wait it out, so failover moves on.
 //!
 //! # One layer, or a stack by hand
 //!
