@@ -32,7 +32,7 @@
 //! read from `remaining` and `reset`), starts slow until the first answer states it (one
 //! request goes, the rest wait and are released the moment it is known), and holds every
 //! request back for a 429's hint. [`Limit::learn`] does the same within a configured
-//! quota. With a shared store, learning applies to the in-process fallback only.
+//! quota. A learned quota is this process's: to share a quota through a store, state it.
 //!
 //! Metrics (through the `metrics` facade, labelled by limit name, never by key):
 //! `tollgate_ratelimit_admitted_total`, `tollgate_ratelimit_refused_total` (with a

@@ -94,6 +94,11 @@ impl Limit {
     /// mirrors the provider's quota: global, or keyed by API key); see
     /// [`RateLimitLayer::quota`](crate::RateLimitLayer::quota) and the gauges
     /// `tollgate_ratelimit_learned_limit` and `tollgate_ratelimit_learned_burst`.
+    ///
+    /// A learned quota is this process's: a shared store
+    /// ([`RateLimitBuilder::store`](crate::RateLimitBuilder::store)) is asked for the
+    /// configured quota, which a learned limit does not have, so keep learned limits in a
+    /// layer without one (the policy file does) and state a quota to share it.
     pub fn learned(name: impl Into<Arc<str>>) -> Self {
         Self {
             learn: true,

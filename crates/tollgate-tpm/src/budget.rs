@@ -116,7 +116,8 @@ impl Budget {
     /// moment it is known — and after a 429 with a hint every request waits the hint out.
     /// A provider that states no token quota is not limited. See
     /// [`TpmLayer::quota`](crate::TpmLayer::quota) and the gauge
-    /// `tollgate_tpm_learned_limit`.
+    /// `tollgate_tpm_learned_limit`. A learned quota is this process's: keep learned
+    /// budgets in a layer without a shared store, and state a quota to share it.
     pub fn learned(name: impl Into<Arc<str>>) -> Self {
         Self {
             learn: true,
