@@ -23,7 +23,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Every layer, with limits far above the load so that none waits: what is measured is
 /// the work each does per request.
-const POLICY: &str = r#"
+pub(crate) const POLICY: &str = r#"
 primary:   { url: "http://placeholder", model: gpt-4o-mini }
 fallbacks: [ { name: fallback, url: "http://placeholder" } ]
 rate_limit: { requests: 100M/min, tokens: 100000M/min, mode: wait, max_wait: 30s }

@@ -22,14 +22,8 @@ use crate::Args;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The `overhead` scenario's policy: every layer, limits far above the load.
-const POLICY: &str = r#"
-primary:   { url: "http://127.0.0.1:9", model: gpt-4o-mini }
-fallbacks: [ { name: fallback, url: "http://127.0.0.1:9" } ]
-rate_limit: { requests: 100M/min, tokens: 100000M/min, mode: wait, max_wait: 30s }
-retry:      { max_retries: 3 }
-cache:      { ttl: 10m, max_size: 64MiB }
-"#;
+// The `overhead` scenario's policy: every layer, limits far above the load.
+use crate::overhead::POLICY;
 
 const ANSWER: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, friend."},"finish_reason":"stop"}],"usage":{"prompt_tokens":17,"completion_tokens":5,"total_tokens":22}}"#;
 
