@@ -11,10 +11,9 @@
 //! It ends with a report side by side, and exits non-zero if a request through Tollgate
 //! failed or the provider had to refuse more than 1% of them.
 
-use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -148,69 +147,6 @@ async fn naively(
     tally.failed.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Counts every counter the layers report, by name, over all labels. The demo needs only
-/// totals, so it does not pull in an exporter.
-#[derive(Default)]
-struct Counters(Mutex<HashMap<String, Arc<Count>>>);
-
-#[derive(Default)]
-struct Count(AtomicU64);
-
-impl metrics::CounterFn for Count {
-    fn increment(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    fn absolute(&self, n: u64) {
-        self.0.fetch_max(n, Ordering::Relaxed);
-    }
-}
-
-impl Counters {
-    fn get(&self, name: &str) -> u64 {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(name).map_or(0, |c| c.0.load(Ordering::Relaxed))
-    }
-}
-
-impl metrics::Recorder for &'static Counters {
-    fn describe_counter(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_gauge(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_histogram(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let count = map.entry(key.name().to_owned()).or_default();
-        metrics::Counter::from_arc(Arc::clone(count))
-    }
-    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        metrics::Gauge::noop()
-    }
-    fn register_histogram(
-        &self,
-        _: &metrics::Key,
-        _: &metrics::Metadata<'_>,
-    ) -> metrics::Histogram {
-        metrics::Histogram::noop()
-    }
-}
-
 fn bar(mp: &MultiProgress, name: &str, n: usize) -> ProgressBar {
     let style = ProgressStyle::with_template(
         "{prefix:>9} {bar:40.cyan/blue} {pos:>3}/{len} {elapsed:>4} {msg}",
@@ -230,8 +166,8 @@ fn quota_floor(s: &Stats, rpm: u64, tpm: u64) -> Duration {
 
 #[tokio::main]
 async fn main() -> Result<ExitCode, BoxError> {
-    let counters: &'static Counters = Box::leak(Box::default());
-    metrics::set_global_recorder(counters).map_err(|e| e.to_string())?;
+    // Totals only: a counting recorder, not an exporter.
+    let counters = tollgate_testkit::counters::Counters::install();
 
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tollgate.yaml");
     let mut policy = Policy::from_path(path)?;
@@ -367,7 +303,7 @@ async fn main() -> Result<ExitCode, BoxError> {
     );
     row(
         "retries",
-        counters.get("tollgate_retry_retries_total").to_string(),
+        counters.total("tollgate_retry_retries_total").to_string(),
         get(&naive, |t| &t.retries).to_string(),
     );
     row(

@@ -78,8 +78,10 @@ where
             Mode::Wait { .. } => limits.priority.priority(&head),
             Mode::Refuse => Priority::default(),
         };
-        // Only adaptive limits need the keys and the limits again once the answer is in.
-        let adaptive = limits.adaptive.then(|| (Arc::clone(shared), keys.clone()));
+        // Only limits that read answers need the keys and the limits again once it is in.
+        let adaptive = limits
+            .watches_answers
+            .then(|| (Arc::clone(shared), keys.clone()));
         // A closed (zero) quota is refused by the local limiter, whatever the store says.
         if let Some(remote) = self.remote.as_ref().filter(|_| !limits.any_closed()) {
             let ask = remote.health.should_ask(shared.clock().now());

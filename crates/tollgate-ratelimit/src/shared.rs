@@ -46,7 +46,8 @@ impl FromIterator<Key> for Keys {
 pub(crate) struct Limits {
     pub(crate) limits: Vec<ActiveLimit>,
     pub(crate) priority: Arc<dyn PriorityExtractor>,
-    pub(crate) adaptive: bool,
+    /// Some limit reads the answers (adaptive or learning): requests keep their keys.
+    pub(crate) watches_answers: bool,
 }
 
 impl fmt::Debug for Limits {
@@ -59,11 +60,11 @@ impl fmt::Debug for Limits {
 
 impl Limits {
     pub(crate) fn new(limits: Vec<ActiveLimit>, priority: Arc<dyn PriorityExtractor>) -> Self {
-        let adaptive = limits.iter().any(|l| l.limit.adaptive || l.limit.learn);
+        let watches_answers = limits.iter().any(|l| l.limit.adaptive || l.limit.learn);
         Self {
             limits,
             priority,
-            adaptive,
+            watches_answers,
         }
     }
 

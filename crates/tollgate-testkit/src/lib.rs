@@ -41,6 +41,7 @@
 mod api;
 mod body;
 mod config;
+pub mod counters;
 mod limits;
 pub mod redis;
 mod stats;

@@ -95,26 +95,23 @@ impl TpmLayer {
     /// Tokens the budget named `budget` holds for `key` now (negative while in debt), or
     /// `None` when there is no such budget.
     pub fn available(&self, budget: &str, key: &Key) -> Option<i64> {
+        self.ledger(budget).map(|l| l.available(key))
+    }
+
+    fn ledger(&self, budget: &str) -> Option<&Ledger> {
         self.shared
             .queue
             .admitter()
             .ledgers
             .iter()
             .find(|l| &*l.budget.name == budget)
-            .map(|l| l.available(key))
     }
 
     /// The quota in force for the budget named `budget`: the configured one, or the one a
     /// learning budget ([`Budget::learned`], [`Budget::learn`]) took from the provider's
     /// answers; `None` for a budget of another name, or one that knows no quota yet.
     pub fn quota(&self, budget: &str) -> Option<TokenQuota> {
-        self.shared
-            .queue
-            .admitter()
-            .ledgers
-            .iter()
-            .find(|l| &*l.budget.name == budget)
-            .and_then(Ledger::quota)
+        self.ledger(budget).and_then(Ledger::quota)
     }
 
     /// How many keys the budgets hold state for.

@@ -15,6 +15,20 @@ use tollgate_testkit::Provider;
 const REQUESTS: usize = 300;
 const CONCURRENCY: usize = 50;
 
+/// The burst through a gateway whose policy names only the provider and says to retry
+/// (every setting its default); returns (failed, makespan).
+async fn blind_burst(provider: &Provider) -> (usize, Duration) {
+    let addr = serve(build(&format!(
+        r#"
+primary: {{ url: "{}" }}
+retry:   {{}}
+"#,
+        provider.url()
+    )))
+    .await;
+    burst(&format!("http://{addr}/v1/chat/completions"), 16).await
+}
+
 /// Sends the burst; returns (failed, makespan).
 async fn burst(url: &str, max_tokens: u64) -> (usize, Duration) {
     let http = client();
@@ -50,15 +64,7 @@ async fn a_request_quota_learned_from_the_provider_passes_a_burst_at_its_pace() 
         .spawn()
         .await
         .unwrap();
-    let addr = serve(build(&format!(
-        r#"
-primary: {{ url: "{}" }}
-retry:   {{}}
-"#,
-        provider.url()
-    )))
-    .await;
-    let (failed, makespan) = burst(&format!("http://{addr}/v1/chat/completions"), 16).await;
+    let (failed, makespan) = blind_burst(&provider).await;
     let stats = provider.stats();
     let floor = Duration::from_secs_f64((REQUESTS as f64 - 10.0) / 10.0);
     println!("failed {failed}, provider {stats:?}, makespan {makespan:?}, floor {floor:?}");
@@ -78,15 +84,7 @@ async fn a_token_quota_learned_from_the_provider_passes_a_burst_at_its_pace() {
     // Only tokens are limited: 6000 a minute (100/s). Each request costs its prompt plus
     // 16 answer tokens; the floor is the tokens beyond the first minute's at 100/s.
     let provider = Provider::builder().tpm(6000).spawn().await.unwrap();
-    let addr = serve(build(&format!(
-        r#"
-primary: {{ url: "{}" }}
-retry:   {{}}
-"#,
-        provider.url()
-    )))
-    .await;
-    let (failed, makespan) = burst(&format!("http://{addr}/v1/chat/completions"), 16).await;
+    let (failed, makespan) = blind_burst(&provider).await;
     let stats = provider.stats();
     let floor = Duration::from_secs_f64(stats.tokens_served().saturating_sub(6000) as f64 / 100.0);
     println!("failed {failed}, provider {stats:?}, makespan {makespan:?}, floor {floor:?}");
