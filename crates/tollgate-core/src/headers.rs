@@ -86,6 +86,13 @@ pub fn retry_after_ms(headers: &HeaderMap) -> Option<Duration> {
     decimal(text(headers, "retry-after-ms")?, Duration::from_millis(1))
 }
 
+/// The server's hint of when to come back: `retry-after-ms` when present (it is exact),
+/// else `Retry-After` (seconds or an HTTP date relative to `now`), as OpenAI's SDK reads
+/// them.
+pub fn server_hint(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    retry_after_ms(headers).or_else(|| retry_after(headers, now))
+}
+
 /// `Retry-After`, as delta-seconds or as an HTTP date relative to `now`.
 ///
 /// A date in the past means no wait (`Some(Duration::ZERO)`). Fractional seconds are

@@ -306,7 +306,7 @@ fn judge<B>(
         }
         Ok(res) => {
             let h = res.headers();
-            let hint = headers::retry_after_ms(h).or_else(|| headers::retry_after(h, now));
+            let hint = headers::server_hint(h, now);
             match res.status().as_u16() {
                 429 => Some((Why::RateLimited, hint)),
                 408 => Some((Why::Timeout, hint)),

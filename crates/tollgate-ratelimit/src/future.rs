@@ -317,10 +317,7 @@ fn answered<B>(shared: &Shared, keys: &Keys, res: Option<&Response<B>>) {
             let info = RateLimitInfo::from_headers(h, clock.system_now());
             let rate_limited = res.status() == http::StatusCode::TOO_MANY_REQUESTS;
             let hint = rate_limited
-                .then(|| {
-                    tollgate_core::headers::retry_after_ms(h)
-                        .or_else(|| tollgate_core::headers::retry_after(h, clock.system_now()))
-                })
+                .then(|| tollgate_core::headers::server_hint(h, clock.system_now()))
                 .flatten();
             let answer = Answer {
                 state: &info.requests,

@@ -196,7 +196,7 @@ impl Classifier for HttpClassifier {
 /// or HTTP date), then — for a 429 — the reset of whichever `x-ratelimit-*` limit is
 /// exhausted (the later one when both are, or when neither says which).
 pub fn server_hint(h: &HeaderMap, status: StatusCode, now: SystemTime) -> Option<Duration> {
-    if let Some(d) = headers::retry_after_ms(h).or_else(|| headers::retry_after(h, now)) {
+    if let Some(d) = headers::server_hint(h, now) {
         return Some(d);
     }
     if status != StatusCode::TOO_MANY_REQUESTS {

@@ -542,10 +542,7 @@ where
                     // A 429's hint holds every request back until it passes.
                     let pause = (res.status() == StatusCode::TOO_MANY_REQUESTS)
                         .then(|| {
-                            let h = res.headers();
-                            tollgate_core::headers::retry_after_ms(h).or_else(|| {
-                                tollgate_core::headers::retry_after(h, clock.system_now())
-                            })
+                            tollgate_core::headers::server_hint(res.headers(), clock.system_now())
                         })
                         .flatten()
                         .map(|d| later(clock.now(), d));
