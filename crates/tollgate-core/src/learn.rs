@@ -16,6 +16,8 @@
 //!   quota headers at all is not limited by guesswork. After a 429 with a hint, every
 //!   request waits the hint out ([`SlowStart::pause_until`]), so concurrent requests do not
 //!   each discover the same 429.
+//! - [`Learner`] holds the two for one meter, with the quota in force: what every answer
+//!   does to it (learn, end slow start, pause) is written once, here.
 //!
 //! ```
 //! use std::time::Duration;
@@ -199,6 +201,94 @@ impl SlowStart {
     /// When requests may go again after a 429's hint, if they are paused.
     pub fn paused_until(&self) -> Option<Instant> {
         self.paused_until
+    }
+}
+
+/// A learning meter's state: slow start and pauses, and the quota in force — `Q` is
+/// whatever the meter counts with (a quota, or a limiter built for one); `None` while no
+/// quota is known, when nothing is counted.
+#[derive(Debug)]
+pub struct Learner<Q> {
+    start: SlowStart,
+    quota: Option<Q>,
+}
+
+impl<Q: Clone> Learner<Q> {
+    /// A meter with a `configured` quota (no slow start, only pauses), or none yet (slow
+    /// start from `now`).
+    pub fn new(configured: Option<Q>, now: Instant) -> Self {
+        Self {
+            start: if configured.is_some() {
+                SlowStart::known()
+            } else {
+                SlowStart::unknown(now)
+            },
+            quota: configured,
+        }
+    }
+
+    /// The quota in force, if one is known.
+    pub fn quota(&self) -> Option<&Q> {
+        self.quota.as_ref()
+    }
+
+    /// May a request go now? `Err(wait)`: slow start or a pause holds it back that long.
+    /// `Ok(Some(q))`: count it against `q`; `Ok(None)`: count nothing (slow start's probe,
+    /// or a provider that states no quota). A request admitted here that the meter then
+    /// refuses must be [`released`](Self::released).
+    pub fn admit(&mut self, now: Instant) -> Result<Option<Q>, Duration> {
+        match self.start.admit(now) {
+            Some(wait) => Err(wait),
+            None => Ok(self.quota.clone()),
+        }
+    }
+
+    /// A request admitted by [`admit`](Self::admit) went no further: its probe is free.
+    pub fn released(&mut self) {
+        self.start.released();
+    }
+
+    /// An answer came. `state` is what it said of the quota; `success` whether it was a
+    /// 2xx (only such an answer without quota headers says there is no quota to learn —
+    /// an error page may simply not carry them); `pause` when a 429's hint lets requests
+    /// go again. `adopt` turns a stated quota into the one to keep given the one in force,
+    /// or `None` to keep that. Returns whether waiters should be tried again now.
+    pub fn answered(
+        &mut self,
+        state: &LimitState,
+        success: bool,
+        pause: Option<Instant>,
+        adopt: impl FnOnce(LearnedQuota, Option<&Q>) -> Option<Q>,
+    ) -> bool {
+        let mut kick = false;
+        match LearnedQuota::from_state(state) {
+            Some(seen) => {
+                if let Some(q) = adopt(seen, self.quota.as_ref()) {
+                    self.quota = Some(q);
+                    kick = true;
+                }
+                kick |= self.start.learned();
+            }
+            None if success => kick |= self.start.answered_without_quota(),
+            // An error without quota headers says nothing of the quota: its place in slow
+            // start goes to another request.
+            None => kick |= self.unanswered(),
+        }
+        if let Some(until) = pause {
+            self.start.pause_until(until);
+        }
+        kick
+    }
+
+    /// A request got no answer (a transport error): during slow start its place goes to
+    /// another. Returns whether waiters should be tried again now.
+    pub fn unanswered(&mut self) -> bool {
+        if self.start.is_unknown() {
+            self.start.released();
+            true
+        } else {
+            false
+        }
     }
 }
 

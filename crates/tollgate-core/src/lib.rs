@@ -11,6 +11,7 @@
 //! | [`headers`] | rate-limit headers read (`retry-after-ms`, `Retry-After`, `x-ratelimit-*`, `anthropic-ratelimit-*`, `grpc-retry-pushback-ms`) and written (`Retry-After`, IETF `RateLimit`) |
 //! | [`duration`] | Go-style durations (`6m0s`), as OpenAI writes resets |
 //! | [`usage`] | token usage from JSON bodies and, frame by frame, from SSE streams |
+//! | [`meter`] | the kit every metered limit is built from: one definition of a limit, the builder knobs, the guarded store call, all-or-none across meters |
 //! | [`learn`] | a provider's quota learned from its headers, and slow start until it is known |
 //! | [`refusal`] | the typed error a limit returns, and its 429 response |
 //! | [`unavailable`] | every backend away for its own failures: a 503 with `Retry-After`, never a 429 |
@@ -61,6 +62,7 @@ pub mod facts;
 pub mod headers;
 pub mod key;
 pub mod learn;
+pub mod meter;
 pub mod refusal;
 pub mod response;
 pub mod store;

@@ -4,7 +4,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use tollgate_core::clock::later;
 
 use http::Response;
 use pin_project_lite::pin_project;
@@ -17,12 +16,8 @@ use tower::Service;
 use tollgate_core::wait::Acquire;
 
 use crate::limit::Answer;
-use crate::remote::Remote;
 use crate::shared::{Keys, Limits, Shared};
-use tokio::time::Instant;
-use tollgate_core::clock::Sleep;
-use tollgate_core::refusal::Reason;
-use tollgate_core::store::{OnStoreFailure, RateCell, RateDecision, StoreError, StoreFuture};
+use tollgate_core::meter::{Asked, RateAsk};
 use tollgate_core::wait::{Admission, Admit, Priority};
 
 pin_project! {
@@ -64,99 +59,14 @@ struct Waiting<S, Req> {
     req: Option<Req>,
 }
 
-/// A request asking the shared store for its cells, and waiting between asks.
+/// A request asking the shared store for its cells (core's guarded store call), with the
+/// service and request it will call once admitted.
 pub(crate) struct RemoteWait<S, Req> {
-    pub(crate) acquire: Option<StoreFuture<Result<RateDecision, StoreError>>>,
-    pub(crate) sleep: Option<Sleep>,
+    pub(crate) ask: RateAsk,
     pub(crate) svc: Option<S>,
     pub(crate) req: Option<Req>,
-    pub(crate) cells: Arc<[RateCell]>,
     pub(crate) keys: Keys,
     pub(crate) priority: Priority,
-    pub(crate) remote: Arc<Remote>,
-    /// In wait mode, the latest a request may be admitted.
-    pub(crate) deadline: Option<Instant>,
-    /// Whether this request may ask the store (it may not while the store is down).
-    pub(crate) ask: bool,
-}
-
-/// What the store (or its absence) decided.
-enum Decided {
-    Admitted,
-    Refused(BoxError),
-    /// The store failed and the policy is to go on with this instance's share.
-    Local,
-}
-
-impl<S, Req> RemoteWait<S, Req> {
-    fn poll_decide(&mut self, cx: &mut Context<'_>, shared: &Shared) -> Poll<Decided> {
-        let clock = shared.clock();
-        loop {
-            if !self.ask {
-                return Poll::Ready(self.without_store(None));
-            }
-            if let Some(sleep) = self.sleep.as_mut() {
-                ready!(sleep.as_mut().poll(cx));
-                self.sleep = None;
-            }
-            let store = &self.remote.store;
-            let cells = &self.cells;
-            let fut = self
-                .acquire
-                .get_or_insert_with(|| store.acquire(Arc::clone(cells)));
-            let answer = ready!(fut.as_mut().poll(cx));
-            self.acquire = None;
-            match answer {
-                Ok(RateDecision::Admitted) => {
-                    self.remote.health.answered("ratelimit");
-                    return Poll::Ready(Decided::Admitted);
-                }
-                Ok(RateDecision::Denied {
-                    binding,
-                    retry_after,
-                }) => {
-                    self.remote.health.answered("ratelimit");
-                    let limits = shared.admitter();
-                    match self.deadline {
-                        None => {
-                            let r = limits.refusal(
-                                &self.keys,
-                                binding,
-                                Some(retry_after),
-                                Reason::OverLimit,
-                            );
-                            return Poll::Ready(Decided::Refused(r.into()));
-                        }
-                        Some(deadline) if later(clock.now(), retry_after) > deadline => {
-                            let r = limits.refusal(
-                                &self.keys,
-                                binding,
-                                Some(retry_after),
-                                Reason::WaitTooLong,
-                            );
-                            return Poll::Ready(Decided::Refused(r.into()));
-                        }
-                        Some(_) => self.sleep = Some(clock.sleep(retry_after)),
-                    }
-                }
-                Err(e) => {
-                    self.remote.health.failed(clock.now(), "ratelimit", &e);
-                    return Poll::Ready(self.without_store(Some(e)));
-                }
-            }
-        }
-    }
-
-    fn without_store(&self, error: Option<StoreError>) -> Decided {
-        match self.remote.on_failure {
-            OnStoreFailure::Open { .. } => Decided::Local,
-            OnStoreFailure::Closed => Decided::Refused(
-                error
-                    .unwrap_or_else(|| StoreError::new("it failed moments ago; retrying shortly"))
-                    .into(),
-            ),
-        }
-    }
 }
 
 impl<S: Service<Req>, Req> std::fmt::Debug for ResponseFuture<S, Req> {
@@ -252,39 +162,45 @@ where
                     let Some(shared) = this.shared.clone() else {
                         return Poll::Ready(Err("rate limit future without its limits".into()));
                     };
-                    let decided = ready!(remote.poll_decide(cx, &shared));
+                    let asked = ready!(Pin::new(&mut remote.ask).poll(cx));
                     let (Some(mut svc), Some(req)) = (remote.svc.take(), remote.req.take()) else {
                         return Poll::Ready(
                             Err("rate limit future polled after completion".into()),
                         );
                     };
-                    match decided {
-                        Decided::Refused(e) => return Poll::Ready(Err(e)),
-                        Decided::Admitted => {
-                            shared.admitter().count_admitted();
+                    let limits = shared.admitter();
+                    match asked {
+                        Asked::Refused {
+                            binding,
+                            retry_after,
+                            reason,
+                        } => {
+                            let r = limits.refusal(&remote.keys, binding, retry_after, reason);
+                            return Poll::Ready(Err(r.into()));
+                        }
+                        Asked::Failed(e) => return Poll::Ready(Err(e.into())),
+                        Asked::Granted(()) => {
+                            limits.count_admitted();
                             let fut = svc.call(req);
                             this.state.set(State::Called { fut });
                         }
-                        Decided::Local => {
-                            let keys = remote.keys.clone();
-                            match shared.admit(keys, remote.priority) {
-                                Admission::Now => {
-                                    shared.admitter().count_admitted();
-                                    let fut = svc.call(req);
-                                    this.state.set(State::Called { fut });
-                                }
-                                Admission::Wait(acquire) => {
-                                    this.state.set(State::Waiting {
-                                        waiting: Box::new(Waiting {
-                                            acquire,
-                                            svc: Some(svc),
-                                            req: Some(req),
-                                        }),
-                                    });
-                                }
-                                Admission::Refused(r) => return Poll::Ready(Err(r.into())),
+                        Asked::Local => match shared.admit(remote.keys.clone(), remote.priority) {
+                            Admission::Now => {
+                                limits.count_admitted();
+                                let fut = svc.call(req);
+                                this.state.set(State::Called { fut });
                             }
-                        }
+                            Admission::Wait(acquire) => {
+                                this.state.set(State::Waiting {
+                                    waiting: Box::new(Waiting {
+                                        acquire,
+                                        svc: Some(svc),
+                                        req: Some(req),
+                                    }),
+                                });
+                            }
+                            Admission::Refused(r) => return Poll::Ready(Err(r.into())),
+                        },
                     }
                 }
                 StateProj::Called { fut } => {

@@ -6,7 +6,8 @@ use std::time::Duration;
 use tollgate_core::clock::{Clock, SharedClock};
 use tower::Layer;
 
-use tollgate_core::wait::{ExtensionPriority, Mode, PriorityExtractor};
+use tollgate_core::meter::Knobs;
+use tollgate_core::wait::{Mode, PriorityExtractor};
 
 use crate::limit::{ActiveLimit, Limit};
 use crate::remote::Remote;
@@ -34,11 +35,7 @@ impl RateLimitLayer {
     pub fn builder() -> RateLimitBuilder {
         RateLimitBuilder {
             limits: Vec::new(),
-            mode: Mode::Refuse,
-            priority: Arc::new(ExtensionPriority),
-            clock: SharedClock::default(),
-            housekeeping: Some(Duration::from_secs(60)),
-            store: None,
+            knobs: Knobs::default(),
         }
     }
 
@@ -60,7 +57,7 @@ impl RateLimitLayer {
             .admitter()
             .limits
             .iter()
-            .find(|l| &*l.limit.name == limit)
+            .find(|l| l.limit.name() == limit)
             .and_then(ActiveLimit::quota)
     }
 
@@ -89,20 +86,15 @@ impl<S> Layer<S> for RateLimitLayer {
 /// Builds a [`RateLimitLayer`].
 pub struct RateLimitBuilder {
     limits: Vec<Limit>,
-    mode: Mode,
-    priority: Arc<dyn PriorityExtractor>,
-    clock: SharedClock,
-    housekeeping: Option<Duration>,
-    store: Option<(Arc<dyn RateStore>, OnStoreFailure)>,
+    knobs: Knobs<dyn RateStore>,
 }
 
 impl std::fmt::Debug for RateLimitBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimitBuilder")
             .field("limits", &self.limits)
-            .field("mode", &self.mode)
-            .field("housekeeping", &self.housekeeping)
-            .finish_non_exhaustive()
+            .field("knobs", &self.knobs)
+            .finish()
     }
 }
 
@@ -116,7 +108,7 @@ impl RateLimitBuilder {
 
     /// Over a limit, refuse at once (the default).
     pub fn refuse(mut self) -> Self {
-        self.mode = Mode::Refuse;
+        self.knobs.mode = Mode::Refuse;
         self
     }
 
@@ -124,26 +116,26 @@ impl RateLimitBuilder {
     /// refused at once, so a failover layer above can move on. At most 1024 requests wait
     /// at once unless [`max_queue`](Self::max_queue) says otherwise.
     pub fn wait(mut self, max_wait: Duration) -> Self {
-        self.mode = self.mode.wait(max_wait);
+        self.knobs.mode = self.knobs.mode.wait(max_wait);
         self
     }
 
     /// In wait mode, the most requests that may wait at once; more are refused.
     pub fn max_queue(mut self, n: usize) -> Self {
-        self.mode = self.mode.max_queue(n);
+        self.knobs.mode = self.knobs.mode.max_queue(n);
         self
     }
 
     /// Where a waiting request's [`Priority`](crate::Priority) comes from (by default the
     /// request's extensions).
     pub fn priority(mut self, extractor: impl PriorityExtractor) -> Self {
-        self.priority = Arc::new(extractor);
+        self.knobs.priority = Arc::new(extractor);
         self
     }
 
     /// The clock to wait and count on (tokio's by default).
     pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = SharedClock::new(clock);
+        self.knobs.clock = SharedClock::new(clock);
         self
     }
 
@@ -153,7 +145,7 @@ impl RateLimitBuilder {
     /// started. The task holds no strong reference and ends when the layer and its
     /// services are gone.
     pub fn housekeeping(mut self, every: Option<Duration>) -> Self {
-        self.housekeeping = every;
+        self.knobs.housekeeping = every;
         self
     }
 
@@ -172,47 +164,33 @@ impl RateLimitBuilder {
     /// (up to `max_wait`) and asks again; `max_queue` and priorities apply only to the
     /// in-process fallback.
     pub fn store(mut self, store: impl RateStore, on_failure: OnStoreFailure) -> Self {
-        self.store = Some((Arc::new(store), on_failure));
+        self.knobs.store = Some((Arc::new(store), on_failure));
         self
     }
 
     /// The layer.
     pub fn build(self) -> RateLimitLayer {
-        let share = match self.store {
-            Some((_, OnStoreFailure::Open { instances })) => instances.max(1),
-            _ => 1,
-        };
+        let knobs = self.knobs;
+        let share = knobs.share();
         let quotas: Vec<_> = self.limits.iter().map(Limit::quota).collect();
         let limits = self
             .limits
             .into_iter()
-            .map(|mut l| {
-                if share > 1 {
-                    l.quota = l.quota.share(share);
-                }
-                ActiveLimit::new(l, self.clock.clone())
-            })
+            .map(|l| ActiveLimit::new(l.shared_by(share), knobs.clock.clone()))
             .collect();
         let shared = Arc::new(Shared::new(
-            Limits::new(limits, self.priority),
-            self.mode,
-            self.clock.clone(),
+            Limits::new(limits, Arc::clone(&knobs.priority)),
+            knobs.mode,
+            knobs.clock.clone(),
         ));
-        if let Some(every) = self.housekeeping {
-            tollgate_core::clock::spawn_periodic(
-                &shared,
-                self.clock.clone(),
-                every,
-                |s: &Shared| {
-                    for l in &s.admitter().limits {
-                        l.retain_recent();
-                    }
-                },
-            );
-        }
-        let remote = self.store.map(|(store, on_failure)| {
-            Arc::new(Remote::new(store, on_failure, self.clock.now(), quotas))
+        knobs.spawn_housekeeping(&shared, |s: &Shared| {
+            for l in &s.admitter().limits {
+                l.retain_recent();
+            }
         });
+        let remote = knobs
+            .guarded("ratelimit")
+            .map(|guard| Arc::new(Remote { guard, quotas }));
         RateLimitLayer { shared, remote }
     }
 }

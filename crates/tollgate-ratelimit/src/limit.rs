@@ -1,6 +1,7 @@
 //! One limit: a name, a quota and who it counts against.
 
 use std::fmt;
+
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -10,26 +11,32 @@ use governor::state::keyed::ShrinkableKeyedStateStore;
 use tokio::time::Instant;
 use tollgate_core::clock::{later, SharedClock};
 use tollgate_core::headers::LimitState as ProviderLimit;
-use tollgate_core::key::{Global, Key, KeyExtractor, RequestHead};
-use tollgate_core::learn::{LearnedQuota, SlowStart};
+use tollgate_core::key::Key;
+use tollgate_core::learn::{LearnedQuota, Learner};
+use tollgate_core::meter::{Meter, MeterQuota};
 use tollgate_core::wait::Denial;
 
 use crate::gov::{GovClock, Limiter, Store};
 use crate::metrics::LimitMetrics;
 use crate::quota::Quota;
 
-/// One limit of a [`RateLimitLayer`](crate::RateLimitLayer): a name (for headers, logs
-/// and metrics — never the key), a [`Quota`], and the key extractor that says whose
-/// bucket a request draws from.
+/// One limit of a [`RateLimitLayer`](crate::RateLimitLayer): core's metered limit
+/// ([`Meter`]) over a request [`Quota`] — a name (for headers, logs and metrics, never the
+/// key), the quota, and the key extractor that says whose bucket a request draws from.
 ///
 /// A request whose key the extractor cannot name draws from one shared bucket, `unkeyed`,
 /// so leaving out a tenant header never escapes a per-tenant limit. Chain extractors with
-/// [`KeyExtractor::or`] to choose another fallback.
+/// [`KeyExtractor::or`](tollgate_core::key::KeyExtractor::or) to choose another fallback.
 ///
 /// This layer counts requests and never reads bodies, so a limit keyed by
 /// [`Model`](tollgate_core::key::Model) needs the request facts put there by a layer
 /// outside it that buffers the body (`tollgate_core::facts::buffer_request`); without them
 /// every request falls to `unkeyed`.
+///
+/// [`Limit::learned`] learns the quota from `x-ratelimit-limit-requests`, `-remaining-`,
+/// `-reset-` (or Anthropic's `anthropic-ratelimit-requests-*`), the bucket's size
+/// included; see [`RateLimitLayer::quota`](crate::RateLimitLayer::quota) and the gauges
+/// `tollgate_ratelimit_learned_limit` and `tollgate_ratelimit_learned_burst`.
 ///
 /// ```
 /// use tollgate_core::key::{ApiKey, Header, KeyExtractor};
@@ -40,109 +47,14 @@ use crate::quota::Quota;
 /// let everyone = Limit::new("global-rpm", Quota::per_minute(3000)); // one global bucket
 /// # let _ = (per_tenant, everyone);
 /// ```
-#[derive(Clone)]
-pub struct Limit {
-    pub(crate) name: Arc<str>,
-    pub(crate) quota: Quota,
-    pub(crate) extractor: Arc<dyn KeyExtractor>,
-    pub(crate) adaptive: bool,
-    /// Adopts the provider's stated quota (within the configured one).
-    pub(crate) learn: bool,
-    /// Whether `quota` was given; a learned limit without one starts slow.
-    pub(crate) configured: bool,
-}
+pub type Limit = Meter<Quota>;
 
-impl fmt::Debug for Limit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Limit")
-            .field("name", &self.name)
-            .field("quota", &self.quota)
-            .field("adaptive", &self.adaptive)
-            .field("learn", &self.learn)
-            .field("configured", &self.configured)
-            .finish_non_exhaustive()
+impl MeterQuota for Quota {
+    fn unbounded() -> Self {
+        Quota::unbounded()
     }
-}
-
-impl Limit {
-    /// A limit every request shares (keyed by [`Global`]) until
-    /// [`keyed_by`](Self::keyed_by) says otherwise.
-    pub fn new(name: impl Into<Arc<str>>, quota: Quota) -> Self {
-        Self {
-            name: name.into(),
-            quota,
-            extractor: Arc::new(Global),
-            adaptive: false,
-            learn: false,
-            configured: true,
-        }
-    }
-
-    /// A limit whose quota nobody configured: it is **learned** from the provider's
-    /// answers (`x-ratelimit-limit-requests`, `-remaining-`, `-reset-`, or Anthropic's
-    /// `anthropic-ratelimit-requests-*`), the bucket's size included, and paced to.
-    ///
-    /// Until the first answer says what the quota is, the limit **starts slow**: one
-    /// request goes (twice as many every two seconds that no answer comes), the others
-    /// wait in the queue and are released the moment it is known — TCP's slow start
-    /// applied to a quota. A provider that sends no quota headers is not limited. After a
-    /// 429 with a hint, every request waits the hint out, so concurrent requests do not
-    /// each discover the same 429. Put it in wait mode: in refuse mode the requests slow
-    /// start holds back are refused with the time instead.
-    ///
-    /// The learned quota is the provider's for the whole limit (mark the limit that
-    /// mirrors the provider's quota: global, or keyed by API key); see
-    /// [`RateLimitLayer::quota`](crate::RateLimitLayer::quota) and the gauges
-    /// `tollgate_ratelimit_learned_limit` and `tollgate_ratelimit_learned_burst`.
-    ///
-    /// A learned quota is this process's: a shared store
-    /// ([`RateLimitBuilder::store`](crate::RateLimitBuilder::store)) is asked for the
-    /// configured quota, which a learned limit does not have, so keep learned limits in a
-    /// layer without one (the policy file does) and state a quota to share it.
-    pub fn learned(name: impl Into<Arc<str>>) -> Self {
-        Self {
-            learn: true,
-            adaptive: true,
-            configured: false,
-            ..Self::new(name, Quota::unbounded())
-        }
-    }
-
-    /// Also learns the provider's quota, as [`learned`](Self::learned) does, keeping the
-    /// configured quota as an upper bound: the provider's is adopted where it is stricter
-    /// (a lower rate, a smaller burst). A configured limit does not start slow. Implies
-    /// [`adaptive`](Self::adaptive).
-    pub fn learn(mut self) -> Self {
-        self.learn = true;
-        self.adaptive = true;
-        self
-    }
-
-    /// Whose bucket a request draws from.
-    pub fn keyed_by(mut self, extractor: impl KeyExtractor) -> Self {
-        self.extractor = Arc::new(extractor);
-        self
-    }
-
-    /// Follows the provider's own count: when a response carries
-    /// `x-ratelimit-remaining-requests` (and `-reset-requests`), this limit never allows
-    /// more than the provider says is left, so it slows down before the provider starts
-    /// refusing. Mark the limit that mirrors the provider's quota (the global one in a
-    /// client stack, or one keyed by API key); the provider's view wins only where it is
-    /// stricter than the configured quota.
-    pub fn adaptive(mut self) -> Self {
-        self.adaptive = true;
-        self
-    }
-
-    /// The name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The configured quota (unbounded for a [`learned`](Self::learned) limit).
-    pub fn quota(&self) -> Quota {
-        self.quota
+    fn share(self, instances: u32) -> Self {
+        Quota::share(self, instances)
     }
 }
 
@@ -179,17 +91,10 @@ impl Gcra {
     }
 }
 
-/// What a learning limit knows: slow start and pauses, and the quota in force (`None`
-/// until one is known).
-struct Learning {
-    start: SlowStart,
-    gcra: Option<Arc<Gcra>>,
-}
-
 /// The limiter of a limit: one fixed quota, or one that learns.
 enum Cell {
     Fixed(Gcra),
-    Learning(Mutex<Learning>),
+    Learning(Mutex<Learner<Arc<Gcra>>>),
 }
 
 /// Whether a newly stated quota differs enough from the one in force to adopt it: another
@@ -232,35 +137,22 @@ impl ActiveLimit {
     pub(crate) fn new(limit: Limit, clock: SharedClock) -> Self {
         let now = tollgate_core::clock::Clock::now(&clock);
         let clock = GovClock::new(clock);
-        let gcra = Gcra::new(limit.quota, &clock);
-        let cell = if limit.learn {
-            Cell::Learning(Mutex::new(Learning {
-                start: if limit.configured {
-                    SlowStart::known()
-                } else {
-                    SlowStart::unknown(now)
-                },
-                gcra: limit.configured.then(|| Arc::new(gcra)),
-            }))
+        let gcra = Gcra::new(limit.quota(), &clock);
+        let cell = if limit.learns() {
+            let configured = limit.is_configured().then(|| Arc::new(gcra));
+            Cell::Learning(Mutex::new(Learner::new(configured, now)))
         } else {
             Cell::Fixed(gcra)
         };
         Self {
-            metrics: LimitMetrics::new(&limit.name),
+            metrics: LimitMetrics::new(limit.name_arc()),
             limit,
             cell,
             clock,
         }
     }
 
-    pub(crate) fn key_for(&self, head: &RequestHead<'_>) -> Key {
-        self.limit
-            .extractor
-            .extract(head)
-            .unwrap_or_else(|| Key::new("unkeyed"))
-    }
-
-    fn learning(&self) -> Option<MutexGuard<'_, Learning>> {
+    fn learning(&self) -> Option<MutexGuard<'_, Learner<Arc<Gcra>>>> {
         match &self.cell {
             // Each section is a few assignments; a panic elsewhere leaves it whole.
             Cell::Learning(m) => Some(m.lock().unwrap_or_else(PoisonError::into_inner)),
@@ -268,14 +160,17 @@ impl ActiveLimit {
         }
     }
 
+    /// The limiter in force now (`None` while a learning limit knows no quota).
+    fn gcra(&self) -> Option<Arc<Gcra>> {
+        self.learning().and_then(|l| l.quota().cloned())
+    }
+
     /// The quota in force: the configured one, or the one learned; `None` while a
     /// learning limit knows none.
     pub(crate) fn quota(&self) -> Option<Quota> {
         match &self.cell {
             Cell::Fixed(g) => Some(g.quota),
-            Cell::Learning(_) => self
-                .learning()
-                .and_then(|l| l.gcra.as_ref().map(|g| g.quota)),
+            Cell::Learning(_) => self.gcra().map(|g| g.quota),
         }
     }
 
@@ -289,57 +184,41 @@ impl ActiveLimit {
                 .check_key(key)
                 .map_err(|not_until| Denial::Wait(not_until.wait_time_from(self.clock.now())))
         };
-        match &self.cell {
-            Cell::Fixed(g) => check(g),
-            Cell::Learning(_) => {
-                let gcra = {
-                    let Some(mut l) = self.learning() else {
-                        return Ok(());
-                    };
-                    if let Some(wait) = l.start.admit(self.clock_now()) {
-                        return Err(Denial::Wait(wait));
-                    }
-                    l.gcra.clone()
-                };
-                match gcra {
-                    Some(g) => {
-                        let r = check(&g);
-                        if r.is_err() {
-                            if let Some(mut l) = self.learning() {
-                                l.start.released();
-                            }
-                        }
-                        r
-                    }
-                    None => Ok(()),
-                }
+        let gcra = match &self.cell {
+            Cell::Fixed(g) => return check(g),
+            Cell::Learning(_) => match self.learning().map(|mut l| l.admit(self.clock.instant())) {
+                Some(Err(wait)) => return Err(Denial::Wait(wait)),
+                Some(Ok(Some(g))) => g,
+                Some(Ok(None)) | None => return Ok(()),
+            },
+        };
+        let r = check(&gcra);
+        if r.is_err() {
+            if let Some(mut l) = self.learning() {
+                l.released();
             }
         }
-    }
-
-    fn clock_now(&self) -> Instant {
-        self.clock.instant()
+        r
     }
 
     /// Gives back one cell taken from `key`.
     pub(crate) fn refund(&self, key: &Key) {
-        let gcra = match &self.cell {
-            Cell::Fixed(g) => {
-                if g.limiter.is_some() {
-                    g.store.refund(key, g.quota.interval());
-                }
-                return;
+        let refund = |g: &Gcra| {
+            if g.limiter.is_some() {
+                g.store.refund(key, g.quota.interval());
             }
-            Cell::Learning(_) => match self.learning() {
-                Some(mut l) => {
-                    l.start.released();
-                    l.gcra.clone()
-                }
-                None => None,
-            },
         };
-        if let Some(g) = gcra.filter(|g| g.limiter.is_some()) {
-            g.store.refund(key, g.quota.interval());
+        match &self.cell {
+            Cell::Fixed(g) => refund(g),
+            Cell::Learning(_) => {
+                let gcra = self.learning().and_then(|mut l| {
+                    l.released();
+                    l.quota().cloned()
+                });
+                if let Some(g) = gcra {
+                    refund(&g);
+                }
+            }
         }
     }
 
@@ -347,51 +226,39 @@ impl ActiveLimit {
     /// (or that there is none) and pauses for a 429's hint; an adaptive one follows what
     /// it says is left. Returns whether waiters should be tried again now.
     pub(crate) fn answered(&self, key: &Key, answer: &Answer<'_>, now: Instant) -> bool {
-        let mut kick = false;
-        let gcra = match self.learning() {
-            None => match &self.cell {
-                Cell::Fixed(g) => {
-                    if self.limit.adaptive {
-                        self.follow_provider(g, key, answer.state, now);
-                    }
+        let (kick, gcra) = match &self.cell {
+            Cell::Fixed(g) => {
+                if self.limit.is_adaptive() {
+                    self.follow_provider(g, key, answer.state, now);
+                }
+                return false;
+            }
+            Cell::Learning(_) => {
+                let Some(mut l) = self.learning() else {
                     return false;
-                }
-                Cell::Learning(_) => return false,
-            },
-            Some(mut l) => {
-                match LearnedQuota::from_state(answer.state) {
-                    Some(seen) => {
-                        let q = self.adopt(seen);
-                        if l.gcra.as_ref().is_none_or(|g| differs(g.quota, q)) {
-                            l.gcra = Some(Arc::new(Gcra::new(q, &self.clock)));
-                            self.metrics.learned(seen.limit, u64::from(q.burst_size()));
-                            tracing::info!(limit = %self.limit.name, per_minute = seen.limit, burst = q.burst_size(), "learned the provider's request quota");
-                            kick = true;
-                        }
-                        kick |= l.start.learned();
+                };
+                let pause = answer
+                    .rate_limited
+                    .then(|| {
+                        answer.hint.or_else(|| {
+                            answer
+                                .state
+                                .reset
+                                .filter(|_| answer.state.remaining == Some(0))
+                        })
+                    })
+                    .flatten()
+                    .map(|h| later(now, h));
+                let kick = l.answered(answer.state, answer.success, pause, |seen, current| {
+                    let q = self.adopt(seen);
+                    if current.is_some_and(|g| !differs(g.quota, q)) {
+                        return None;
                     }
-                    None if answer.success => kick |= l.start.answered_without_quota(),
-                    None => {
-                        // An error without quota headers says nothing of the quota: its
-                        // place in slow start goes to another request.
-                        if l.start.is_unknown() {
-                            l.start.released();
-                            kick = true;
-                        }
-                    }
-                }
-                if answer.rate_limited {
-                    let hint = answer.hint.or_else(|| {
-                        answer
-                            .state
-                            .reset
-                            .filter(|_| answer.state.remaining == Some(0))
-                    });
-                    if let Some(h) = hint {
-                        l.start.pause_until(later(now, h));
-                    }
-                }
-                l.gcra.clone()
+                    self.metrics.learned(seen.limit, u64::from(q.burst_size()));
+                    tracing::info!(limit = %self.limit.name(), per_minute = seen.limit, burst = q.burst_size(), "learned the provider's request quota");
+                    Some(Arc::new(Gcra::new(q, &self.clock)))
+                });
+                (kick, l.quota().cloned())
             }
         };
         if let Some(g) = gcra {
@@ -403,13 +270,7 @@ impl ActiveLimit {
     /// A request of a learning limit got no answer (a transport error): during slow
     /// start, its place goes to another. Returns whether waiters should be tried again.
     pub(crate) fn unanswered(&self) -> bool {
-        match self.learning() {
-            Some(mut l) if l.start.is_unknown() => {
-                l.start.released();
-                true
-            }
-            _ => false,
-        }
+        self.learning().is_some_and(|mut l| l.unanswered())
     }
 
     /// The quota to adopt for what the provider stated: its own, within the configured one.
@@ -417,10 +278,10 @@ impl ActiveLimit {
         let count = u32::try_from(seen.limit).unwrap_or(u32::MAX);
         let burst = u32::try_from(seen.burst).unwrap_or(u32::MAX);
         let learned = Quota::per(count, seen.window).burst(burst.max(1));
-        if !self.limit.configured {
+        if !self.limit.is_configured() {
             return learned;
         }
-        let c = self.limit.quota;
+        let c = self.limit.quota();
         if c.is_closed() {
             return c;
         }
@@ -461,19 +322,15 @@ impl ActiveLimit {
 
     /// Drops the keys whose state is no different from a fresh one.
     pub(crate) fn retain_recent(&self) {
-        let gcra = match &self.cell {
-            Cell::Fixed(g) => {
-                if let Some(l) = &g.limiter {
-                    l.retain_recent();
-                    l.shrink_to_fit();
-                }
-                return;
+        let retain = |g: &Gcra| {
+            if let Some(l) = &g.limiter {
+                l.retain_recent();
+                l.shrink_to_fit();
             }
-            Cell::Learning(_) => self.learning().and_then(|l| l.gcra.clone()),
         };
-        if let Some(l) = gcra.as_ref().and_then(|g| g.limiter.as_ref()) {
-            l.retain_recent();
-            l.shrink_to_fit();
+        match &self.cell {
+            Cell::Fixed(g) => retain(g),
+            Cell::Learning(_) => self.gcra().iter().for_each(|g| retain(g)),
         }
     }
 
@@ -481,10 +338,7 @@ impl ActiveLimit {
     pub(crate) fn len(&self) -> usize {
         match &self.cell {
             Cell::Fixed(g) => g.store.len(),
-            Cell::Learning(_) => self
-                .learning()
-                .and_then(|l| l.gcra.clone())
-                .map_or(0, |g| g.store.len()),
+            Cell::Learning(_) => self.gcra().map_or(0, |g| g.store.len()),
         }
     }
 }

@@ -2,16 +2,15 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tollgate_core::clock::later;
 
 use http::{Request, Response};
-use tollgate_core::clock::Clock;
 use tollgate_core::key::RequestHead;
 use tollgate_core::BoxError;
 use tower::Service;
 
 use crate::future::{RemoteWait, ResponseFuture};
 use crate::remote::{self, Remote};
+use tollgate_core::meter::RateAsk;
 use tollgate_core::wait::{Admission, Mode, Priority};
 
 use crate::shared::{Keys, Shared};
@@ -73,7 +72,11 @@ where
         let shared = &self.shared;
         let limits = shared.admitter();
         let head = RequestHead::new(&req);
-        let keys: Keys = limits.limits.iter().map(|l| l.key_for(&head)).collect();
+        let keys: Keys = limits
+            .limits
+            .iter()
+            .map(|l| l.limit.key_for(&head))
+            .collect();
         let priority = match shared.mode() {
             Mode::Wait { .. } => limits.priority.priority(&head),
             Mode::Refuse => Priority::default(),
@@ -84,24 +87,22 @@ where
             .then(|| (Arc::clone(shared), keys.clone()));
         // A closed (zero) quota is refused by the local limiter, whatever the store says.
         if let Some(remote) = self.remote.as_ref().filter(|_| !limits.any_closed()) {
-            let ask = remote.health.should_ask(shared.clock().now());
-            let deadline = match shared.mode() {
-                Mode::Wait { max_wait, .. } => Some(later(shared.clock().now(), max_wait)),
-                Mode::Refuse => None,
-            };
+            let cells = remote::cells(remote, limits, &keys);
+            let ask = RateAsk::new(
+                Arc::clone(&remote.guard),
+                cells,
+                1,
+                shared.mode(),
+                shared.clock().clone(),
+            );
             let fresh = self.inner.clone();
             let ready = std::mem::replace(&mut self.inner, fresh);
             let wait = RemoteWait {
-                acquire: None,
-                sleep: None,
+                ask,
                 svc: Some(ready),
                 req: Some(req),
-                cells: remote::cells(remote, limits, &keys),
                 keys,
                 priority,
-                remote: Arc::clone(remote),
-                deadline,
-                ask,
             };
             return ResponseFuture::remote(wait, Arc::clone(shared), adaptive);
         }

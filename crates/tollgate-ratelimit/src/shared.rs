@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tollgate_core::key::Key;
+use tollgate_core::meter::take_all;
 use tollgate_core::refusal::{LimitKind, Quota as QuotaInfo, Reason, Refusal};
 use tollgate_core::wait::{Admit, Denial, PriorityExtractor, WaitQueue};
 
@@ -60,7 +61,9 @@ impl fmt::Debug for Limits {
 
 impl Limits {
     pub(crate) fn new(limits: Vec<ActiveLimit>, priority: Arc<dyn PriorityExtractor>) -> Self {
-        let watches_answers = limits.iter().any(|l| l.limit.adaptive || l.limit.learn);
+        let watches_answers = limits
+            .iter()
+            .any(|l| l.limit.is_adaptive() || l.limit.learns());
         Self {
             limits,
             priority,
@@ -89,25 +92,12 @@ impl Admit for Limits {
     /// limits (giving back at once what they grant), so the wait it reports is the time
     /// until *all* of them would admit.
     fn try_admit(&self, keys: &Keys) -> Result<(), (usize, Denial)> {
-        let mut denied: Option<(usize, Denial)> = None;
-        for (i, (limit, key)) in self.limits.iter().zip(keys.iter()).enumerate() {
-            match limit.check(key) {
-                Ok(()) if denied.is_some() => limit.refund(key),
-                Ok(()) => {}
-                Err(d) => {
-                    if denied.is_none() {
-                        for (l, k) in self.limits[..i].iter().zip(keys.iter()) {
-                            l.refund(k);
-                        }
-                    }
-                    denied = Some(match denied {
-                        Some(prev) if !d.is_worse_than(prev.1) => prev,
-                        _ => (i, d),
-                    });
-                }
-            }
-        }
-        denied.map_or(Ok(()), Err)
+        // `i` stays below both lengths.
+        take_all(
+            self.limits.len().min(keys.len()),
+            |i| self.limits[i].check(&keys[i]),
+            |i| self.limits[i].refund(&keys[i]),
+        )
     }
 
     fn refund(&self, keys: &Keys) {
@@ -135,13 +125,13 @@ impl Admit for Limits {
         let limit = &active.limit;
         active.metrics.refused(reason);
         tracing::debug!(
-            limit = %limit.name,
+            limit = %limit.name(),
             reason = crate::metrics::reason_label(reason),
             retry_after_ms = wait.map(|w| w.as_millis() as u64),
             "rate limit refused a request"
         );
-        let mut refusal =
-            Refusal::new(LimitKind::Requests, Arc::clone(&limit.name), wait).with_reason(reason);
+        let mut refusal = Refusal::new(LimitKind::Requests, Arc::clone(limit.name_arc()), wait)
+            .with_reason(reason);
         // A learning limit that knows no quota yet states none.
         if let Some(q) = active.quota() {
             refusal = refusal.with_quota(QuotaInfo {
@@ -160,7 +150,7 @@ impl Admit for Limits {
         if let Some(active) = self.limits.get(binding) {
             active.metrics.waited(waited);
             tracing::debug!(
-                limit = %active.limit.name,
+                limit = %active.limit.name(),
                 waited_ms = waited.as_millis() as u64,
                 "rate limit admitted a request after a wait"
             );

@@ -15,8 +15,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tollgate_core::clock::{Clock, SharedClock};
 use tollgate_core::headers::LimitState;
-use tollgate_core::key::{Global, Key, KeyExtractor, RequestHead};
-use tollgate_core::learn::{LearnedQuota, SlowStart};
+use tollgate_core::key::Key;
+use tollgate_core::learn::Learner;
+use tollgate_core::meter::{take_all, Meter, MeterQuota};
 use tollgate_core::refusal::{LimitKind, Quota as QuotaInfo, Reason, Refusal};
 use tollgate_core::wait::{Admit, Denial};
 
@@ -70,86 +71,35 @@ impl TokenQuota {
     }
 }
 
-/// One token budget: a name (for headers, logs and metrics — never the key), a
-/// [`TokenQuota`], and whose bucket a request draws from (a global one by default).
-/// A request whose key cannot be named draws from one shared `unkeyed` bucket.
-#[derive(Clone)]
-pub struct Budget {
-    pub(crate) name: Arc<str>,
-    pub(crate) quota: TokenQuota,
-    pub(crate) extractor: Arc<dyn KeyExtractor>,
-    pub(crate) adaptive: bool,
-    /// Adopts the provider's stated quota (within the configured one).
-    pub(crate) learn: bool,
-    /// Whether `quota` was given; a learned budget without one starts slow.
-    pub(crate) configured: bool,
-}
+/// One token budget: core's metered limit ([`Meter`]) over a [`TokenQuota`] — a name (for
+/// headers, logs and metrics, never the key), the quota, and whose bucket a request draws
+/// from (a global one by default). A request whose key cannot be named draws from one
+/// shared `unkeyed` bucket.
+///
+/// [`Budget::learned`] learns the quota from `x-ratelimit-limit-tokens` and the rest (or
+/// Anthropic's `anthropic-ratelimit-tokens-*`); see
+/// [`TpmLayer::quota`](crate::TpmLayer::quota) and the gauge `tollgate_tpm_learned_limit`.
+/// [`Budget::adaptive`] follows `x-ratelimit-remaining-tokens` / `-reset-tokens` /
+/// `-limit-tokens`: the budget never holds more than the provider says is left, and when
+/// the provider refills more slowly than the budget would, it holds back enough that it
+/// never gets ahead of the provider before the provider's reset.
+///
+/// ```
+/// use tollgate_core::key::Header;
+/// use tollgate_tpm::{Budget, TokenQuota};
+///
+/// let per_tenant = Budget::new("tenant-tpm", TokenQuota::per_minute(40_000))
+///     .keyed_by(Header::new("x-tenant-id"));
+/// assert_eq!(per_tenant.quota().capacity(), 40_000);
+/// ```
+pub type Budget = Meter<TokenQuota>;
 
-impl fmt::Debug for Budget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Budget")
-            .field("name", &self.name)
-            .field("quota", &self.quota)
-            .field("adaptive", &self.adaptive)
-            .field("learn", &self.learn)
-            .finish_non_exhaustive()
+impl MeterQuota for TokenQuota {
+    fn unbounded() -> Self {
+        TokenQuota::per_minute(u64::MAX / 2)
     }
-}
-
-impl Budget {
-    /// A budget every request shares until [`keyed_by`](Self::keyed_by) says otherwise.
-    pub fn new(name: impl Into<Arc<str>>, quota: TokenQuota) -> Self {
-        Self {
-            name: name.into(),
-            quota,
-            extractor: Arc::new(Global),
-            adaptive: false,
-            learn: false,
-            configured: true,
-        }
-    }
-
-    /// A budget whose quota nobody configured: it is **learned** from the provider's
-    /// answers (`x-ratelimit-limit-tokens` and the rest, or Anthropic's
-    /// `anthropic-ratelimit-tokens-*`) and followed. Until the first answer states it, the
-    /// budget **starts slow** — one request goes, the others wait and are released the
-    /// moment it is known — and after a 429 with a hint every request waits the hint out.
-    /// A provider that states no token quota is not limited. See
-    /// [`TpmLayer::quota`](crate::TpmLayer::quota) and the gauge
-    /// `tollgate_tpm_learned_limit`. A learned quota is this process's: keep learned
-    /// budgets in a layer without a shared store, and state a quota to share it.
-    pub fn learned(name: impl Into<Arc<str>>) -> Self {
-        Self {
-            learn: true,
-            adaptive: true,
-            configured: false,
-            ..Self::new(name, TokenQuota::per_minute(u64::MAX / 2))
-        }
-    }
-
-    /// Also learns the provider's quota, keeping the configured one as an upper bound: the
-    /// provider's is adopted where it is smaller. A configured budget does not start slow.
-    /// Implies [`adaptive`](Self::adaptive).
-    pub fn learn(mut self) -> Self {
-        self.learn = true;
-        self.adaptive = true;
-        self
-    }
-
-    /// Whose bucket a request draws from.
-    pub fn keyed_by(mut self, extractor: impl KeyExtractor) -> Self {
-        self.extractor = Arc::new(extractor);
-        self
-    }
-
-    /// Follows the provider's `x-ratelimit-remaining-tokens` / `-reset-tokens` /
-    /// `-limit-tokens`: this budget never holds more than the provider says is left, and
-    /// when the provider refills more slowly than this budget would, it holds back enough
-    /// that it never gets ahead of the provider before the provider's reset. Mark the
-    /// budget that mirrors the provider's quota.
-    pub fn adaptive(mut self) -> Self {
-        self.adaptive = true;
-        self
+    fn share(self, instances: u32) -> Self {
+        TokenQuota::share(self, instances)
     }
 }
 
@@ -164,14 +114,6 @@ struct Bucket {
     last: Instant,
 }
 
-/// What a learning budget knows: slow start and pauses, and the quota in force (`None`
-/// until one is known, when nothing is counted).
-#[derive(Debug)]
-struct Learning {
-    start: SlowStart,
-    quota: Option<TokenQuota>,
-}
-
 /// A budget with its ledger.
 pub(crate) struct Ledger {
     pub(crate) budget: Budget,
@@ -179,7 +121,7 @@ pub(crate) struct Ledger {
     clock: SharedClock,
     buckets: Mutex<HashMap<Key, Bucket>>,
     /// For budgets that learn.
-    learning: Option<Mutex<Learning>>,
+    learning: Option<Mutex<Learner<TokenQuota>>>,
 }
 
 impl fmt::Debug for Ledger {
@@ -193,18 +135,12 @@ impl fmt::Debug for Ledger {
 
 impl Ledger {
     pub(crate) fn new(budget: Budget, clock: SharedClock) -> Self {
-        let learning = budget.learn.then(|| {
-            Mutex::new(Learning {
-                start: if budget.configured {
-                    SlowStart::known()
-                } else {
-                    SlowStart::unknown(clock.now())
-                },
-                quota: budget.configured.then_some(budget.quota),
-            })
+        let learning = budget.learns().then(|| {
+            let configured = budget.is_configured().then(|| budget.quota());
+            Mutex::new(Learner::new(configured, clock.now()))
         });
         Self {
-            metrics: crate::metrics::BudgetMetrics::new(&budget.name),
+            metrics: crate::metrics::BudgetMetrics::new(budget.name_arc()),
             budget,
             clock,
             buckets: Mutex::new(HashMap::new()),
@@ -212,7 +148,7 @@ impl Ledger {
         }
     }
 
-    fn learning(&self) -> Option<MutexGuard<'_, Learning>> {
+    fn learning(&self) -> Option<MutexGuard<'_, Learner<TokenQuota>>> {
         self.learning
             .as_ref()
             .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
@@ -222,8 +158,8 @@ impl Ledger {
     /// learning budget knows none.
     pub(crate) fn quota(&self) -> Option<TokenQuota> {
         match self.learning() {
-            None => Some(self.budget.quota),
-            Some(l) => l.quota,
+            None => Some(self.budget.quota()),
+            Some(l) => l.quota().copied(),
         }
     }
 
@@ -238,60 +174,32 @@ impl Ledger {
         let Some(mut l) = self.learning() else {
             return false;
         };
-        let mut kick = false;
-        match LearnedQuota::from_state(state) {
-            Some(seen) => {
-                // A token bucket holds the window's quota (providers' do); what is left of
-                // it now comes from `remaining`, followed on every answer.
-                let mut q = TokenQuota::per(seen.limit, seen.window);
-                if self.budget.configured && self.budget.quota.capacity < q.capacity {
-                    q = self.budget.quota;
-                }
-                if l.quota != Some(q) {
-                    tracing::info!(budget = %self.budget.name, per_minute = seen.limit, "learned the provider's token quota");
-                    l.quota = Some(q);
-                    self.metrics.learned(q.capacity);
-                    kick = true;
-                }
-                kick |= l.start.learned();
+        l.answered(state, success, pause, |seen, current| {
+            // A token bucket holds the window's quota (providers' do); what is left of it
+            // now comes from `remaining`, followed on every answer.
+            let mut q = TokenQuota::per(seen.limit, seen.window);
+            let configured = self.budget.quota();
+            if self.budget.is_configured() && configured.capacity < q.capacity {
+                q = configured;
             }
-            None if success => kick |= l.start.answered_without_quota(),
-            // An error page without quota headers says nothing of the quota.
-            None => {
-                if l.start.is_unknown() {
-                    l.start.released();
-                    kick = true;
-                }
+            if current == Some(&q) {
+                return None;
             }
-        }
-        if let Some(until) = pause {
-            l.start.pause_until(until);
-        }
-        kick
+            tracing::info!(budget = %self.budget.name(), per_minute = seen.limit, "learned the provider's token quota");
+            self.metrics.learned(q.capacity);
+            Some(q)
+        })
     }
 
     /// A request got no answer: during slow start its place goes to another.
     pub(crate) fn unanswered(&self) -> bool {
-        match self.learning() {
-            Some(mut l) if l.start.is_unknown() => {
-                l.start.released();
-                true
-            }
-            _ => false,
-        }
+        self.learning().is_some_and(|mut l| l.unanswered())
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<Key, Bucket>> {
         // Each critical section below is a few arithmetic steps on one entry; a panic
         // elsewhere cannot leave it half-written.
         self.buckets.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(crate) fn key_for(&self, head: &RequestHead<'_>) -> Key {
-        self.budget
-            .extractor
-            .extract(head)
-            .unwrap_or_else(|| Key::new("unkeyed"))
     }
 
     /// Runs `f` on `key`'s bucket, refilled to now; `None` while a learning budget knows no
@@ -326,18 +234,12 @@ impl Ledger {
     /// Takes `n` tokens and holds them for a request in flight, or says how long until
     /// they are there.
     pub(crate) fn take(&self, key: &Key, n: u64) -> Result<(), Denial> {
-        let quota = match self.learning() {
-            None => self.budget.quota,
-            Some(mut l) => {
-                if let Some(wait) = l.start.admit(self.clock.now()) {
-                    return Err(Denial::Wait(wait));
-                }
-                match l.quota {
-                    Some(q) => q,
-                    // Slow start's probe, or a provider that states no quota.
-                    None => return Ok(()),
-                }
-            }
+        let quota = match self.learning().map(|mut l| l.admit(self.clock.now())) {
+            None => self.budget.quota(),
+            Some(Err(wait)) => return Err(Denial::Wait(wait)),
+            Some(Ok(Some(q))) => q,
+            // Slow start's probe, or a provider that states no quota.
+            Some(Ok(None)) => return Ok(()),
         };
         let taken = if n > quota.capacity {
             Err(Denial::Never)
@@ -355,7 +257,7 @@ impl Ledger {
         };
         if taken.is_err() {
             if let Some(mut l) = self.learning() {
-                l.start.released();
+                l.released();
             }
         }
         taken
@@ -441,7 +343,7 @@ impl Budgets {
     /// Folds the provider's view into every adaptive budget.
     pub(crate) fn follow_provider(&self, keys: &[Key], view: &ProviderView) {
         for (l, k) in self.ledgers.iter().zip(keys) {
-            if l.budget.adaptive {
+            if l.budget.is_adaptive() {
                 l.follow(k, view);
             }
         }
@@ -486,25 +388,12 @@ impl Admit for Budgets {
     type Ticket = Ticket;
 
     fn try_admit(&self, t: &Ticket) -> Result<(), (usize, Denial)> {
-        let mut denied: Option<(usize, Denial)> = None;
-        for (i, (l, k)) in self.ledgers.iter().zip(&t.keys).enumerate() {
-            match l.take(k, t.cost) {
-                Ok(()) if denied.is_some() => l.release(k, t.cost, 0),
-                Ok(()) => {}
-                Err(d) => {
-                    if denied.is_none() {
-                        for (l, k) in self.ledgers[..i].iter().zip(&t.keys) {
-                            l.release(k, t.cost, 0);
-                        }
-                    }
-                    denied = Some(match denied {
-                        Some(prev) if !d.is_worse_than(prev.1) => prev,
-                        _ => (i, d),
-                    });
-                }
-            }
-        }
-        denied.map_or(Ok(()), Err)
+        // `i` stays below both lengths.
+        take_all(
+            self.ledgers.len().min(t.keys.len()),
+            |i| self.ledgers[i].take(&t.keys[i], t.cost),
+            |i| self.ledgers[i].release(&t.keys[i], t.cost, 0),
+        )
     }
 
     fn refund(&self, t: &Ticket) {
@@ -531,9 +420,9 @@ impl Admit for Budgets {
             return Refusal::new(LimitKind::Tokens, "tpm", wait).with_reason(reason);
         };
         l.metrics.refused(reason, t.cost);
-        tracing::debug!(budget = %l.budget.name, tokens = t.cost, ?reason, "token budget refused a request");
-        let mut r =
-            Refusal::new(LimitKind::Tokens, Arc::clone(&l.budget.name), wait).with_reason(reason);
+        tracing::debug!(budget = %l.budget.name(), tokens = t.cost, ?reason, "token budget refused a request");
+        let mut r = Refusal::new(LimitKind::Tokens, Arc::clone(l.budget.name_arc()), wait)
+            .with_reason(reason);
         if let Some(q) = l.quota() {
             r = r.with_quota(QuotaInfo {
                 limit: q.capacity,
@@ -549,7 +438,7 @@ impl Admit for Budgets {
 
     fn waited(&self, binding: usize, waited: Duration) {
         if let Some(l) = self.ledgers.get(binding) {
-            tracing::debug!(budget = %l.budget.name, waited_ms = waited.as_millis() as u64, "token budget admitted a request after a wait");
+            tracing::debug!(budget = %l.budget.name(), waited_ms = waited.as_millis() as u64, "token budget admitted a request after a wait");
         }
     }
 }

@@ -20,19 +20,15 @@ use tollgate_core::headers::RateLimitInfo;
 use tollgate_core::key::{Key, RequestHead};
 use tollgate_core::refusal::Refusal;
 use tollgate_core::usage::UsageScanner;
-use tollgate_core::wait::{
-    Admission, ExtensionPriority, Mode, Priority, PriorityExtractor, WaitQueue,
-};
+use tollgate_core::wait::{Admission, Mode, Priority, PriorityExtractor, WaitQueue};
 use tollgate_core::BoxError;
 use tower::{Layer, Service};
 
 use crate::body::{RemoteHold, Settlement, TpmBody};
 use crate::budget::{Budget, Budgets, Ledger, ProviderView, Ticket, TokenQuota};
 use crate::estimate::Estimator;
-use tollgate_core::refusal::Reason;
-use tollgate_core::store::{
-    OnStoreFailure, StoreError, StoreHealth, TokenCell, TokenDecision, TokenStore,
-};
+use tollgate_core::meter::{Asked, Guarded, Knobs, TokenAsk};
+use tollgate_core::store::{OnStoreFailure, TokenCell, TokenStore};
 use tollgate_core::wait::Admit;
 
 struct Shared {
@@ -46,13 +42,11 @@ struct Shared {
     remote: Option<Remote>,
 }
 
-/// The shared store of a layer, and what to do without it.
+/// The shared store of a layer behind its guard, and each budget's whole quota as the
+/// store keeps it (the ledgers in process hold only this instance's share when failing
+/// open).
 struct Remote {
-    store: Arc<dyn TokenStore>,
-    on_failure: OnStoreFailure,
-    health: StoreHealth,
-    /// Each budget's whole quota, as the store keeps it: the ledgers in process hold only
-    /// this instance's share when failing open.
+    guard: Arc<Guarded<dyn TokenStore>>,
     quotas: Vec<TokenQuota>,
 }
 
@@ -83,12 +77,8 @@ impl TpmLayer {
         TpmBuilder {
             budgets: Vec::new(),
             estimator: Estimator::default(),
-            mode: Mode::Refuse,
-            priority: Arc::new(ExtensionPriority),
-            clock: SharedClock::default(),
             body_limit: DEFAULT_BODY_LIMIT,
-            housekeeping: Some(Duration::from_secs(60)),
-            store: None,
+            knobs: Knobs::default(),
         }
     }
 
@@ -104,7 +94,7 @@ impl TpmLayer {
             .admitter()
             .ledgers
             .iter()
-            .find(|l| &*l.budget.name == budget)
+            .find(|l| l.budget.name() == budget)
     }
 
     /// The quota in force for the budget named `budget`: the configured one, or the one a
@@ -153,19 +143,15 @@ impl<S> Layer<S> for TpmLayer {
 pub struct TpmBuilder {
     budgets: Vec<Budget>,
     estimator: Estimator,
-    mode: Mode,
-    priority: Arc<dyn PriorityExtractor>,
-    clock: SharedClock,
     body_limit: usize,
-    housekeeping: Option<Duration>,
-    store: Option<(Arc<dyn TokenStore>, OnStoreFailure)>,
+    knobs: Knobs<dyn TokenStore>,
 }
 
 impl fmt::Debug for TpmBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TpmBuilder")
             .field("budgets", &self.budgets)
-            .field("mode", &self.mode)
+            .field("knobs", &self.knobs)
             .finish_non_exhaustive()
     }
 }
@@ -187,32 +173,32 @@ impl TpmBuilder {
 
     /// Over a budget, refuse at once (the default).
     pub fn refuse(mut self) -> Self {
-        self.mode = Mode::Refuse;
+        self.knobs.mode = Mode::Refuse;
         self
     }
 
     /// Over a budget, wait for tokens up to `max_wait` (refused at once beyond it); at
     /// most 1024 requests wait unless [`max_queue`](Self::max_queue) says otherwise.
     pub fn wait(mut self, max_wait: Duration) -> Self {
-        self.mode = self.mode.wait(max_wait);
+        self.knobs.mode = self.knobs.mode.wait(max_wait);
         self
     }
 
     /// In wait mode, the most requests that may wait at once.
     pub fn max_queue(mut self, n: usize) -> Self {
-        self.mode = self.mode.max_queue(n);
+        self.knobs.mode = self.knobs.mode.max_queue(n);
         self
     }
 
     /// Where a waiting request's priority comes from (the request's extensions by default).
     pub fn priority(mut self, extractor: impl PriorityExtractor) -> Self {
-        self.priority = Arc::new(extractor);
+        self.knobs.priority = Arc::new(extractor);
         self
     }
 
     /// The clock (tokio's by default).
     pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = SharedClock::new(clock);
+        self.knobs.clock = SharedClock::new(clock);
         self
     }
 
@@ -226,7 +212,7 @@ impl TpmBuilder {
     /// How often keys whose bucket is full again are dropped, by a task on the tokio
     /// runtime the layer is built in (every 60 s by default; `None` for never).
     pub fn housekeeping(mut self, every: Option<Duration>) -> Self {
-        self.housekeeping = every;
+        self.knobs.housekeeping = every;
         self
     }
 
@@ -241,58 +227,41 @@ impl TpmBuilder {
     /// by the instance count). The store is asked again half a second after a failure.
     /// Adaptive budgets follow the provider's headers in the in-process fallback only.
     pub fn store(mut self, store: impl TokenStore, on_failure: OnStoreFailure) -> Self {
-        self.store = Some((Arc::new(store), on_failure));
+        self.knobs.store = Some((Arc::new(store), on_failure));
         self
     }
 
     /// The layer.
     pub fn build(self) -> TpmLayer {
-        let adaptive = self.budgets.iter().any(|b| b.adaptive);
-        let learn = self.budgets.iter().any(|b| b.learn);
-        let share = match self.store {
-            Some((_, OnStoreFailure::Open { instances })) => instances.max(1),
-            _ => 1,
-        };
-        let quotas: Vec<TokenQuota> = self.budgets.iter().map(|b| b.quota).collect();
+        let knobs = self.knobs;
+        let adaptive = self.budgets.iter().any(Budget::is_adaptive);
+        let learn = self.budgets.iter().any(Budget::learns);
+        let share = knobs.share();
+        let quotas: Vec<TokenQuota> = self.budgets.iter().map(Budget::quota).collect();
         let ledgers = self
             .budgets
             .into_iter()
-            .map(|mut b| {
-                b.quota = b.quota.share(share);
-                Ledger::new(b, self.clock.clone())
-            })
+            .map(|b| Ledger::new(b.shared_by(share), knobs.clock.clone()))
             .collect();
         let queue = Arc::new(WaitQueue::new(
             Budgets { ledgers },
-            self.mode,
-            self.clock.clone(),
+            knobs.mode,
+            knobs.clock.clone(),
         ));
-        if let Some(every) = self.housekeeping {
-            tollgate_core::clock::spawn_periodic(
-                &queue,
-                self.clock.clone(),
-                every,
-                |q: &WaitQueue<Budgets>| {
-                    for l in &q.admitter().ledgers {
-                        l.retain_recent();
-                    }
-                },
-            );
-        }
+        knobs.spawn_housekeeping(&queue, |q: &WaitQueue<Budgets>| {
+            for l in &q.admitter().ledgers {
+                l.retain_recent();
+            }
+        });
         TpmLayer {
             shared: Arc::new(Shared {
                 queue,
                 estimator: self.estimator,
-                priority: self.priority,
+                priority: Arc::clone(&knobs.priority),
                 body_limit: self.body_limit,
                 adaptive,
                 learn,
-                remote: self.store.map(|(store, on_failure)| Remote {
-                    store,
-                    on_failure,
-                    health: StoreHealth::new(self.clock.now()),
-                    quotas,
-                }),
+                remote: knobs.guarded("tpm").map(|guard| Remote { guard, quotas }),
             }),
         }
     }
@@ -375,64 +344,38 @@ async fn reserve_in_store(
     remote: &Remote,
     ticket: &Ticket,
 ) -> Result<Option<RemoteHold>, BoxError> {
-    let clock = shared.queue.clock();
     let budgets = shared.queue.admitter();
-    let fallback = |error: Option<StoreError>| -> Result<Option<RemoteHold>, BoxError> {
-        match remote.on_failure {
-            OnStoreFailure::Open { .. } => Ok(None),
-            OnStoreFailure::Closed => Err(error
-                .unwrap_or_else(|| StoreError::new("it failed moments ago; retrying shortly"))
-                .into()),
-        }
-    };
-    if !remote.health.should_ask(clock.now()) {
-        return fallback(None);
-    }
     let cells: Arc<[TokenCell]> = budgets
         .ledgers
         .iter()
         .zip(&remote.quotas)
         .zip(&ticket.keys)
         .map(|((l, q), k)| TokenCell {
-            key: Key::prefixed(&l.budget.name, k.as_str()),
+            key: Key::prefixed(l.budget.name(), k.as_str()),
             capacity: q.capacity(),
             window: q.window(),
         })
         .collect();
-    let deadline = match shared.queue.mode() {
-        Mode::Wait { max_wait, .. } => Some(later(clock.now(), max_wait)),
-        Mode::Refuse => None,
-    };
-    loop {
-        match remote.store.reserve(Arc::clone(&cells), ticket.cost).await {
-            Ok(TokenDecision::Reserved { hold }) => {
-                remote.health.answered("tpm");
-                return Ok(Some(RemoteHold {
-                    store: Arc::clone(&remote.store),
-                    cells,
-                    hold,
-                }));
-            }
-            Ok(TokenDecision::Denied {
-                binding,
-                retry_after,
-            }) => {
-                remote.health.answered("tpm");
-                let refuse = |reason| budgets.refusal(ticket, binding, retry_after, reason);
-                match (retry_after, deadline) {
-                    (None, _) => return Err(refuse(Reason::TooLarge).into()),
-                    (Some(_), None) => return Err(refuse(Reason::OverLimit).into()),
-                    (Some(wait), Some(deadline)) if later(clock.now(), wait) > deadline => {
-                        return Err(refuse(Reason::WaitTooLong).into());
-                    }
-                    (Some(wait), Some(_)) => clock.sleep(wait).await,
-                }
-            }
-            Err(e) => {
-                remote.health.failed(clock.now(), "tpm", &e);
-                return fallback(Some(e));
-            }
-        }
+    let ask = TokenAsk::new(
+        Arc::clone(&remote.guard),
+        Arc::clone(&cells),
+        ticket.cost,
+        shared.queue.mode(),
+        shared.queue.clock().clone(),
+    );
+    match ask.await {
+        Asked::Granted(hold) => Ok(Some(RemoteHold {
+            store: Arc::clone(remote.guard.store()),
+            cells,
+            hold,
+        })),
+        Asked::Refused {
+            binding,
+            retry_after,
+            reason,
+        } => Err(budgets.refusal(ticket, binding, retry_after, reason).into()),
+        Asked::Local => Ok(None),
+        Asked::Failed(e) => Err(e.into()),
     }
 }
 
@@ -485,7 +428,11 @@ where
             };
             let budgets = shared.queue.admitter();
             let head = RequestHead::new(&req);
-            let keys: Vec<Key> = budgets.ledgers.iter().map(|l| l.key_for(&head)).collect();
+            let keys: Vec<Key> = budgets
+                .ledgers
+                .iter()
+                .map(|l| l.budget.key_for(&head))
+                .collect();
             let priority = match shared.queue.mode() {
                 Mode::Wait { .. } => shared.priority.priority(&head),
                 Mode::Refuse => Priority::default(),

@@ -64,6 +64,15 @@ impl Mode {
         }
     }
 
+    /// The latest a request that arrives at `now` may be admitted: `now + max_wait` in
+    /// wait mode, `None` (at once or never) in refuse mode.
+    pub fn deadline(self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        match self {
+            Mode::Wait { max_wait, .. } => Some(crate::clock::later(now, max_wait)),
+            Mode::Refuse => None,
+        }
+    }
+
     /// In wait mode, at most `n` waiters; refuse mode is left as it is.
     pub fn max_queue(self, n: usize) -> Mode {
         match self {

@@ -1,0 +1,624 @@
+//! The kit every metered limit is built from: the rate limiter (requests), the token
+//! budget (tokens), and any third meter (money, say) are thin users of it.
+//!
+//! | piece | what it is |
+//! | --- | --- |
+//! | [`Meter`] | one limit's definition: a name, a quota, whose bucket a request draws from, and whether it follows or learns the provider's own count |
+//! | [`MeterQuota`] | what a meter's quota must be able to do: stand unbounded for a learned meter, and be split between instances |
+//! | [`Knobs`] | the builder settings every metered layer has: refuse or wait, the queue bound, priorities, the clock, housekeeping, a shared store and its failure policy |
+//! | [`Guarded`], [`MeterStore`], [`Ask`] | one guarded store call: ask the shared store, wait out its `retry_after` within `max_wait`, and on failure go by the policy (this instance's share in process, or a 503) with a recovery probe |
+//! | [`take_all`] | all or none across a layer's meters, reporting the one furthest from passing |
+//!
+//! The learning state (slow start, pauses, the quota in force) is
+//! [`Learner`](crate::learn::Learner); the wait queue is [`crate::wait`].
+//!
+//! A meter of its own is a quota type, an [`Admit`](crate::wait::Admit) over its ledgers
+//! and a layer that asks [`Ask`] before the queue:
+//!
+//! ```
+//! use std::time::Duration;
+//! use tollgate_core::key::Header;
+//! use tollgate_core::meter::{Meter, MeterQuota};
+//!
+//! /// Cents per day.
+//! #[derive(Clone, Copy, Debug)]
+//! struct Cents(u64);
+//!
+//! impl MeterQuota for Cents {
+//!     fn unbounded() -> Self {
+//!         Cents(u64::MAX)
+//!     }
+//!     fn share(self, instances: u32) -> Self {
+//!         Cents(self.0 / u64::from(instances.max(1)))
+//!     }
+//! }
+//!
+//! let spend = Meter::new("daily-spend", Cents(50_00)).keyed_by(Header::new("x-tenant-id"));
+//! assert_eq!(spend.name(), "daily-spend");
+//! assert_eq!(spend.quota().share(2).0, 25_00);
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::clock::{later, Clock, SharedClock, Sleep};
+use crate::key::{Global, Key, KeyExtractor, RequestHead};
+use crate::refusal::Reason;
+use crate::store::{
+    OnStoreFailure, RateCell, RateDecision, RateStore, StoreError, StoreFuture, StoreHealth,
+    TokenCell, TokenDecision, TokenStore,
+};
+use crate::wait::{Denial, ExtensionPriority, Mode, PriorityExtractor};
+
+/// What a [`Meter`]'s quota must be able to do.
+pub trait MeterQuota: Copy + fmt::Debug + Send + Sync + 'static {
+    /// A quota no request reaches: the placeholder of a meter whose quota is learned.
+    fn unbounded() -> Self;
+    /// This quota split between `instances` (at least one): what each instance keeps in
+    /// process when a shared store cannot answer.
+    fn share(self, instances: u32) -> Self;
+}
+
+/// One metered limit: a name (for headers, logs and metrics — never the key), a quota,
+/// and the key extractor that says whose bucket a request draws from.
+///
+/// A request whose key the extractor cannot name draws from one shared bucket, `unkeyed`,
+/// so leaving out a tenant header never escapes a per-tenant limit. Chain extractors with
+/// [`KeyExtractor::or`] to choose another fallback.
+#[derive(Clone)]
+pub struct Meter<Q> {
+    name: Arc<str>,
+    quota: Q,
+    extractor: Arc<dyn KeyExtractor>,
+    adaptive: bool,
+    learn: bool,
+    configured: bool,
+}
+
+impl<Q: fmt::Debug> fmt::Debug for Meter<Q> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Meter")
+            .field("name", &self.name)
+            .field("quota", &self.quota)
+            .field("adaptive", &self.adaptive)
+            .field("learn", &self.learn)
+            .field("configured", &self.configured)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Q: MeterQuota> Meter<Q> {
+    /// A meter every request shares (keyed by [`Global`]) until
+    /// [`keyed_by`](Self::keyed_by) says otherwise.
+    pub fn new(name: impl Into<Arc<str>>, quota: Q) -> Self {
+        Self {
+            name: name.into(),
+            quota,
+            extractor: Arc::new(Global),
+            adaptive: false,
+            learn: false,
+            configured: true,
+        }
+    }
+
+    /// A meter whose quota nobody configured: it is **learned** from the provider's
+    /// answers and followed. Until the first answer states it, the meter **starts slow**
+    /// — one request goes (twice as many every two seconds that no answer comes), the
+    /// others wait and are released the moment it is known — and after a 429 with a hint
+    /// every request waits the hint out. A provider that states no quota is not limited.
+    /// Put it in wait mode: in refuse mode the requests slow start holds back are refused
+    /// with the time instead.
+    ///
+    /// The learned quota is the provider's for the whole meter (mark the one that mirrors
+    /// the provider's quota: global, or keyed by API key), and this process's: a shared
+    /// store is asked for the configured quota, which a learned meter does not have, so
+    /// keep learned meters in a layer without one and state a quota to share it.
+    pub fn learned(name: impl Into<Arc<str>>) -> Self {
+        Self {
+            learn: true,
+            adaptive: true,
+            configured: false,
+            ..Self::new(name, Q::unbounded())
+        }
+    }
+
+    /// Also learns the provider's quota, as [`learned`](Self::learned) does, keeping the
+    /// configured quota as an upper bound: the provider's is adopted where it is stricter.
+    /// A configured meter does not start slow. Implies [`adaptive`](Self::adaptive).
+    pub fn learn(mut self) -> Self {
+        self.learn = true;
+        self.adaptive = true;
+        self
+    }
+
+    /// Whose bucket a request draws from.
+    pub fn keyed_by(mut self, extractor: impl KeyExtractor) -> Self {
+        self.extractor = Arc::new(extractor);
+        self
+    }
+
+    /// Follows the provider's own count (`x-ratelimit-remaining-*` and `-reset-*`): never
+    /// more than the provider says is left, so the meter slows down before the provider
+    /// starts refusing. Mark the meter that mirrors the provider's quota; the provider's
+    /// view wins only where it is stricter than the configured quota.
+    pub fn adaptive(mut self) -> Self {
+        self.adaptive = true;
+        self
+    }
+
+    /// This meter at `instances`' share of its quota ([`MeterQuota::share`]).
+    pub fn shared_by(mut self, instances: u32) -> Self {
+        if instances > 1 {
+            self.quota = self.quota.share(instances);
+        }
+        self
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The name, to hand on without copying it.
+    pub fn name_arc(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The configured quota (unbounded for a [`learned`](Self::learned) meter).
+    pub fn quota(&self) -> Q {
+        self.quota
+    }
+
+    /// Whether it follows the provider's count.
+    pub fn is_adaptive(&self) -> bool {
+        self.adaptive
+    }
+
+    /// Whether it learns the provider's quota.
+    pub fn learns(&self) -> bool {
+        self.learn
+    }
+
+    /// Whether a quota was configured (a [`learned`](Self::learned) meter has none).
+    pub fn is_configured(&self) -> bool {
+        self.configured
+    }
+
+    /// Whose bucket `head` draws from: the extractor's key, or `unkeyed`.
+    pub fn key_for(&self, head: &RequestHead<'_>) -> Key {
+        self.extractor
+            .extract(head)
+            .unwrap_or_else(|| Key::new("unkeyed"))
+    }
+}
+
+/// Takes from each of `n` meters, all or none: `take(i)` asks meter `i`, `give_back(i)`
+/// returns what it granted. On a refusal the others are still asked (and what they grant
+/// given back at once), so the wait reported is the time until *all* would admit; the
+/// index is the meter furthest from passing.
+pub fn take_all(
+    n: usize,
+    mut take: impl FnMut(usize) -> Result<(), Denial>,
+    mut give_back: impl FnMut(usize),
+) -> Result<(), (usize, Denial)> {
+    let mut denied: Option<(usize, Denial)> = None;
+    for i in 0..n {
+        match take(i) {
+            Ok(()) if denied.is_some() => give_back(i),
+            Ok(()) => {}
+            Err(d) => {
+                if denied.is_none() {
+                    (0..i).for_each(&mut give_back);
+                }
+                denied = Some(match denied {
+                    Some(prev) if !d.is_worse_than(prev.1) => prev,
+                    _ => (i, d),
+                });
+            }
+        }
+    }
+    denied.map_or(Ok(()), Err)
+}
+
+/// The settings every metered layer's builder has: refuse or wait (and the queue's bound),
+/// where priorities come from, the clock, how often idle keys are dropped, and a shared
+/// store with its failure policy.
+pub struct Knobs<S: ?Sized> {
+    /// Refuse at once, or wait up to a bound.
+    pub mode: Mode,
+    /// Where a waiting request's priority comes from.
+    pub priority: Arc<dyn PriorityExtractor>,
+    /// The clock to count and wait on.
+    pub clock: SharedClock,
+    /// How often idle keys are dropped (`None`: never by itself).
+    pub housekeeping: Option<Duration>,
+    /// The shared store, and what to do when it cannot answer.
+    pub store: Option<(Arc<S>, OnStoreFailure)>,
+}
+
+impl<S: ?Sized> fmt::Debug for Knobs<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Knobs")
+            .field("mode", &self.mode)
+            .field("housekeeping", &self.housekeeping)
+            .field("store", &self.store.as_ref().map(|(_, policy)| policy))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: ?Sized> Default for Knobs<S> {
+    /// Refuse mode, priorities from the request's extensions, tokio's clock, idle keys
+    /// dropped every 60 s, no store.
+    fn default() -> Self {
+        Self {
+            mode: Mode::Refuse,
+            priority: Arc::new(ExtensionPriority),
+            clock: SharedClock::default(),
+            housekeeping: Some(Duration::from_secs(60)),
+            store: None,
+        }
+    }
+}
+
+impl<S: ?Sized + Send + Sync + 'static> Knobs<S> {
+    /// How many instances share the store's quota when it fails open (1 without a store,
+    /// or failing closed): the meters in process keep that share.
+    pub fn share(&self) -> u32 {
+        match self.store {
+            Some((_, OnStoreFailure::Open { instances })) => instances.max(1),
+            _ => 1,
+        }
+    }
+
+    /// The store behind its guard, its failures logged as `what`'s.
+    pub fn guarded(&self, what: &'static str) -> Option<Arc<Guarded<S>>> {
+        let now = self.clock.now();
+        self.store.as_ref().map(|(store, on_failure)| {
+            Arc::new(Guarded::new(Arc::clone(store), *on_failure, now, what))
+        })
+    }
+
+    /// Starts the housekeeping task for `target`, if one is asked for; see
+    /// [`spawn_periodic`](crate::clock::spawn_periodic).
+    pub fn spawn_housekeeping<T: Send + Sync + 'static>(&self, target: &Arc<T>, tick: fn(&T)) {
+        if let Some(period) = self.housekeeping {
+            crate::clock::spawn_periodic(target, self.clock.clone(), period, tick);
+        }
+    }
+}
+
+/// A shared store a meter asks: one call per decision over the request's cells.
+pub trait MeterStore: Send + Sync + 'static {
+    /// One bucket a decision draws on.
+    type Cell: Send + Sync + 'static;
+    /// What the store grants (the rate store: nothing; the token store: a hold to settle).
+    type Grant: Send + 'static;
+    /// Takes `cost` from every cell, or nothing.
+    fn take(
+        &self,
+        cells: Arc<[Self::Cell]>,
+        cost: u64,
+    ) -> StoreFuture<Result<StoreVerdict<Self::Grant>, StoreError>>;
+}
+
+/// A store's answer, as a meter sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreVerdict<G> {
+    /// Taken from every cell.
+    Granted(G),
+    /// Nothing taken: the cell at `binding` binds, and all would admit after
+    /// `retry_after` (`None`: never, the cost is more than a cell holds).
+    Denied {
+        /// The binding cell's index.
+        binding: usize,
+        /// How long until every cell would admit.
+        retry_after: Option<Duration>,
+    },
+}
+
+impl MeterStore for dyn RateStore {
+    type Cell = RateCell;
+    type Grant = ();
+    fn take(
+        &self,
+        cells: Arc<[RateCell]>,
+        _cost: u64,
+    ) -> StoreFuture<Result<StoreVerdict<()>, StoreError>> {
+        let fut = self.acquire(cells);
+        Box::pin(async move {
+            Ok(match fut.await? {
+                RateDecision::Admitted => StoreVerdict::Granted(()),
+                RateDecision::Denied {
+                    binding,
+                    retry_after,
+                } => StoreVerdict::Denied {
+                    binding,
+                    retry_after: Some(retry_after),
+                },
+            })
+        })
+    }
+}
+
+impl MeterStore for dyn TokenStore {
+    type Cell = TokenCell;
+    type Grant = u64;
+    fn take(
+        &self,
+        cells: Arc<[TokenCell]>,
+        cost: u64,
+    ) -> StoreFuture<Result<StoreVerdict<u64>, StoreError>> {
+        let fut = self.reserve(cells, cost);
+        Box::pin(async move {
+            Ok(match fut.await? {
+                TokenDecision::Reserved { hold } => StoreVerdict::Granted(hold),
+                TokenDecision::Denied {
+                    binding,
+                    retry_after,
+                } => StoreVerdict::Denied {
+                    binding,
+                    retry_after,
+                },
+            })
+        })
+    }
+}
+
+/// A shared store behind its guard: whether it answers ([`StoreHealth`], shared by every
+/// request of the layer, with a recovery probe half a second after a failure) and what to
+/// do when it cannot.
+pub struct Guarded<S: ?Sized> {
+    store: Arc<S>,
+    on_failure: OnStoreFailure,
+    health: StoreHealth,
+    what: &'static str,
+}
+
+impl<S: ?Sized> fmt::Debug for Guarded<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guarded")
+            .field("what", &self.what)
+            .field("on_failure", &self.on_failure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: ?Sized> Guarded<S> {
+    /// `store`, healthy as of `now`; its failures are logged as `what`'s.
+    pub fn new(
+        store: Arc<S>,
+        on_failure: OnStoreFailure,
+        now: Instant,
+        what: &'static str,
+    ) -> Self {
+        Self {
+            store,
+            on_failure,
+            health: StoreHealth::new(now),
+            what,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// What happens when the store cannot answer.
+    pub fn on_failure(&self) -> OnStoreFailure {
+        self.on_failure
+    }
+
+    fn without_store(&self, error: Option<StoreError>) -> Asked<Never> {
+        match self.on_failure {
+            OnStoreFailure::Open { .. } => Asked::Local,
+            OnStoreFailure::Closed => Asked::Failed(
+                error.unwrap_or_else(|| StoreError::new("it failed moments ago; retrying shortly")),
+            ),
+        }
+    }
+}
+
+/// Uninhabited: an [`Asked`] that cannot be a grant.
+enum Never {}
+
+/// What asking the store came to.
+#[derive(Debug)]
+pub enum Asked<G> {
+    /// The store granted it.
+    Granted(G),
+    /// The store refused it: the cell at `binding`, for `reason`, passing after
+    /// `retry_after` (`None`: never).
+    Refused {
+        /// The binding cell's index.
+        binding: usize,
+        /// When it would pass.
+        retry_after: Option<Duration>,
+        /// Why it is refused now rather than waited for.
+        reason: Reason,
+    },
+    /// The store cannot answer and the policy is to go on in process, at this instance's
+    /// share.
+    Local,
+    /// The store cannot answer and the policy is to refuse (a 503 through
+    /// `ErrorResponseLayer`).
+    Failed(StoreError),
+}
+
+impl Asked<Never> {
+    fn widen<G>(self) -> Asked<G> {
+        match self {
+            Asked::Granted(never) => match never {},
+            Asked::Refused {
+                binding,
+                retry_after,
+                reason,
+            } => Asked::Refused {
+                binding,
+                retry_after,
+                reason,
+            },
+            Asked::Local => Asked::Local,
+            Asked::Failed(e) => Asked::Failed(e),
+        }
+    }
+}
+
+/// One guarded store call, as a future: asks the store for `cells` (unless it is down and
+/// another request is probing it), waits out a `retry_after` on its own timer when the
+/// deadline allows and asks again, and goes by the failure policy when the store fails.
+///
+/// `C` and `G` are the store's [`MeterStore::Cell`] and [`MeterStore::Grant`], named
+/// rather than projected so that the future's `Send` is plain to the compiler inside
+/// `async` blocks; [`RateAsk`] and [`TokenAsk`] name the two stores' calls.
+pub struct Ask<S: ?Sized, C, G> {
+    guard: Arc<Guarded<S>>,
+    cells: Arc<[C]>,
+    cost: u64,
+    clock: SharedClock,
+    deadline: Option<Instant>,
+    ask: bool,
+    pending: Option<StoreFuture<Result<StoreVerdict<G>, StoreError>>>,
+    sleep: Option<Sleep>,
+}
+
+/// The guarded call to a [`RateStore`].
+pub type RateAsk = Ask<dyn RateStore, RateCell, ()>;
+
+/// The guarded call to a [`TokenStore`].
+pub type TokenAsk = Ask<dyn TokenStore, TokenCell, u64>;
+
+impl<S: ?Sized, C, G> fmt::Debug for Ask<S, C, G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ask")
+            .field("guard", &self.guard)
+            .field("cost", &self.cost)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: MeterStore<Cell = C, Grant = G> + ?Sized, C, G> Ask<S, C, G> {
+    /// Asks `guard`'s store for `cost` from each of `cells`; in wait `mode`, waits out
+    /// denials up to its `max_wait` from now.
+    pub fn new(
+        guard: Arc<Guarded<S>>,
+        cells: Arc<[C]>,
+        cost: u64,
+        mode: Mode,
+        clock: SharedClock,
+    ) -> Self {
+        let now = clock.now();
+        let ask = guard.health.should_ask(now);
+        Self {
+            deadline: mode.deadline(now),
+            guard,
+            cells,
+            cost,
+            clock,
+            ask,
+            pending: None,
+            sleep: None,
+        }
+    }
+
+    /// The cells asked for.
+    pub fn cells(&self) -> &Arc<[C]> {
+        &self.cells
+    }
+}
+
+impl<S: ?Sized, C, G> Unpin for Ask<S, C, G> {}
+
+impl<S: MeterStore<Cell = C, Grant = G> + ?Sized, C, G> Future for Ask<S, C, G> {
+    type Output = Asked<G>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            if !this.ask {
+                return Poll::Ready(this.guard.without_store(None).widen());
+            }
+            if let Some(sleep) = this.sleep.as_mut() {
+                ready!(sleep.as_mut().poll(cx));
+                this.sleep = None;
+            }
+            let (guard, cells, cost) = (&this.guard, &this.cells, this.cost);
+            let fut = this
+                .pending
+                .get_or_insert_with(|| guard.store.take(Arc::clone(cells), cost));
+            let answer = ready!(fut.as_mut().poll(cx));
+            this.pending = None;
+            let (binding, retry_after) = match answer {
+                Ok(StoreVerdict::Granted(g)) => {
+                    this.guard.health.answered(this.guard.what);
+                    return Poll::Ready(Asked::Granted(g));
+                }
+                Ok(StoreVerdict::Denied {
+                    binding,
+                    retry_after,
+                }) => {
+                    this.guard.health.answered(this.guard.what);
+                    (binding, retry_after)
+                }
+                Err(e) => {
+                    this.guard
+                        .health
+                        .failed(this.clock.now(), this.guard.what, &e);
+                    return Poll::Ready(this.guard.without_store(Some(e)).widen());
+                }
+            };
+            let refused = |reason| {
+                Poll::Ready(Asked::Refused {
+                    binding,
+                    retry_after,
+                    reason,
+                })
+            };
+            match (retry_after, this.deadline) {
+                (None, _) => return refused(Reason::TooLarge),
+                (Some(_), None) => return refused(Reason::OverLimit),
+                (Some(wait), Some(deadline)) if later(this.clock.now(), wait) > deadline => {
+                    return refused(Reason::WaitTooLong)
+                }
+                (Some(wait), Some(_)) => this.sleep = Some(this.clock.sleep(wait)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_all_gives_back_what_others_granted() {
+        use std::cell::RefCell;
+        let given = RefCell::new(Vec::new());
+        let r = take_all(
+            3,
+            |i| match i {
+                1 => Err(Denial::Wait(Duration::from_secs(2))),
+                2 => Err(Denial::Wait(Duration::from_secs(5))),
+                _ => Ok(()),
+            },
+            |i| given.borrow_mut().push(i),
+        );
+        assert_eq!(r, Err((2, Denial::Wait(Duration::from_secs(5)))));
+        assert_eq!(*given.borrow(), vec![0]);
+    }
+
+    #[test]
+    fn take_all_admits_when_all_admit() {
+        assert_eq!(
+            take_all(2, |_| Ok(()), |_| panic!("nothing to give back")),
+            Ok(())
+        );
+    }
+}
