@@ -4,7 +4,7 @@
 //! outcome. A leader that fails, or whose caller goes away (its guard is dropped), marks the
 //! flight abandoned; the waiters wake, the first of them to come back becomes the new
 //! leader, and the rest follow it — nobody hangs, and nobody stampedes upstream. (moka's
-//! `get_with` blocks waiters while the leader is not being polled, moka#240; this is why
+//! `get_with`, for one, blocks waiters while the leader is not being polled, moka#240; this is why
 //! the cache keeps its own flights.)
 //!
 //! ```

@@ -214,13 +214,9 @@ impl CacheBuilder {
             .chain([self.ttl])
             .max()
             .unwrap_or(self.ttl);
-        let store = self.store.unwrap_or_else(|| {
-            Arc::new(MemoryStore::new(
-                self.max_bytes,
-                max_ttl,
-                self.clock.clone(),
-            ))
-        });
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(MemoryStore::new(self.max_bytes, self.clock.clone())));
         CacheLayer {
             config: Arc::new(Config {
                 store,
@@ -255,6 +251,10 @@ impl<S> Layer<S> for CacheLayer {
 pub struct Cache<S> {
     inner: S,
     config: Arc<Config>,
+}
+
+impl<S> Cache<S> {
+    tollgate_core::inner_service_accessors!();
 }
 
 impl<S: fmt::Debug> fmt::Debug for Cache<S> {

@@ -8,7 +8,7 @@
 //!   fields are left out). The partition is the tenant (`x-tenant-id`) or hashed API key,
 //!   so one tenant never receives another's answer; sharing across tenants is an explicit
 //!   choice ([`CacheBuilder::shared_across_tenants`]).
-//! - **The store** ([`store`]) is `moka`, bounded in bytes by a weigher, behind the
+//! - **The store** ([`store`]) is `quick_cache`, bounded in bytes by a weigher, behind the
 //!   [`CacheStore`](store::CacheStore) trait a Redis store can implement. TTL per layer,
 //!   per model prefix, or per request (`x-tollgate-cache-ttl`), kept on the core clock.
 //! - **What is cached:** 2xx answers whose body ended whole. Never errors, 429s or cut
@@ -17,7 +17,8 @@
 //!   [`CacheBuilder::deterministic_only`]. Request bodies over 1 MiB are passed on uncached.
 //! - **Single-flight** ([`flight`]): concurrent identical requests make one upstream call;
 //!   the others wait for its answer. A leader that fails or is cancelled is replaced by
-//!   one waiter — nobody hangs (moka's `get_with` would block them, moka#240).
+//!   one waiter — nobody hangs (a cache's own `get_with` would block them while the leader
+//!   is not polled, as moka's does, moka#240).
 //! - **Streams:** a streamed answer is recorded frame by frame as it passes (never delaying
 //!   the caller) and stored when it completes; a hit replays the SSE events as they came.
 //!   A streamed and a plain request are different keys (`stream` is part of the body).

@@ -54,6 +54,8 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod macros;
+
 pub mod body;
 pub mod clock;
 pub mod duration;

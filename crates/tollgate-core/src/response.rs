@@ -129,18 +129,7 @@ impl<S> ErrorResponse<S> {
     pub const fn new(inner: S) -> Self {
         Self { inner }
     }
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    crate::inner_service_accessors!();
 }
 
 impl<S, Req, B> Service<Req> for ErrorResponse<S>

@@ -468,7 +468,7 @@ where
                             if let Poll::Ready(Err(e)) = other {
                                 last = Some(Err(e));
                             }
-                            metrics::counter!("tollgate_failover_skipped_total", "backend" => backend.name.to_string(), "why" => Why::NotReady.as_str()).increment(1);
+                            metrics::counter!("tollgate_failover_skipped_total", "backend" => metrics::SharedString::from_shared(Arc::clone(&backend.name)), "why" => Why::NotReady.as_str()).increment(1);
                             continue;
                         }
                     }
@@ -479,16 +479,17 @@ where
                         p.headers.insert(name.clone(), value.clone());
                     }
                     let f = match &backend.model {
-                        Some(m) => facts
+                        // The caller's own model needs no rewrite (and no copy of the JSON).
+                        Some(m) if facts.model() != Some(m.as_str()) => facts
                             .rewrite(|v| {
                                 if let Some(o) = v.as_object_mut() {
                                     o.insert("model".to_owned(), Value::String(m.clone()));
                                 }
                             })
                             .unwrap_or_else(|| facts.clone()),
-                        None => facts.clone(),
+                        _ => facts.clone(),
                     };
-                    metrics::counter!("tollgate_failover_attempts_total", "backend" => backend.name.to_string()).increment(1);
+                    metrics::counter!("tollgate_failover_attempts_total", "backend" => metrics::SharedString::from_shared(Arc::clone(&backend.name))).increment(1);
                     let res: Result<Response<ResB>, BoxError> =
                         svc.call(f.into_request(p)).await.map_err(Into::into);
                     let mut verdict = judge(&res, shared.clock.system_now());
@@ -538,7 +539,7 @@ where
                             // until then": move this request on and remember that time,
                             // nothing more. The backend is as healthy as it was; other
                             // keys still go to it.
-                            metrics::counter!("tollgate_failover_moved_on_total", "backend" => backend.name.to_string(), "why" => Why::Refused.as_str()).increment(1);
+                            metrics::counter!("tollgate_failover_moved_on_total", "backend" => metrics::SharedString::from_shared(Arc::clone(&backend.name)), "why" => Why::Refused.as_str()).increment(1);
                             tracing::debug!(backend = %backend.name, "refused by the backend's limit; moving on");
                             if trial {
                                 health.trial_abandoned();
@@ -563,7 +564,7 @@ where
                             }
                         }
                         Some((why, hint)) => {
-                            metrics::counter!("tollgate_failover_moved_on_total", "backend" => backend.name.to_string(), "why" => why.as_str()).increment(1);
+                            metrics::counter!("tollgate_failover_moved_on_total", "backend" => metrics::SharedString::from_shared(Arc::clone(&backend.name)), "why" => why.as_str()).increment(1);
                             tracing::debug!(backend = %backend.name, why = why.as_str(), "moving on to the next backend");
                             let entered = health.failure(
                                 shared.clock.now(),
@@ -572,7 +573,7 @@ where
                                 &shared.cooldown,
                             );
                             if let Some(d) = entered {
-                                metrics::counter!("tollgate_failover_cooldowns_total", "backend" => backend.name.to_string()).increment(1);
+                                metrics::counter!("tollgate_failover_cooldowns_total", "backend" => metrics::SharedString::from_shared(Arc::clone(&backend.name))).increment(1);
                                 tracing::info!(backend = %backend.name, cooldown_ms = d.as_millis() as u64, "backend set aside");
                             }
                             // When it said when it could take the request (a server's

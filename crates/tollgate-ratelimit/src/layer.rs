@@ -1,19 +1,16 @@
 //! [`RateLimitLayer`] and its builder.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use tollgate_core::clock::{Clock, SharedClock};
 use tower::Layer;
 
 use tollgate_core::meter::Knobs;
-use tollgate_core::wait::{Mode, PriorityExtractor};
 
 use crate::limit::{ActiveLimit, Limit};
 use crate::remote::Remote;
 use crate::service::RateLimit;
 use crate::shared::{Limits, Shared};
-use tollgate_core::store::{OnStoreFailure, RateStore};
+use tollgate_core::store::RateStore;
 
 /// Applies one or more [`Limit`]s to every request; see the [crate docs](crate).
 ///
@@ -106,67 +103,7 @@ impl RateLimitBuilder {
         self
     }
 
-    /// Over a limit, refuse at once (the default).
-    pub fn refuse(mut self) -> Self {
-        self.knobs.mode = Mode::Refuse;
-        self
-    }
-
-    /// Over a limit, wait for a cell — up to `max_wait`, beyond which the request is
-    /// refused at once, so a failover layer above can move on. At most 1024 requests wait
-    /// at once unless [`max_queue`](Self::max_queue) says otherwise.
-    pub fn wait(mut self, max_wait: Duration) -> Self {
-        self.knobs.mode = self.knobs.mode.wait(max_wait);
-        self
-    }
-
-    /// In wait mode, the most requests that may wait at once; more are refused.
-    pub fn max_queue(mut self, n: usize) -> Self {
-        self.knobs.mode = self.knobs.mode.max_queue(n);
-        self
-    }
-
-    /// Where a waiting request's [`Priority`](crate::Priority) comes from (by default the
-    /// request's extensions).
-    pub fn priority(mut self, extractor: impl PriorityExtractor) -> Self {
-        self.knobs.priority = Arc::new(extractor);
-        self
-    }
-
-    /// The clock to wait and count on (tokio's by default).
-    pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.knobs.clock = SharedClock::new(clock);
-        self
-    }
-
-    /// How often idle keys are dropped, by a background task on the tokio runtime the
-    /// layer is built in (every 60 s by default; `None` to leave it to
-    /// [`RateLimitLayer::retain_recent`]). Without a runtime at build time, no task is
-    /// started. The task holds no strong reference and ends when the layer and its
-    /// services are gone.
-    pub fn housekeeping(mut self, every: Option<Duration>) -> Self {
-        self.knobs.housekeeping = every;
-        self
-    }
-
-    /// Keeps the limits in a shared store (Redis, from `tollgate-redis`), so that every
-    /// instance draws on one quota: one store call per decision.
-    ///
-    /// When the store fails or is slower than its timeout, `on_failure` says what happens:
-    /// [`OnStoreFailure::Closed`] refuses with a
-    /// [`StoreError`](tollgate_core::store::StoreError) (a 503 through
-    /// `ErrorResponseLayer`); [`OnStoreFailure::Open`] goes on with the limits kept in
-    /// process at this instance's share (each quota and burst divided by the instance
-    /// count, at least one), so an outage can never multiply the quota. The store is asked
-    /// again half a second after a failure, and everything goes back to it once it answers.
-    ///
-    /// In wait mode a request waits out the store's exact `retry_after` on its own timer
-    /// (up to `max_wait`) and asks again; `max_queue` and priorities apply only to the
-    /// in-process fallback.
-    pub fn store(mut self, store: impl RateStore, on_failure: OnStoreFailure) -> Self {
-        self.knobs.store = Some((Arc::new(store), on_failure));
-        self
-    }
+    tollgate_core::meter_builder_methods!(RateStore, "limit");
 
     /// The layer.
     pub fn build(self) -> RateLimitLayer {

@@ -222,11 +222,32 @@ pub struct Retry<S> {
     layer: RetryLayer,
 }
 
+impl<S> Retry<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner.inner
+    }
+}
+
 /// Reads error answers whole (up to 64 KiB, when their length is known), so the classifier
 /// can see their error code; and marks each attempt with a `tracing` span.
 #[derive(Clone, Debug)]
 pub struct ReadErrors<S> {
     inner: S,
+}
+
+impl<S> ReadErrors<S> {
+    tollgate_core::inner_service_accessors!();
 }
 
 impl<S, B, ResB> Service<Request<RequestBody<B>>> for ReadErrors<S>

@@ -5,14 +5,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 use tollgate_core::clock::later;
 
 use http::header::CONTENT_LENGTH;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use serde_json::Value;
-use tollgate_core::clock::{Clock, SharedClock};
+use tollgate_core::clock::Clock;
 use tollgate_core::facts::{
     buffer_with_facts, ApiKind, ReplayBody, RequestFacts, DEFAULT_BODY_LIMIT,
 };
@@ -28,7 +27,7 @@ use crate::body::{RemoteHold, Settlement, TpmBody};
 use crate::budget::{Budget, Budgets, Ledger, ProviderView, Ticket, TokenQuota};
 use crate::estimate::Estimator;
 use tollgate_core::meter::{Asked, Guarded, Knobs, TokenAsk};
-use tollgate_core::store::{OnStoreFailure, TokenCell, TokenStore};
+use tollgate_core::store::{TokenCell, TokenStore};
 use tollgate_core::wait::Admit;
 
 struct Shared {
@@ -171,63 +170,12 @@ impl TpmBuilder {
         self
     }
 
-    /// Over a budget, refuse at once (the default).
-    pub fn refuse(mut self) -> Self {
-        self.knobs.mode = Mode::Refuse;
-        self
-    }
-
-    /// Over a budget, wait for tokens up to `max_wait` (refused at once beyond it); at
-    /// most 1024 requests wait unless [`max_queue`](Self::max_queue) says otherwise.
-    pub fn wait(mut self, max_wait: Duration) -> Self {
-        self.knobs.mode = self.knobs.mode.wait(max_wait);
-        self
-    }
-
-    /// In wait mode, the most requests that may wait at once.
-    pub fn max_queue(mut self, n: usize) -> Self {
-        self.knobs.mode = self.knobs.mode.max_queue(n);
-        self
-    }
-
-    /// Where a waiting request's priority comes from (the request's extensions by default).
-    pub fn priority(mut self, extractor: impl PriorityExtractor) -> Self {
-        self.knobs.priority = Arc::new(extractor);
-        self
-    }
-
-    /// The clock (tokio's by default).
-    pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.knobs.clock = SharedClock::new(clock);
-        self
-    }
+    tollgate_core::meter_builder_methods!(TokenStore, "budget");
 
     /// The largest request body the layer buffers to estimate (10 MiB by default); larger
     /// ones are refused with 413.
     pub fn body_limit(mut self, bytes: usize) -> Self {
         self.body_limit = bytes;
-        self
-    }
-
-    /// How often keys whose bucket is full again are dropped, by a task on the tokio
-    /// runtime the layer is built in (every 60 s by default; `None` for never).
-    pub fn housekeeping(mut self, every: Option<Duration>) -> Self {
-        self.knobs.housekeeping = every;
-        self
-    }
-
-    /// Keeps the budgets in a shared store (Redis, from `tollgate-redis`), so that every
-    /// instance draws on one budget: one store call to reserve, one (off the request's
-    /// path) to settle.
-    ///
-    /// When the store fails or is slower than its timeout, `on_failure` says what happens:
-    /// [`OnStoreFailure::Closed`] refuses with a
-    /// [`StoreError`](tollgate_core::store::StoreError); [`OnStoreFailure::Open`] goes on
-    /// with the budgets kept in process at this instance's share (each capacity divided
-    /// by the instance count). The store is asked again half a second after a failure.
-    /// Adaptive budgets follow the provider's headers in the in-process fallback only.
-    pub fn store(mut self, store: impl TokenStore, on_failure: OnStoreFailure) -> Self {
-        self.knobs.store = Some((Arc::new(store), on_failure));
         self
     }
 
@@ -275,18 +223,7 @@ pub struct Tpm<S> {
 }
 
 impl<S> Tpm<S> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    tollgate_core::inner_service_accessors!();
 }
 
 /// The future of [`Tpm`]: boxed, because it buffers the body, estimates, may wait, and

@@ -77,6 +77,10 @@ pub struct BaseUrl<S> {
     inner: S,
 }
 
+impl<S> BaseUrl<S> {
+    tollgate_core::inner_service_accessors!();
+}
+
 impl<S, B> Service<Request<B>> for BaseUrl<S>
 where
     S: Service<Request<B>>,
