@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tollgate::policy::{BoxBody, Policy, PolicyService};
+use tollgate::policy::{BoxBody, Policy};
 use tollgate_testkit::Provider;
 use tower::ServiceExt;
 
@@ -47,32 +47,20 @@ fn request<B>(uri: &http::Uri, body: B) -> Result<Request<B>, String> {
         .map_err(|e| e.to_string())
 }
 
-async fn bare(
-    plan: Plan,
-    client: Client<HttpConnector, Full<Bytes>>,
-    uri: http::Uri,
-    offset: u64,
-) -> Outcome {
-    load::run(plan, move |i| {
-        let (client, uri) = (client.clone(), uri.clone());
-        async move {
-            let res = client
-                .request(request(&uri, Full::new(body(offset + i)))?)
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = res.status();
-            res.into_body().collect().await.map_err(|e| e.to_string())?;
-            status
-                .is_success()
-                .then_some(())
-                .ok_or(format!("status {status}"))
-        }
-    })
-    .await
-}
-
-async fn stacked(plan: Plan, svc: PolicyService<Full<Bytes>>, offset: u64) -> Outcome {
-    let uri: http::Uri = "/v1/chat/completions".parse().unwrap_or_default();
+/// Runs `plan` through `svc` (the bare client, or the stack), each request distinct.
+async fn drive<S, B>(plan: Plan, svc: S, uri: http::Uri, offset: u64) -> Outcome
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Display,
+    B: http_body::Body + Send,
+    B::Data: Send,
+    B::Error: std::fmt::Display,
+{
     load::run(plan, move |i| {
         let (svc, uri) = (svc.clone(), uri.clone());
         async move {
@@ -151,6 +139,7 @@ pub(crate) async fn run(args: &Args) -> Result<(), BoxError> {
         .pool_max_idle_per_host(concurrency)
         .build_http::<Full<Bytes>>();
     let uri: http::Uri = format!("{}/v1/chat/completions", provider.url()).parse()?;
+    let stack_uri: http::Uri = "/v1/chat/completions".parse()?;
 
     let plan = |warmup| Plan {
         concurrency,
@@ -164,8 +153,8 @@ pub(crate) async fn run(args: &Args) -> Result<(), BoxError> {
     let next = || offset.fetch_add(10_000_000, std::sync::atomic::Ordering::Relaxed);
     for round in 0..rounds {
         let warmup = if round == 0 { 2_000 } else { 0 };
-        b.add(bare(plan(warmup), bare_client.clone(), uri.clone(), next()).await);
-        s.add(stacked(plan(warmup), svc.clone(), next()).await);
+        b.add(drive(plan(warmup), bare_client.clone(), uri.clone(), next()).await);
+        s.add(drive(plan(warmup), svc.clone(), stack_uri.clone(), next()).await);
     }
     let served = provider.stats();
     provider.shutdown().await;
