@@ -1,24 +1,22 @@
 //! The body of an answer through the cache: replayed, recorded, or passed through.
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::Context;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
-use http_body::{Body, Frame, SizeHint};
-use pin_project_lite::pin_project;
-use tollgate_core::body::{EndWatch, Polled};
-use tollgate_core::BoxError;
+use http_body::Body;
+use tollgate_core::body::{Watched, Watcher};
 
 use crate::flight::Leader;
 use crate::key::CacheKey;
 use crate::store::{CacheStore, Stored};
 
-/// What a recording needs to store the answer once it is complete.
-pub(crate) struct Recording {
+/// What the cache does as a miss passes: keeps its frames (up to the entry bound) and,
+/// once the answer is complete, stores it and hands it to the requests that waited.
+pub struct Recording {
     pub(crate) key: CacheKey,
     pub(crate) status: StatusCode,
     pub(crate) headers: HeaderMap,
@@ -30,6 +28,15 @@ pub(crate) struct Recording {
     pub(crate) frames: Vec<Bytes>,
     pub(crate) size: usize,
     pub(crate) too_big: bool,
+}
+
+impl std::fmt::Debug for Recording {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recording")
+            .field("key", &self.key)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The frames copied into one allocation of exactly their size, each frame a slice of it.
@@ -68,8 +75,8 @@ impl Recording {
         }
     }
 
-    /// The body ended whole: store it, and hand it to whoever waited.
-    fn finish(mut self) {
+    /// The body ended whole: store it, and hand it to whoever waited (once).
+    fn finish(&mut self) {
         let leader = self.leader.take();
         if self.too_big {
             // Dropping the leader abandons the flight: a waiter calls upstream itself.
@@ -78,7 +85,7 @@ impl Recording {
         let stored = Arc::new(Stored {
             status: self.status,
             headers: std::mem::take(&mut self.headers),
-            frames: compact(&self.frames, self.size),
+            frames: compact(&std::mem::take(&mut self.frames), self.size),
             stream: self.stream,
         });
         // Write it now when the store can (the in-memory one always can), so the very next
@@ -99,132 +106,37 @@ impl Recording {
     }
 }
 
-pin_project! {
-    /// The body of an answer through [`Cache`](crate::Cache).
-    pub struct CacheBody<B> {
-        #[pin]
-        kind: Kind<B>,
-    }
+/// The body of an answer through [`Cache`](crate::Cache): core's [`Watched`] body — a
+/// hit replayed from the frames kept, a miss recorded as it passes (the [`Recording`]
+/// watcher stores it when it is complete), or a bypass passed through.
+pub type CacheBody<B> = Watched<B, Recording>;
+
+/// A hit: the stored frames, replayed.
+pub(crate) fn replay<B>(stored: &Stored) -> CacheBody<B> {
+    Watched::stored(stored.frames.iter().cloned().collect())
 }
 
-pin_project! {
-    #[project = KindProj]
-    enum Kind<B> {
-        Replay { frames: VecDeque<Bytes> },
-        Record { #[pin] inner: B, watch: EndWatch, recording: Option<Recording> },
-        Pass { #[pin] inner: B },
-    }
+/// A miss, recorded as it passes.
+pub(crate) fn record<B: Body>(inner: B, recording: Recording) -> CacheBody<B> {
+    Watched::new(inner, Some(recording))
 }
 
-impl<B> std::fmt::Debug for CacheBody<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CacheBody")
-    }
+/// Passed through, neither stored nor replayed.
+pub(crate) fn pass<B: Body>(inner: B) -> CacheBody<B> {
+    Watched::new(inner, None)
 }
 
-impl<B> CacheBody<B> {
-    pub(crate) fn replay(stored: &Stored) -> Self {
-        Self {
-            kind: Kind::Replay {
-                frames: stored.frames.iter().cloned().collect(),
-            },
-        }
-    }
-    pub(crate) fn record(inner: B, recording: Recording) -> Self
-    where
-        B: Body,
-    {
-        let watch = EndWatch::new(&inner);
-        let mut recording = Some(recording);
-        if watch.is_complete() {
-            // Nothing to wait for (an empty answer): a server may never poll it.
-            if let Some(r) = recording.take() {
-                r.finish();
-            }
-        }
-        Self {
-            kind: Kind::Record {
-                inner,
-                watch,
-                recording,
-            },
-        }
-    }
-    pub(crate) fn pass(inner: B) -> Self {
-        Self {
-            kind: Kind::Pass { inner },
-        }
-    }
-}
-
-impl<B> Body for CacheBody<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project().kind.project() {
-            KindProj::Replay { frames } => {
-                Poll::Ready(frames.pop_front().map(|f| Ok(Frame::data(f))))
-            }
-            KindProj::Pass { inner } => inner.poll_frame(cx).map_err(Into::into),
-            KindProj::Record {
-                inner,
-                watch,
-                recording,
-            } => match ready!(watch.poll_frame(inner, cx)) {
-                Polled::Frame { frame, last } => {
-                    if let (Some(data), Some(r)) = (frame.data_ref(), recording.as_mut()) {
-                        r.keep(data);
-                    }
-                    if last {
-                        // Complete: store it now, as a server that knows the length will
-                        // not poll for the end.
-                        if let Some(r) = recording.take() {
-                            r.finish();
-                        }
-                    }
-                    Poll::Ready(Some(Ok(frame)))
-                }
-                Polled::Error(e) => {
-                    // A partial answer is never stored; the flight is abandoned.
-                    recording.take();
-                    Poll::Ready(Some(Err(e.into())))
-                }
-                Polled::End { .. } => {
-                    if let Some(r) = recording.take() {
-                        r.finish();
-                    }
-                    Poll::Ready(None)
-                }
-            },
-        }
+impl Watcher for Recording {
+    fn data(&mut self, chunk: Bytes) -> Bytes {
+        self.keep(&chunk);
+        chunk
     }
 
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Replay { frames } => frames.is_empty(),
-            Kind::Pass { inner } => inner.is_end_stream(),
-            // The recording must see the end, so never claim it early; once it has, the
-            // inner body says.
-            Kind::Record {
-                recording, inner, ..
-            } => recording.is_none() && inner.is_end_stream(),
-        }
+    fn complete(&mut self) -> Bytes {
+        self.finish();
+        Bytes::new()
     }
 
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Replay { frames } => {
-                SizeHint::with_exact(frames.iter().map(|f| f.len() as u64).sum())
-            }
-            Kind::Pass { inner } | Kind::Record { inner, .. } => inner.size_hint(),
-        }
-    }
+    // A partial answer is never stored: dropped unfinished, the recording abandons the
+    // flight.
 }

@@ -297,7 +297,7 @@ fn labelled<B>(mut res: Response<B>, what: &'static str) -> Response<B> {
 }
 
 fn replay<B>(stored: &Stored) -> Response<CacheBody<B>> {
-    let mut res = Response::new(CacheBody::replay(stored));
+    let mut res = Response::new(crate::body::replay(stored));
     *res.status_mut() = stored.status;
     *res.headers_mut() = stored.headers.clone();
     labelled(res, "hit")
@@ -364,7 +364,7 @@ where
                 let res = svc.call(req).await.map_err(Into::into)?;
                 let (parts, body) = res.into_parts();
                 return Ok(labelled(
-                    Response::from_parts(parts, CacheBody::pass(body)),
+                    Response::from_parts(parts, crate::body::pass(body)),
                     "bypass",
                 ));
             }
@@ -400,7 +400,7 @@ where
                         headers.insert(name, v.clone());
                     }
                 }
-                CacheBody::record(
+                crate::body::record(
                     body,
                     Recording {
                         key,
@@ -419,7 +419,7 @@ where
             } else {
                 // Errors, 429s and other non-2xx answers are never stored.
                 leader.abandon();
-                CacheBody::pass(body)
+                crate::body::pass(body)
             };
             Ok(labelled(Response::from_parts(parts, body), "miss"))
         })

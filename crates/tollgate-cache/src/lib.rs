@@ -67,7 +67,7 @@ pub mod key;
 mod layer;
 pub mod store;
 
-pub use body::CacheBody;
+pub use body::{CacheBody, Recording};
 pub use layer::{
     Cache, CacheBuilder, CacheLayer, ResponseFuture, X_TOLLGATE_CACHE, X_TOLLGATE_CACHE_TTL,
 };

@@ -16,6 +16,11 @@
 //! and reports `is_end_stream()` as its inner body does once it has acted — never `false`
 //! for ever while it waits to be polled again.
 //!
+//! [`Watched`] is that wrapper, written once: every layer that watches an answer (the
+//! budget settling, the cache recording, failover guarding a stream) is a [`Watcher`] —
+//! what to do with each chunk, at the end, and on a failure — over the live answer or
+//! frames kept from an earlier one.
+//!
 //! ```
 //! use std::pin::pin;
 //! use bytes::Bytes;
@@ -33,6 +38,7 @@
 //! # }
 //! ```
 
+use std::fmt;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -119,6 +125,277 @@ impl EndWatch {
                 self.complete |= ends;
                 Poll::Ready(Polled::Frame { frame, last })
             }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Where an answer's bytes come from: the live body, or frames kept from an earlier
+    /// answer (a cache hit, an error body read whole).
+    #[project = SourceProj]
+    enum Source<B> {
+        /// Frames kept, handed out in order (`frames`: what is left to hand out).
+        Stored {
+            frames: std::collections::VecDeque<bytes::Bytes>,
+        },
+        /// The live body.
+        Live {
+            #[pin]
+            body: B,
+        },
+    }
+}
+
+impl<B> Body for Source<B>
+where
+    B: Body<Data = bytes::Bytes>,
+    B::Error: Into<crate::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<FrameResult>> {
+        match self.project() {
+            SourceProj::Stored { frames } => {
+                Poll::Ready(frames.pop_front().map(|f| Ok(Frame::data(f))))
+            }
+            SourceProj::Live { body } => body.poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Source::Stored { frames } => frames.is_empty(),
+            Source::Live { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Source::Stored { frames } => {
+                http_body::SizeHint::with_exact(frames.iter().map(|f| f.len() as u64).sum())
+            }
+            Source::Live { body } => body.size_hint(),
+        }
+    }
+}
+
+/// What one poll of a Tollgate body yields.
+pub type FrameResult = Result<Frame<bytes::Bytes>, crate::BoxError>;
+
+/// What a layer does as an answer passes through [`Watched`]. The watcher is dropped once
+/// it has seen the end or a failure — and when the body is dropped before either, so a
+/// watcher's `Drop` is where "cut short" is handled (a reservation that stands, a flight
+/// abandoned).
+pub trait Watcher {
+    /// A chunk of data passed; returns what to hand on in its place (the chunk itself,
+    /// unless the watcher [`edits`](Self::edits) the stream).
+    fn data(&mut self, chunk: bytes::Bytes) -> bytes::Bytes {
+        chunk
+    }
+
+    /// The answer is complete (its last chunk passed, or it had none); called once.
+    /// Returns bytes to send after the last chunk (an editing watcher's tail), usually
+    /// none.
+    fn complete(&mut self) -> bytes::Bytes;
+
+    /// The answer failed midway. `Ok(bytes)` ends it cleanly with them instead (an SSE
+    /// error event, say); `Err` hands the error on (the default).
+    fn failed(&mut self, error: crate::BoxError) -> Result<bytes::Bytes, crate::BoxError> {
+        Err(error)
+    }
+
+    /// Whether the watcher changes the bytes, so the length is no longer known (and an
+    /// edit that leaves nothing of a chunk sends nothing for it).
+    fn edits(&self) -> bool {
+        false
+    }
+}
+
+/// A watcher that does nothing: the body passes through as it is.
+impl Watcher for std::convert::Infallible {
+    fn complete(&mut self) -> bytes::Bytes {
+        match *self {}
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body with a [`Watcher`] on it (or none: passed through as it is). It
+    /// follows the one rule of the [module docs](self): the watcher hears of the end on
+    /// the last frame, not only at `None`; it never reports `is_end_stream()` while the
+    /// watcher still waits for the end, and reports the source's once it has seen it.
+    pub struct Watched<B, W> {
+        #[pin]
+        source: Source<B>,
+        watch: EndWatch,
+        watcher: Option<W>,
+        // Bytes to send before anything else: the tail of an answer that was complete
+        // before its first poll.
+        tail: Option<bytes::Bytes>,
+        // A watcher ended the body early (a failure turned into a last frame).
+        ended: bool,
+    }
+}
+
+impl<B: fmt::Debug, W> fmt::Debug for Watched<B, W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Watched")
+            .field("source", &self.source)
+            .field("watching", &self.watcher.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for Source<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Stored { frames } => f
+                .debug_struct("Stored")
+                .field("frames", &frames.len())
+                .finish(),
+            Source::Live { body } => f.debug_tuple("Live").field(body).finish(),
+        }
+    }
+}
+
+impl<B, W> Watched<B, W> {
+    /// `frames` kept from an earlier answer, handed out in order, watched by nobody.
+    pub fn stored(frames: std::collections::VecDeque<bytes::Bytes>) -> Self {
+        Self {
+            source: Source::Stored { frames },
+            watch: EndWatch::default(),
+            watcher: None,
+            tail: None,
+            ended: false,
+        }
+    }
+
+    /// Whether a watcher still waits for the end.
+    pub fn is_watching(&self) -> bool {
+        self.watcher.is_some()
+    }
+}
+
+impl<B: Body, W: Watcher> Watched<B, W> {
+    /// `body` watched by `watcher` (`None`: passed through). A body complete before its
+    /// first poll (an empty answer) is complete for the watcher at once: a server may
+    /// never poll it.
+    pub fn new(body: B, watcher: Option<W>) -> Self {
+        Self::over(Source::Live { body }, watcher)
+    }
+
+    fn over(source: Source<B>, mut watcher: Option<W>) -> Self {
+        let watch = match &source {
+            Source::Live { body } => EndWatch::new(body),
+            Source::Stored { .. } => EndWatch::default(),
+        };
+        let mut tail = None;
+        if watch.is_complete() {
+            if let Some(mut w) = watcher.take() {
+                tail = Some(w.complete()).filter(|t| !t.is_empty());
+            }
+        }
+        Self {
+            source,
+            watch,
+            watcher,
+            tail,
+            ended: false,
+        }
+    }
+}
+
+impl<B, W> Body for Watched<B, W>
+where
+    B: Body<Data = bytes::Bytes>,
+    B::Error: Into<crate::BoxError>,
+    W: Watcher,
+{
+    type Data = bytes::Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<FrameResult>> {
+        let mut this = self.project();
+        if let Some(tail) = this.tail.take() {
+            return Poll::Ready(Some(Ok(Frame::data(tail))));
+        }
+        if *this.ended {
+            return Poll::Ready(None);
+        }
+        let Some(watcher) = this.watcher.as_mut() else {
+            return this.source.poll_frame(cx);
+        };
+        loop {
+            match ready!(this.watch.poll_frame(this.source.as_mut(), cx)) {
+                Polled::Frame { frame, last } => {
+                    let frame = match frame.into_data() {
+                        Ok(chunk) => {
+                            let mut out = watcher.data(chunk);
+                            if last {
+                                out = join(out, watcher.complete());
+                            }
+                            if out.is_empty() && !last && watcher.edits() {
+                                continue;
+                            }
+                            Frame::data(out)
+                        }
+                        Err(other) => {
+                            if last {
+                                let tail = watcher.complete();
+                                *this.tail = Some(tail).filter(|t| !t.is_empty());
+                            }
+                            other
+                        }
+                    };
+                    if last {
+                        this.watcher.take();
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Polled::Error(e) => {
+                    let outcome = watcher.failed(e);
+                    this.watcher.take();
+                    return Poll::Ready(Some(match outcome {
+                        Ok(last) => {
+                            *this.ended = true;
+                            Ok(Frame::data(last))
+                        }
+                        Err(e) => Err(e),
+                    }));
+                }
+                Polled::End { .. } => {
+                    let tail = watcher.complete();
+                    this.watcher.take();
+                    return Poll::Ready((!tail.is_empty()).then(|| Ok(Frame::data(tail))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // A watcher must see the end, so never claim it early; once it has, the source
+        // says.
+        self.ended || (self.watcher.is_none() && self.tail.is_none() && self.source.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match &self.watcher {
+            Some(w) if w.edits() => http_body::SizeHint::default(),
+            _ => self.source.size_hint(),
+        }
+    }
+}
+
+/// `a` then `b`, copying only when both have bytes.
+fn join(a: bytes::Bytes, b: bytes::Bytes) -> bytes::Bytes {
+    match (a.is_empty(), b.is_empty()) {
+        (_, true) => a,
+        (true, false) => b,
+        (false, false) => {
+            let mut all = bytes::BytesMut::with_capacity(a.len() + b.len());
+            all.extend_from_slice(&a);
+            all.extend_from_slice(&b);
+            all.freeze()
         }
     }
 }

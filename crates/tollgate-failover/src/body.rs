@@ -2,102 +2,51 @@
 //! and for SSE, ended with a clear error event when the backend fails midway — failover
 //! is no longer possible once bytes reached the caller.
 
-use std::pin::Pin;
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use pin_project_lite::pin_project;
+use http_body::Body;
+use tollgate_core::body::{Watched, Watcher};
 use tollgate_core::BoxError;
 
-pin_project! {
-    /// The body of an answer through [`Failover`](crate::Failover).
-    pub struct FailoverBody<B> {
-        #[pin]
-        inner: Option<B>,
-        read: Option<Bytes>,
-        sse: bool,
-        ended: bool,
-        backend: Arc<str>,
+/// The body of an answer through [`Failover`](crate::Failover): core's [`Watched`] body,
+/// with a [`StreamGuard`] on a server-sent-event stream.
+pub type FailoverBody<B> = Watched<B, StreamGuard>;
+
+/// Ends an SSE stream that breaks after its first byte with an OpenAI-shaped `error`
+/// event (code `stream_interrupted`) instead of a cut connection, so a client's SDK sees
+/// why; the stream cannot move to another backend once the caller has bytes.
+#[derive(Debug)]
+pub struct StreamGuard {
+    backend: Arc<str>,
+}
+
+impl Watcher for StreamGuard {
+    fn complete(&mut self) -> Bytes {
+        Bytes::new()
+    }
+
+    fn failed(&mut self, e: BoxError) -> Result<Bytes, BoxError> {
+        tracing::debug!(backend = %self.backend, error = %e, "stream broke after its first byte; ending it with an error event");
+        let event = serde_json::json!({"error": {
+            "message": format!("the upstream stream from backend {} broke: {e}", self.backend),
+            "type": "upstream_error", "param": null, "code": "stream_interrupted"}});
+        Ok(Bytes::from(format!("event: error\ndata: {event}\n\n")))
+    }
+
+    // It may add an event, so the length is not known.
+    fn edits(&self) -> bool {
+        true
     }
 }
 
-impl<B> std::fmt::Debug for FailoverBody<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FailoverBody")
-            .field("sse", &self.sse)
-            .finish_non_exhaustive()
-    }
+/// A backend's answer as it streams (`sse`: guarded by a [`StreamGuard`]).
+pub(crate) fn stream<B: Body>(inner: B, sse: bool, backend: Arc<str>) -> FailoverBody<B> {
+    Watched::new(inner, sse.then_some(StreamGuard { backend }))
 }
 
-impl<B> FailoverBody<B> {
-    pub(crate) fn stream(inner: B, sse: bool, backend: Arc<str>) -> Self {
-        Self {
-            inner: Some(inner),
-            read: None,
-            sse,
-            ended: false,
-            backend,
-        }
-    }
-
-    pub(crate) fn read(bytes: Bytes, backend: Arc<str>) -> Self {
-        Self {
-            inner: None,
-            read: Some(bytes),
-            sse: false,
-            ended: false,
-            backend,
-        }
-    }
-}
-
-impl<B> Body for FailoverBody<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        if *this.ended {
-            return Poll::Ready(None);
-        }
-        let Some(inner) = this.inner.as_pin_mut() else {
-            *this.ended = true;
-            return Poll::Ready(this.read.take().map(|b| Ok(Frame::data(b))));
-        };
-        match ready!(inner.poll_frame(cx)) {
-            Some(Err(e)) if *this.sse => {
-                let e: BoxError = e.into();
-                *this.ended = true;
-                tracing::debug!(backend = %this.backend, error = %e, "stream broke after its first byte; ending it with an error event");
-                let event = serde_json::json!({"error": {
-                    "message": format!("the upstream stream from backend {} broke: {e}", this.backend),
-                    "type": "upstream_error", "param": null, "code": "stream_interrupted"}});
-                Poll::Ready(Some(Ok(Frame::data(Bytes::from(format!(
-                    "event: error\ndata: {event}\n\n"
-                ))))))
-            }
-            other => Poll::Ready(other.map(|r| r.map_err(Into::into))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.ended || self.inner.as_ref().is_some_and(|b| b.is_end_stream())
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match (&self.inner, &self.read) {
-            (None, Some(b)) => SizeHint::with_exact(b.len() as u64),
-            (Some(b), _) if !self.sse => b.size_hint(),
-            _ => SizeHint::default(),
-        }
-    }
+/// An answer read whole (a 400 whose error code was looked at), replayed.
+pub(crate) fn read<B>(bytes: Bytes) -> FailoverBody<B> {
+    Watched::stored(VecDeque::from([bytes]))
 }

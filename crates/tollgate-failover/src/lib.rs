@@ -74,7 +74,7 @@ mod body;
 mod health;
 mod service;
 
-pub use body::FailoverBody;
+pub use body::{FailoverBody, StreamGuard};
 pub use health::Cooldown;
 pub use service::{
     AllCooling, Backend, Failover, FailoverBuilder, FailoverLayer, ResponseFuture, ServedBy, Why,

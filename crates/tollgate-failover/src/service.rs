@@ -617,8 +617,10 @@ where
                 if tried {
                     // Every backend tried failed, and none is back in time: the last answer.
                     return match last {
-                        Some(Ok(Ok(r))) => Ok(served(r, "none")),
-                        Some(Ok(Err((rp, bytes)))) => Ok(served_read(rp, bytes, "none")),
+                        Some(Ok(Ok(r))) => Ok(served(r, &Arc::from("none"))),
+                        Some(Ok(Err((rp, bytes)))) => {
+                            Ok(served_read(rp, bytes, &Arc::from("none")))
+                        }
                         Some(Err(e)) => Err(e),
                         None => Err("no backend could take the request".into()),
                     };
@@ -641,26 +643,27 @@ where
     }
 }
 
+/// Marks an answer with the backend that served it: the `x-tollgate-backend` header and
+/// the [`ServedBy`] extension.
+fn mark(parts: &mut http::response::Parts, name: &Arc<str>) {
+    if let Ok(v) = HeaderValue::from_str(name) {
+        parts.headers.insert(X_TOLLGATE_BACKEND, v);
+    }
+    parts.extensions.insert(ServedBy(Arc::clone(name)));
+}
+
 fn served_read<B>(
     mut parts: http::response::Parts,
     bytes: bytes::Bytes,
-    name: &str,
+    name: &Arc<str>,
 ) -> Response<FailoverBody<B>> {
-    if let Ok(v) = HeaderValue::from_str(name) {
-        parts.headers.insert(X_TOLLGATE_BACKEND, v);
-    }
-    let name: Arc<str> = Arc::from(name);
-    parts.extensions.insert(ServedBy(Arc::clone(&name)));
-    Response::from_parts(parts, FailoverBody::read(bytes, name))
+    mark(&mut parts, name);
+    Response::from_parts(parts, crate::body::read(bytes))
 }
 
-fn served<B>(res: Response<B>, name: &str) -> Response<FailoverBody<B>> {
+fn served<B: Body>(res: Response<B>, name: &Arc<str>) -> Response<FailoverBody<B>> {
     let (mut parts, body) = res.into_parts();
     let sse = headers::is_event_stream(&parts.headers);
-    if let Ok(v) = HeaderValue::from_str(name) {
-        parts.headers.insert(X_TOLLGATE_BACKEND, v);
-    }
-    let name: Arc<str> = Arc::from(name);
-    parts.extensions.insert(ServedBy(Arc::clone(&name)));
-    Response::from_parts(parts, FailoverBody::stream(body, sse, name))
+    mark(&mut parts, name);
+    Response::from_parts(parts, crate::body::stream(body, sse, Arc::clone(name)))
 }

@@ -1,18 +1,14 @@
 //! The response body: watched as it passes, settled when it ends.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use pin_project_lite::pin_project;
-use tollgate_core::body::{EndWatch, Polled};
+use http_body::Body;
+use tollgate_core::body::{Watched, Watcher};
 use tollgate_core::key::Key;
 use tollgate_core::store::{TokenCell, TokenStore};
 use tollgate_core::usage::{Usage, UsageScanner};
 use tollgate_core::wait::WaitQueue;
-use tollgate_core::BoxError;
 
 use crate::budget::{Budgets, ProviderView};
 use crate::sse::UsageChunkFilter;
@@ -129,161 +125,78 @@ impl Settlement {
     }
 }
 
-pin_project! {
-    /// The body of a response that passed a [`Tpm`](crate::Tpm) service. It reads the
-    /// provider's `usage` as frames pass (never holding the stream) and settles the
-    /// reservation when the body ends; for a stream the caller did not ask usage for, it
-    /// drops the usage-only chunk the layer asked for on the caller's behalf.
-    ///
-    /// A body that fails midway, or is dropped before its end, keeps its reservation: the
-    /// provider will have counted at least part of it, and nobody can say how much.
-    pub struct TpmBody<B> {
-        #[pin]
-        inner: B,
-        watch: EndWatch,
-        scanner: Option<UsageScanner>,
-        filter: Option<UsageChunkFilter>,
-        settlement: Option<Settlement>,
-    }
+/// The body of a response that passed a [`Tpm`](crate::Tpm) service: core's
+/// [`Watched`] body with the budget's [`Settling`] watcher on it, or none (answers that
+/// settle before their body: refusals, errors). It reads the provider's `usage` as frames
+/// pass (never holding the stream) and settles the reservation when the body ends; for a
+/// stream the caller did not ask usage for, it drops the usage-only chunk the layer asked
+/// for on the caller's behalf.
+///
+/// A body that fails midway, or is dropped before its end, keeps its reservation: the
+/// provider will have counted at least part of it, and nobody can say how much.
+pub type TpmBody<B> = Watched<B, Settling>;
+
+/// What the token budget does as an answer passes: reads `usage`, settles when the answer
+/// is complete, and strips the usage chunk it asked for on the caller's behalf.
+pub struct Settling {
+    scanner: Option<UsageScanner>,
+    filter: Option<UsageChunkFilter>,
+    settlement: Option<Settlement>,
 }
 
-impl<B: std::fmt::Debug> std::fmt::Debug for TpmBody<B> {
+impl std::fmt::Debug for Settling {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TpmBody")
-            .field("inner", &self.inner)
+        f.debug_struct("Settling")
+            .field("strips_usage", &self.filter.is_some())
             .finish_non_exhaustive()
     }
 }
 
-impl<B: Body> TpmBody<B> {
-    pub(crate) fn passthrough(inner: B) -> Self {
-        Self {
-            watch: EndWatch::new(&inner),
-            inner,
-            scanner: None,
-            filter: None,
-            settlement: None,
-        }
-    }
-
-    pub(crate) fn settling(
-        inner: B,
-        scanner: UsageScanner,
-        filter: bool,
-        settlement: Settlement,
-    ) -> Self {
-        let watch = EndWatch::new(&inner);
-        let mut body = Self {
-            inner,
-            watch,
-            scanner: Some(scanner),
-            filter: filter.then(UsageChunkFilter::default),
-            settlement: Some(settlement),
-        };
-        if watch.is_complete() {
-            // An empty answer: a server may never poll it, so settle now.
-            body.settle();
-        }
-        body
-    }
-
-    /// The body is complete: settle with the usage read (or keep the reservation).
-    fn settle(&mut self) {
-        settle(&mut self.settlement, &mut self.scanner);
-    }
+/// An answer that settles nothing as it passes.
+pub(crate) fn passthrough<B: Body>(inner: B) -> TpmBody<B> {
+    Watched::new(inner, None)
 }
 
-/// Settles with the usage read, or keeps the reservation when none was; once.
-fn settle(settlement: &mut Option<Settlement>, scanner: &mut Option<UsageScanner>) {
-    if let (Some(settlement), Some(scanner)) = (settlement.take(), scanner.take()) {
-        settlement.settle(scanner.finish());
-    }
+/// An answer that settles `settlement` with the usage `scanner` reads; `strip` drops the
+/// usage-only chunk of a stream.
+pub(crate) fn settling<B: Body>(
+    inner: B,
+    scanner: UsageScanner,
+    strip: bool,
+    settlement: Settlement,
+) -> TpmBody<B> {
+    let watcher = Settling {
+        scanner: Some(scanner),
+        filter: strip.then(UsageChunkFilter::default),
+        settlement: Some(settlement),
+    };
+    Watched::new(inner, Some(watcher))
 }
 
-impl<B> Body for TpmBody<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        loop {
-            match ready!(this.watch.poll_frame(this.inner.as_mut(), cx)) {
-                Polled::Frame { frame, last } => {
-                    let Some(data) = frame.data_ref() else {
-                        return Poll::Ready(Some(Ok(frame)));
-                    };
-                    if let Some(s) = this.scanner.as_mut() {
-                        s.feed(data);
-                    }
-                    if last {
-                        // Complete: settle now, as a server that knows the length will
-                        // not poll for the end.
-                        settle(this.settlement, this.scanner);
-                    }
-                    let Some(f) = this.filter.as_mut() else {
-                        return Poll::Ready(Some(Ok(frame)));
-                    };
-                    let mut out = f.push(data);
-                    if last {
-                        out = join(out, f.finish());
-                        this.filter.take();
-                    }
-                    if !out.is_empty() || last {
-                        return Poll::Ready(Some(Ok(Frame::data(out))));
-                    }
-                }
-                Polled::Error(e) => {
-                    // Cut midway: the reservation stands (dropping the settlement keeps it).
-                    this.settlement.take();
-                    this.scanner.take();
-                    return Poll::Ready(Some(Err(e.into())));
-                }
-                Polled::End { .. } => {
-                    settle(this.settlement, this.scanner);
-                    if let Some(tail) = this.filter.as_mut().map(UsageChunkFilter::finish) {
-                        this.filter.take();
-                        if !tail.is_empty() {
-                            return Poll::Ready(Some(Ok(Frame::data(tail))));
-                        }
-                    }
-                    return Poll::Ready(None);
-                }
-            }
+impl Watcher for Settling {
+    fn data(&mut self, chunk: Bytes) -> Bytes {
+        if let Some(s) = self.scanner.as_mut() {
+            s.feed(&chunk);
+        }
+        match self.filter.as_mut() {
+            Some(f) => f.push(&chunk),
+            None => chunk,
         }
     }
 
-    fn is_end_stream(&self) -> bool {
-        // A pending settlement must see the end, so never claim it early; once settled
-        // (on the last frame), the inner body says.
-        self.settlement.is_none() && self.filter.is_none() && self.inner.is_end_stream()
+    fn complete(&mut self) -> Bytes {
+        // Settle with the usage read, or keep the reservation when none was.
+        if let (Some(settlement), Some(scanner)) = (self.settlement.take(), self.scanner.take()) {
+            settlement.settle(scanner.finish());
+        }
+        self.filter
+            .take()
+            .map_or_else(Bytes::new, |mut f| f.finish())
     }
 
-    fn size_hint(&self) -> SizeHint {
-        if self.filter.is_some() {
-            SizeHint::default()
-        } else {
-            self.inner.size_hint()
-        }
-    }
-}
+    // A failure keeps the reservation: dropping the settlement unsettled does that.
 
-/// `a` then `b`, copying only when both have bytes.
-fn join(a: Bytes, b: Bytes) -> Bytes {
-    match (a.is_empty(), b.is_empty()) {
-        (_, true) => a,
-        (true, false) => b,
-        (false, false) => {
-            let mut all = bytes::BytesMut::with_capacity(a.len() + b.len());
-            all.extend_from_slice(&a);
-            all.extend_from_slice(&b);
-            all.freeze()
-        }
+    fn edits(&self) -> bool {
+        self.filter.is_some()
     }
 }

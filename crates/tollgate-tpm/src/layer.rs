@@ -455,10 +455,10 @@ where
                 // Were it to count something after all, an adaptive budget follows the
                 // provider's own `x-ratelimit-remaining-tokens` on the next answer.
                 settlement.settle_at(0);
-                TpmBody::passthrough(body)
+                crate::body::passthrough(body)
             } else if status.is_server_error() {
                 settlement.settle_at(estimate.prompt_tokens);
-                TpmBody::passthrough(body)
+                crate::body::passthrough(body)
             } else {
                 let scanner = UsageScanner::for_response(&parts.headers);
                 let sse = tollgate_core::headers::is_event_stream(&parts.headers);
@@ -466,7 +466,7 @@ where
                 if strip {
                     parts.headers.remove(CONTENT_LENGTH);
                 }
-                TpmBody::settling(body, scanner, strip, settlement)
+                crate::body::settling(body, scanner, strip, settlement)
             };
             Ok(Response::from_parts(parts, body))
         })

@@ -92,7 +92,7 @@ mod layer;
 mod metrics;
 mod sse;
 
-pub use body::TpmBody;
+pub use body::{Settling, TpmBody};
 pub use budget::{Budget, TokenQuota};
 pub use layer::{ResponseFuture, Tpm, TpmBuilder, TpmLayer};
 pub use tollgate_core::wait::{HeaderPriority, Mode, Priority, PriorityExtractor};
