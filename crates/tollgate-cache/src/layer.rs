@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE};
 use http::{HeaderMap, Request, Response};
-use http_body::Body;
 use serde_json::Value;
+use tollgate_core::body::{AnswerBody, CallerBody};
 use tollgate_core::clock::{Clock, SharedClock};
 use tollgate_core::duration::parse_go_duration;
 use tollgate_core::facts::{buffer_with_facts, ReplayBody, RequestFacts, DEFAULT_BODY_LIMIT};
@@ -338,11 +337,8 @@ where
     S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
+    B: CallerBody,
+    ResB: AnswerBody,
 {
     type Response = Response<CacheBody<ResB>>;
     type Error = BoxError;
@@ -354,8 +350,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let config = Arc::clone(&self.config);
-        let fresh = self.inner.clone();
-        let mut svc = std::mem::replace(&mut self.inner, fresh);
+        let mut svc = tollgate_core::service::take_ready(&mut self.inner);
         Box::pin(async move {
             let bypass_asked = wants_no_cache(req.headers());
             let (req, facts) = buffer_with_facts(req, config.body_limit).await?;

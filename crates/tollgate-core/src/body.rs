@@ -129,6 +129,23 @@ impl EndWatch {
     }
 }
 
+/// A request body a Tollgate layer can take: any data that can cross threads, an error
+/// that boxes. Written once so that every layer's bounds say it in one line.
+pub trait CallerBody: Body<Data: Send, Error: Into<crate::BoxError>> + Send + 'static {}
+
+impl<T> CallerBody for T where T: Body<Data: Send, Error: Into<crate::BoxError>> + Send + 'static {}
+
+/// An answer's body as the layers see it: bytes, across threads, an error that boxes.
+pub trait AnswerBody:
+    Body<Data = bytes::Bytes, Error: Into<crate::BoxError>> + Send + 'static
+{
+}
+
+impl<T> AnswerBody for T where
+    T: Body<Data = bytes::Bytes, Error: Into<crate::BoxError>> + Send + 'static
+{
+}
+
 pin_project_lite::pin_project! {
     /// Where an answer's bytes come from: the live body, or frames kept from an earlier
     /// answer (a cache hit, an error body read whole).

@@ -18,6 +18,7 @@
 //! | [`response`] | errors in OpenAI's error shape; the layer that turns Tollgate errors into responses |
 //! | [`body`] | when a response body is over, as every body wrapper must see it (a server that knows the length stops polling early) |
 //! | [`clock`] | one place to take time from: tokio's (pausable) clock or a manual one |
+//! | [`service`] | what every Tollgate service does alike: take the ready service for a call |
 //! | [`wait`] | the bounded, prioritised wait queue every limit that can wait shares |
 //!
 //! # Example
@@ -67,6 +68,7 @@ pub mod learn;
 pub mod meter;
 pub mod refusal;
 pub mod response;
+pub mod service;
 pub mod store;
 pub mod unavailable;
 pub mod usage;

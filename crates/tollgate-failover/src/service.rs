@@ -14,6 +14,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::time::Instant;
+use tollgate_core::body::{AnswerBody, CallerBody};
 use tollgate_core::clock::{Clock, SharedClock};
 use tollgate_core::facts::{buffer_with_facts, ReplayBody, DEFAULT_BODY_LIMIT};
 use tollgate_core::headers;
@@ -399,11 +400,8 @@ where
     S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-    ResB: Body<Data = bytes::Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
+    B: CallerBody,
+    ResB: AnswerBody,
 {
     type Response = Response<FailoverBody<ResB>>;
     type Error = BoxError;

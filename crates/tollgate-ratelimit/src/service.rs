@@ -82,8 +82,7 @@ where
                 shared.mode(),
                 shared.clock().clone(),
             );
-            let fresh = self.inner.clone();
-            let ready = std::mem::replace(&mut self.inner, fresh);
+            let ready = tollgate_core::service::take_ready(&mut self.inner);
             let wait = RemoteWait {
                 ask,
                 svc: Some(ready),
@@ -99,8 +98,7 @@ where
                 ResponseFuture::called(self.inner.call(req), adaptive)
             }
             Admission::Wait(acquire) => {
-                let fresh = self.inner.clone();
-                let ready = std::mem::replace(&mut self.inner, fresh);
+                let ready = tollgate_core::service::take_ready(&mut self.inner);
                 ResponseFuture::waiting(acquire, ready, req, Arc::clone(shared), adaptive)
             }
             Admission::Refused(refusal) => ResponseFuture::refused(refusal),

@@ -9,8 +9,8 @@ use tollgate_core::clock::later;
 
 use http::header::CONTENT_LENGTH;
 use http::{Request, Response, StatusCode};
-use http_body::Body;
 use serde_json::Value;
+use tollgate_core::body::{AnswerBody, CallerBody};
 use tollgate_core::clock::Clock;
 use tollgate_core::facts::{
     buffer_with_facts, ApiKind, ReplayBody, RequestFacts, DEFAULT_BODY_LIMIT,
@@ -328,11 +328,8 @@ where
     S: Service<Request<ReplayBody>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-    ResB: Body<Data = bytes::Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
+    B: CallerBody,
+    ResB: AnswerBody,
 {
     type Response = Response<TpmBody<ResB>>;
     type Error = BoxError;
@@ -345,8 +342,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let shared = Arc::clone(&self.shared);
         // The service made ready by `poll_ready` goes with this request; a clone stays.
-        let fresh = self.inner.clone();
-        let mut svc = std::mem::replace(&mut self.inner, fresh);
+        let mut svc = tollgate_core::service::take_ready(&mut self.inner);
         Box::pin(async move {
             let (req, facts) = buffer_with_facts(req, shared.body_limit).await?;
             let estimate = shared.estimator.estimate(&facts);
