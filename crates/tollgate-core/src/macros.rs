@@ -37,7 +37,7 @@ macro_rules! inner_service_accessors {
     };
 }
 
-/// Writes the builder methods every metered layer has — `refuse`, `wait`, `max_queue`,
+/// Writes the builder methods every metered layer has — `refuse`, `wait`, `mode`, `max_queue`,
 /// `priority`, `clock`, `housekeeping` and `store` — for a builder that keeps a
 /// [`Knobs`](crate::meter::Knobs) in a field named `knobs`. `$store` is the store trait
 /// (`RateStore`, `TokenStore`, or a third meter's), `$what` names what is metered in the
@@ -75,6 +75,12 @@ macro_rules! meter_builder_methods {
         /// wait at once unless [`max_queue`](Self::max_queue) says otherwise.
         pub fn wait(mut self, max_wait: ::std::time::Duration) -> Self {
             self.knobs.mode = self.knobs.mode.wait(max_wait);
+            self
+        }
+
+        /// Refuse or wait, as `mode` says (the two methods above in one).
+        pub fn mode(mut self, mode: $crate::wait::Mode) -> Self {
+            self.knobs.mode = mode;
             self
         }
 

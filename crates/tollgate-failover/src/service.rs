@@ -175,6 +175,7 @@ impl<S> fmt::Debug for Failover<S> {
 }
 
 /// Builds a [`Failover`].
+#[derive(Clone)]
 pub struct FailoverBuilder<S> {
     backends: Vec<Backend<S>>,
     cooldown: Cooldown,
@@ -328,20 +329,18 @@ fn body_code(body: &[u8]) -> Option<String> {
 /// (streamed, or read for its error code), or an error.
 type Outcome<B> = Result<Result<Response<B>, (http::response::Parts, bytes::Bytes)>, BoxError>;
 
-/// Makes a [`Failover`] with the wrapped service as its primary (named `primary`,
-/// priority 0) and the given fallbacks after it.
+/// Makes a [`Failover`] with the wrapped service as its primary (named `primary`, tried
+/// first) and the given fallbacks after it; every other setting as a [`FailoverBuilder`]
+/// says (see [`from_builder`](Self::from_builder)).
 #[derive(Clone)]
 pub struct FailoverLayer<S> {
-    fallbacks: Vec<Backend<S>>,
-    cooldown: Cooldown,
-    all_cooling: AllCooling,
-    quota_wait: Duration,
+    fallbacks: FailoverBuilder<S>,
 }
 
 impl<S> fmt::Debug for FailoverLayer<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FailoverLayer")
-            .field("fallbacks", &self.fallbacks)
+            .field("fallbacks", &self.fallbacks.backends)
             .finish_non_exhaustive()
     }
 }
@@ -349,44 +348,27 @@ impl<S> fmt::Debug for FailoverLayer<S> {
 impl<S: Clone> FailoverLayer<S> {
     /// Fallbacks for whatever service this layer wraps; give them priorities of 1 and up.
     pub fn new(fallbacks: Vec<Backend<S>>) -> Self {
-        Self {
-            fallbacks,
-            cooldown: Cooldown::default(),
-            all_cooling: AllCooling::Refuse,
-            quota_wait: DEFAULT_QUOTA_WAIT,
-        }
+        Self::from_builder(
+            fallbacks
+                .into_iter()
+                .fold(Failover::builder(), FailoverBuilder::backend),
+        )
     }
 
-    /// See [`FailoverBuilder::wait_for_quota`].
-    pub fn wait_for_quota(mut self, max: Duration) -> Self {
-        self.quota_wait = max;
-        self
-    }
-
-    /// When a backend is set aside, and for how long.
-    pub fn cooldown(mut self, c: Cooldown) -> Self {
-        self.cooldown = c;
-        self
-    }
-
-    /// What to do when every backend is cooling.
-    pub fn all_cooling(mut self, a: AllCooling) -> Self {
-        self.all_cooling = a;
-        self
+    /// The backends of `builder` as the fallbacks, and all its settings (cooldown, what
+    /// to do when all are cooling, the wait for quota, the 400 switches, the body limit,
+    /// the clock) for the failover this layer makes.
+    pub fn from_builder(builder: FailoverBuilder<S>) -> Self {
+        Self { fallbacks: builder }
     }
 }
 
 impl<S: Clone> tower::Layer<S> for FailoverLayer<S> {
     type Service = Failover<S>;
     fn layer(&self, primary: S) -> Failover<S> {
-        let mut b = Failover::builder()
-            .backend(Backend::new("primary", primary))
-            .cooldown(self.cooldown)
-            .all_cooling(self.all_cooling)
-            .wait_for_quota(self.quota_wait);
-        for f in &self.fallbacks {
-            b = b.backend(f.clone());
-        }
+        let mut b = self.fallbacks.clone();
+        // First among equals: the sort by priority keeps this order.
+        b.backends.insert(0, Backend::new("primary", primary));
         b.build()
     }
 }

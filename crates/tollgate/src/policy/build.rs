@@ -11,11 +11,13 @@ use http_body_util::BodyExt;
 use tollgate_cache::key::KeyRules;
 use tollgate_cache::{CacheBody, CacheLayer};
 use tollgate_core::facts::{ReplayBody, DEFAULT_BODY_LIMIT};
+use tollgate_core::meter::{Meter, MeterQuota};
+use tollgate_core::wait::Mode;
 use tollgate_core::BoxError;
 use tollgate_failover::{AllCooling, Backend, Cooldown, Failover, FailoverBody};
-use tollgate_ratelimit::{Limit, Quota, RateLimitLayer};
+use tollgate_ratelimit::{Quota, RateLimitLayer};
 use tollgate_retry::{Backoff, Jitter, RequestBody, RetryBody, RetryLayer};
-use tollgate_tpm::{Budget, TokenQuota, TpmBody, TpmLayer};
+use tollgate_tpm::{TokenQuota, TpmBody, TpmLayer};
 use tower::util::{BoxCloneSyncService, MapResponse};
 use tower::{Layer, Service, ServiceExt};
 
@@ -217,46 +219,50 @@ fn header(backend: &str, k: &str, v: &str) -> Result<(HeaderName, HeaderValue), 
 
 pub(super) const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
 
+/// A meter as the policy states it: its quota (learned too when `learn` is on), or none
+/// (learned), keyed and adaptive as asked.
+fn meter<Q: MeterQuota>(name: String, quota: Option<Q>, p: &RateLimitPolicy) -> Meter<Q> {
+    let mut meter = match quota {
+        Some(q) if p.learns() => Meter::new(name, q).learn(),
+        Some(q) => Meter::new(name, q),
+        None => Meter::learned(name),
+    };
+    if let Some(key) = &p.key {
+        meter = meter.keyed_by(key.extractor());
+    }
+    if p.adaptive {
+        meter = meter.adaptive();
+    }
+    meter
+}
+
+/// Refuse, or wait up to the policy's `max_wait` with its queue bound.
+fn mode(p: &RateLimitPolicy) -> Mode {
+    let mode = match p.mode {
+        LimitMode::Refuse => Mode::Refuse,
+        LimitMode::Wait => Mode::Refuse.wait(p.max_wait.map_or(DEFAULT_MAX_WAIT, |d| d.0)),
+    };
+    p.max_queue.map_or(mode, |n| mode.max_queue(n))
+}
+
 fn rate_limit_layer(
     backend: &str,
     p: &RateLimitPolicy,
     shared: Option<&SharedStore>,
 ) -> RateLimitLayer {
     // Named by backend: each backend's quota is its own, in Redis too.
-    let name = format!("{backend}:requests");
-    let mut limit = match p.requests {
-        Some(requests) => {
-            let count = u32::try_from(requests.count).unwrap_or(u32::MAX);
-            let quota = Quota::per(count, requests.per).burst(p.burst.unwrap_or(count));
-            let limit = Limit::new(name, quota);
-            if p.learns() {
-                limit.learn()
-            } else {
-                limit
-            }
-        }
-        None => Limit::learned(name),
-    };
-    if let Some(key) = &p.key {
-        limit = limit.keyed_by(key.extractor());
-    }
-    if p.adaptive {
-        limit = limit.adaptive();
-    }
-    let mut builder = RateLimitLayer::builder().limit(limit);
+    let quota = p.requests.map(|r| {
+        let count = u32::try_from(r.count).unwrap_or(u32::MAX);
+        Quota::per(count, r.per).burst(p.burst.unwrap_or(count))
+    });
+    let limit = meter(format!("{backend}:requests"), quota, p);
+    let mut builder = RateLimitLayer::builder().limit(limit).mode(mode(p));
     // A shared store holds a stated quota; one still to be learned is learned by each
     // instance in process (a store asked for "no bound" would bound nothing).
     if let (Some(store), Some(_)) = (shared, p.requests) {
         builder = store.rate(builder);
     }
-    let builder = match p.mode {
-        LimitMode::Refuse => builder.refuse(),
-        LimitMode::Wait => builder.wait(p.max_wait.map_or(DEFAULT_MAX_WAIT, |d| d.0)),
-    };
-    match p.max_queue {
-        Some(n) => builder.max_queue(n).build(),
-        None => builder.build(),
-    }
+    builder.build()
 }
 
 fn tpm_layer(
@@ -265,36 +271,16 @@ fn tpm_layer(
     body_limit: usize,
     shared: Option<&SharedStore>,
 ) -> TpmLayer {
-    let name = format!("{backend}:tokens");
-    let mut budget = match p.tokens {
-        Some(tokens) => {
-            let budget = Budget::new(name, TokenQuota::per(tokens.count, tokens.per));
-            if p.learns() {
-                budget.learn()
-            } else {
-                budget
-            }
-        }
-        None => Budget::learned(name),
-    };
-    if let Some(key) = &p.key {
-        budget = budget.keyed_by(key.extractor());
-    }
-    if p.adaptive {
-        budget = budget.adaptive();
-    }
-    let mut builder = TpmLayer::builder().budget(budget).body_limit(body_limit);
+    let quota = p.tokens.map(|t| TokenQuota::per(t.count, t.per));
+    let budget = meter(format!("{backend}:tokens"), quota, p);
+    let mut builder = TpmLayer::builder()
+        .budget(budget)
+        .body_limit(body_limit)
+        .mode(mode(p));
     if let (Some(store), Some(_)) = (shared, p.tokens) {
         builder = store.tokens(builder);
     }
-    let builder = match p.mode {
-        LimitMode::Refuse => builder.refuse(),
-        LimitMode::Wait => builder.wait(p.max_wait.map_or(DEFAULT_MAX_WAIT, |d| d.0)),
-    };
-    match p.max_queue {
-        Some(n) => builder.max_queue(n).build(),
-        None => builder.build(),
-    }
+    builder.build()
 }
 
 fn retry_layer(p: &RetryPolicy, body_limit: usize) -> RetryLayer {
