@@ -1,19 +1,42 @@
 //! The cache layer on a paused clock, against a counting fake provider.
 
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
 use tollgate_cache::{CacheLayer, X_TOLLGATE_CACHE};
 use tollgate_core::facts::ReplayBody;
+use tollgate_testkit::body::ScriptedBody;
 use tower::{Layer, ServiceExt};
+
+/// A provider counting its calls, answering each with `answer(call number)`.
+fn counting<R, Fut>(
+    answer: impl Fn(u32) -> Fut + Clone + Send + 'static,
+) -> (
+    impl tower::Service<
+            Request<ReplayBody>,
+            Response = Response<R>,
+            Error = Infallible,
+            Future = Fut,
+        > + Clone
+        + Send
+        + 'static,
+    Arc<AtomicU32>,
+)
+where
+    Fut: std::future::Future<Output = Result<Response<R>, Infallible>> + Send,
+{
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = Arc::clone(&calls);
+    let svc = tower::service_fn(move |_req: Request<ReplayBody>| {
+        answer(seen.fetch_add(1, Ordering::SeqCst))
+    });
+    (svc, calls)
+}
 
 /// A provider answering `status` with a JSON body naming the call number, after `delay`.
 fn provider(
@@ -30,23 +53,17 @@ fn provider(
         + 'static,
     Arc<AtomicU32>,
 ) {
-    let calls = Arc::new(AtomicU32::new(0));
-    let seen = Arc::clone(&calls);
-    let svc = tower::service_fn(move |_req: Request<ReplayBody>| {
-        let n = seen.fetch_add(1, Ordering::SeqCst);
-        async move {
-            tokio::time::sleep(delay).await;
-            Ok::<_, Infallible>(
-                Response::builder()
-                    .status(status)
-                    .header("content-type", "application/json")
-                    .header("x-ratelimit-remaining-requests", "41")
-                    .body(Full::new(Bytes::from(format!("{{\"answer\":{n}}}"))))
-                    .unwrap(),
-            )
-        }
-    });
-    (svc, calls)
+    counting(move |n| async move {
+        tokio::time::sleep(delay).await;
+        Ok::<_, Infallible>(
+            Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .header("x-ratelimit-remaining-requests", "41")
+                .body(Full::new(Bytes::from(format!("{{\"answer\":{n}}}"))))
+                .unwrap(),
+        )
+    })
 }
 
 fn chat(tenant: &str, body: &str) -> Request<Full<Bytes>> {
@@ -165,35 +182,6 @@ async fn a_cancelled_leader_is_replaced_and_nobody_hangs() {
     );
 }
 
-/// An SSE body in several frames, optionally failing before its end.
-struct Sse {
-    frames: Vec<&'static str>,
-    fail_at: Option<usize>,
-    at: usize,
-}
-
-impl Body for Sse {
-    type Data = Bytes;
-    type Error = std::io::Error;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        if self.fail_at == Some(self.at) {
-            return Poll::Ready(Some(Err(std::io::Error::from(
-                std::io::ErrorKind::ConnectionReset,
-            ))));
-        }
-        let at = self.at;
-        self.at += 1;
-        Poll::Ready(
-            self.frames
-                .get(at)
-                .map(|f| Ok(Frame::data(Bytes::from_static(f.as_bytes())))),
-        )
-    }
-}
-
 const EVENTS: [&str; 4] = [
     "data: {\"choices\":[{\"delta\":{\"content\":\"G\"}}]}\n\n",
     "data: {\"choices\":[{\"delta\":{\"content\":\"CRA\"}}]}\n\n",
@@ -201,12 +189,13 @@ const EVENTS: [&str; 4] = [
     "data: [DONE]\n\n",
 ];
 
+/// A provider streaming [`EVENTS`], cut after `fail_at` of them when given.
 fn sse_provider(
     fail_at: Option<usize>,
 ) -> (
     impl tower::Service<
             Request<ReplayBody>,
-            Response = Response<Sse>,
+            Response = Response<ScriptedBody>,
             Error = Infallible,
             Future = impl Send,
         > + Clone
@@ -214,22 +203,18 @@ fn sse_provider(
         + 'static,
     Arc<AtomicU32>,
 ) {
-    let calls = Arc::new(AtomicU32::new(0));
-    let seen = Arc::clone(&calls);
-    let svc = tower::service_fn(move |_req: Request<ReplayBody>| {
-        seen.fetch_add(1, Ordering::SeqCst);
+    counting(move |_| {
+        let events = EVENTS
+            .iter()
+            .map(|e| Bytes::from_static(e.as_bytes()))
+            .collect();
         std::future::ready(Ok::<_, Infallible>(
             Response::builder()
                 .header("content-type", "text/event-stream")
-                .body(Sse {
-                    frames: EVENTS.to_vec(),
-                    fail_at,
-                    at: 0,
-                })
+                .body(ScriptedBody::new(events, Duration::ZERO, fail_at))
                 .unwrap(),
         ))
-    });
-    (svc, calls)
+    })
 }
 
 #[tokio::test(start_paused = true)]

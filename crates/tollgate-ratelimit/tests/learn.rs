@@ -22,23 +22,9 @@ const LIMIT: f64 = 600.0;
 const BURST: f64 = 10.0;
 const RATE: f64 = LIMIT / 60.0;
 
-/// A provider that answers after `latency`, with or without its `x-ratelimit-*` headers.
+/// A provider whose bucket holds `burst_size`, answering after `latency`, with or without
+/// its `x-ratelimit-*` headers.
 fn provider(
-    latency: Duration,
-    headers: bool,
-    start: Instant,
-) -> (
-    Arc<Mutex<Bucket>>,
-    impl Service<Request<()>, Response = Response<()>, Error = Infallible, Future: Send>
-        + Clone
-        + Send
-        + 'static,
-) {
-    provider_with_burst(latency, headers, start, BURST)
-}
-
-/// The same, with a bucket of `burst`.
-fn provider_with_burst(
     latency: Duration,
     headers: bool,
     start: Instant,
@@ -131,7 +117,7 @@ where
 #[tokio::test(start_paused = true)]
 async fn one_request_goes_first_then_the_rest_at_the_learned_pace() {
     let start = Instant::now();
-    let (bucket, provider) = provider(Duration::from_millis(50), true, start);
+    let (bucket, provider) = provider(Duration::from_millis(50), true, start, BURST);
     let layer = learning();
     assert_eq!(layer.quota("backend"), None, "nothing known yet");
     let statuses = burst(layer.layer(provider), 40).await;
@@ -172,7 +158,7 @@ async fn one_request_goes_first_then_the_rest_at_the_learned_pace() {
 #[tokio::test(start_paused = true)]
 async fn a_provider_without_quota_headers_is_not_held_back() {
     let start = Instant::now();
-    let (bucket, provider) = provider(Duration::from_millis(50), false, start);
+    let (bucket, provider) = provider(Duration::from_millis(50), false, start, BURST);
     let layer = learning();
     burst(layer.layer(provider), 8).await;
     let seen = std::mem::take(&mut bucket.lock().unwrap().seen);
@@ -190,7 +176,7 @@ async fn a_provider_without_quota_headers_is_not_held_back() {
 #[tokio::test(start_paused = true)]
 async fn a_429s_hint_holds_every_request_back_until_it_passes() {
     let start = Instant::now();
-    let (bucket, provider) = provider(Duration::ZERO, false, start);
+    let (bucket, provider) = provider(Duration::ZERO, false, start, BURST);
     // Empty the provider's bucket, so the next request is refused with a hint.
     bucket.lock().unwrap().level = 0.0;
     let layer = learning();
@@ -216,7 +202,7 @@ async fn a_429s_hint_holds_every_request_back_until_it_passes() {
 #[tokio::test(start_paused = true)]
 async fn a_configured_quota_is_an_upper_bound_and_a_stricter_provider_wins() {
     let start = Instant::now();
-    let (bucket, provider) = provider(Duration::ZERO, true, start);
+    let (bucket, provider) = provider(Duration::ZERO, true, start, BURST);
     let layer = RateLimitLayer::builder()
         .limit(Limit::new("backend", Quota::per_minute(6000)).learn())
         .wait(Duration::from_secs(60))
@@ -245,7 +231,7 @@ async fn a_configured_quota_is_an_upper_bound_and_a_stricter_provider_wins() {
         .limit(Limit::new("backend", Quota::per_minute(60).burst(2)).learn())
         .wait(Duration::from_secs(60))
         .build();
-    let (_, provider) = self::provider(Duration::ZERO, true, Instant::now());
+    let (_, provider) = self::provider(Duration::ZERO, true, Instant::now(), BURST);
     let mut svc = layer.layer(provider);
     svc.ready()
         .await
@@ -268,7 +254,7 @@ async fn a_quota_adopted_late_keeps_its_pace_and_never_stalls() {
         .build();
     tokio::time::advance(Duration::from_secs(60)).await;
     let start = Instant::now();
-    let (bucket, provider) = provider_with_burst(Duration::ZERO, true, start, 4.0);
+    let (bucket, provider) = provider(Duration::ZERO, true, start, 4.0);
     let svc = layer.layer(provider);
     let statuses = burst(svc, 24).await;
     assert_eq!(layer.quota("backend").unwrap().burst_size(), 4);
@@ -290,7 +276,7 @@ async fn a_quota_adopted_late_keeps_its_pace_and_never_stalls() {
 #[tokio::test(start_paused = true)]
 async fn an_error_without_quota_headers_does_not_end_slow_start() {
     let start = Instant::now();
-    let (bucket, provider) = provider(Duration::from_millis(50), true, start);
+    let (bucket, provider) = provider(Duration::from_millis(50), true, start, BURST);
     // The very first answer is a bare 500, as an error page may be.
     let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flaky = service_fn(move |req: Request<()>| {

@@ -1,19 +1,17 @@
 //! The retry layer on a paused clock, against scripted providers.
 
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 use tollgate_core::refusal::{LimitKind, Reason, Refusal};
 use tollgate_retry::{Backoff, DeadlineExceeded, Jitter, RequestBody, RetryLayer, TpsBudget};
+use tollgate_testkit::body::ScriptedBody;
 use tower::{Layer, ServiceExt};
 
 type Answer = Result<Response<Full<Bytes>>, tollgate_core::BoxError>;
@@ -316,27 +314,6 @@ async fn the_deadline_is_never_overrun() {
     assert_eq!(start.elapsed(), Duration::from_secs(12));
 }
 
-/// A body that sends one chunk, then fails.
-struct BreaksAfterFirstChunk(bool);
-impl Body for BreaksAfterFirstChunk {
-    type Data = Bytes;
-    type Error = std::io::Error;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        if self.0 {
-            return Poll::Ready(Some(Err(std::io::Error::from(
-                std::io::ErrorKind::ConnectionReset,
-            ))));
-        }
-        self.0 = true;
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
-            b"data: {\"choices\":[]}\n\n",
-        )))))
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_stream_is_retried_before_its_first_byte_and_not_after() {
     let calls = Arc::new(AtomicU32::new(0));
@@ -352,7 +329,12 @@ async fn a_stream_is_retried_before_its_first_byte_and_not_after() {
             }
             Ok(Response::builder()
                 .header("content-type", "text/event-stream")
-                .body(BreaksAfterFirstChunk(false))
+                .body(ScriptedBody::new(
+                    // One chunk, then the stream breaks.
+                    vec![Bytes::from_static(b"data: {\"choices\":[]}\n\n"); 2],
+                    Duration::ZERO,
+                    Some(1),
+                ))
                 .unwrap())
         }
     });

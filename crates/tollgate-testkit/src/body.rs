@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::time::Sleep;
 
 /// The error of a body the provider cut short on purpose.
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Every response body of the provider.
 pub(crate) type ProviderBody = BoxBody<Bytes, BoxError>;
@@ -25,8 +25,21 @@ pub(crate) fn full(bytes: impl Into<Bytes>) -> ProviderBody {
 }
 
 /// Chunks sent one after another, `delay` apart, and optionally cut (the body fails, so
-/// the connection is closed mid-message) after `cut_after` of them.
-pub(crate) struct ScriptedBody {
+/// the connection is closed mid-message) after `cut_after` of them: the provider's own
+/// streams, and a scripted upstream body for a layer's tests.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::BodyExt;
+/// use tollgate_testkit::body::ScriptedBody;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let cut = ScriptedBody::new(vec![Bytes::from_static(b"data: 1\n\n"); 3], Default::default(), Some(1));
+/// assert!(cut.collect().await.is_err());
+/// # }
+/// ```
+pub struct ScriptedBody {
     chunks: VecDeque<Bytes>,
     delay: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
@@ -35,7 +48,8 @@ pub(crate) struct ScriptedBody {
 }
 
 impl ScriptedBody {
-    pub(crate) fn new(chunks: Vec<Bytes>, delay: Duration, cut_after: Option<usize>) -> Self {
+    /// `chunks`, `delay` apart (on tokio's clock), failing after `cut_after` of them.
+    pub fn new(chunks: Vec<Bytes>, delay: Duration, cut_after: Option<usize>) -> Self {
         Self {
             chunks: chunks.into(),
             delay,
@@ -47,6 +61,15 @@ impl ScriptedBody {
 
     pub(crate) fn boxed(self) -> ProviderBody {
         BoxBody::new(self)
+    }
+}
+
+impl std::fmt::Debug for ScriptedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScriptedBody")
+            .field("chunks", &self.chunks.len())
+            .field("cut_after", &self.cut_after)
+            .finish_non_exhaustive()
     }
 }
 

@@ -39,7 +39,7 @@
 #![deny(missing_docs)]
 
 mod api;
-mod body;
+pub mod body;
 mod config;
 pub mod counters;
 mod limits;
