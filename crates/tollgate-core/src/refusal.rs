@@ -10,11 +10,11 @@
 //! use bytes::Bytes;
 //! use http::Response;
 //! use tollgate_core::key::Key;
-//! use tollgate_core::refusal::{LimitKind, Quota, Refusal};
+//! use tollgate_core::refusal::{LimitKind, QuotaState, Refusal};
 //!
 //! let refusal = Refusal::new(LimitKind::Requests, "rpm", Some(Duration::from_millis(2500)))
 //!     .with_key(Key::new("tenant:acme"))
-//!     .with_quota(Quota { limit: 600, window: Duration::from_secs(60), remaining: 0 });
+//!     .with_quota(QuotaState { limit: 600, window: Duration::from_secs(60), remaining: 0 });
 //!
 //! let res: Response<Bytes> = refusal.to_response();
 //! assert_eq!(res.status(), 429);
@@ -70,7 +70,7 @@ pub enum Reason {
 
 /// A limit's quota, as the `RateLimit-Policy` header describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Quota {
+pub struct QuotaState {
     /// How much the window allows.
     pub limit: u64,
     /// The window.
@@ -87,7 +87,7 @@ pub struct Refusal {
     key: Option<Key>,
     retry_after: Option<Duration>,
     reason: Reason,
-    quota: Option<Quota>,
+    quota: Option<QuotaState>,
 }
 
 impl Refusal {
@@ -122,7 +122,7 @@ impl Refusal {
     }
 
     /// Describes the quota, for the `RateLimit` headers.
-    pub fn with_quota(mut self, quota: Quota) -> Self {
+    pub fn with_quota(mut self, quota: QuotaState) -> Self {
         self.quota = Some(quota);
         self
     }
@@ -148,7 +148,7 @@ impl Refusal {
         self.reason
     }
     /// The quota, when the limit described it.
-    pub fn quota(&self) -> Option<Quota> {
+    pub fn quota(&self) -> Option<QuotaState> {
         self.quota
     }
 
@@ -244,7 +244,7 @@ mod tests {
 
     #[test]
     fn a_refusal_that_never_passes_says_do_not_retry() {
-        let r = Refusal::new(LimitKind::Tokens, "tpm", None).with_quota(Quota {
+        let r = Refusal::new(LimitKind::Tokens, "tpm", None).with_quota(QuotaState {
             limit: 1000,
             window: Duration::from_secs(60),
             remaining: 1000,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tollgate_core::key::Key;
 use tollgate_core::meter::take_all;
-use tollgate_core::refusal::{LimitKind, Quota as QuotaInfo, Reason, Refusal};
+use tollgate_core::refusal::{LimitKind, QuotaState, Reason, Refusal};
 use tollgate_core::wait::{Admit, Denial, PriorityExtractor, WaitQueue};
 
 use crate::limit::ActiveLimit;
@@ -134,7 +134,7 @@ impl Admit for Limits {
             .with_reason(reason);
         // A learning limit that knows no quota yet states none.
         if let Some(q) = active.quota() {
-            refusal = refusal.with_quota(QuotaInfo {
+            refusal = refusal.with_quota(QuotaState {
                 limit: u64::from(q.burst_size()),
                 window: q.window(),
                 remaining: 0,

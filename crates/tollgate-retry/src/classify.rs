@@ -28,7 +28,7 @@ pub enum Outcome<'a> {
 /// Why an attempt is retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum Reason {
+pub enum RetryReason {
     /// 429: over the provider's rate limit.
     RateLimited,
     /// A Tollgate limiter inside refused (it says when it will pass).
@@ -47,23 +47,23 @@ pub enum Reason {
     Grpc,
 }
 
-impl Reason {
+impl RetryReason {
     /// A short label for logs and metrics.
     pub fn as_str(&self) -> &'static str {
         match self {
-            Reason::RateLimited => "rate_limited",
-            Reason::Refused => "refused",
-            Reason::ServerError => "server_error",
-            Reason::RequestTimeout => "request_timeout",
-            Reason::Conflict => "conflict",
-            Reason::Transport => "transport",
-            Reason::ServerSaid => "server_said",
-            Reason::Grpc => "grpc",
+            RetryReason::RateLimited => "rate_limited",
+            RetryReason::Refused => "refused",
+            RetryReason::ServerError => "server_error",
+            RetryReason::RequestTimeout => "request_timeout",
+            RetryReason::Conflict => "conflict",
+            RetryReason::Transport => "transport",
+            RetryReason::ServerSaid => "server_said",
+            RetryReason::Grpc => "grpc",
         }
     }
 }
 
-impl fmt::Display for Reason {
+impl fmt::Display for RetryReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -77,7 +77,7 @@ pub enum Verdict {
     /// Worth another attempt, for this reason, not before `hint` when the server gave one.
     Retry {
         /// Why.
-        reason: Reason,
+        reason: RetryReason,
         /// The server's (or the refusing limiter's) word on how long to wait.
         hint: Option<Duration>,
     },
@@ -120,7 +120,7 @@ impl HttpClassifier {
             hint: server_hint(h, status, now),
         };
         match headers::should_retry(h) {
-            Some(true) => return retry(Reason::ServerSaid),
+            Some(true) => return retry(RetryReason::ServerSaid),
             Some(false) => return Verdict::Return,
             None => {}
         }
@@ -137,12 +137,12 @@ impl HttpClassifier {
                 if gone {
                     Verdict::Return
                 } else {
-                    retry(Reason::RateLimited)
+                    retry(RetryReason::RateLimited)
                 }
             }
-            408 => retry(Reason::RequestTimeout),
-            409 => retry(Reason::Conflict),
-            500 | 502 | 503 | 504 | 529 => retry(Reason::ServerError),
+            408 => retry(RetryReason::RequestTimeout),
+            409 => retry(RetryReason::Conflict),
+            500 | 502 | 503 | 504 | 529 => retry(RetryReason::ServerError),
             _ => Verdict::Return,
         }
     }
@@ -163,7 +163,7 @@ pub fn error_verdict(err: &(dyn std::error::Error + 'static)) -> Verdict {
             }
             return match r.retry_after() {
                 Some(wait) => Verdict::Retry {
-                    reason: Reason::Refused,
+                    reason: RetryReason::Refused,
                     hint: Some(wait),
                 },
                 None => Verdict::Return,
@@ -174,7 +174,7 @@ pub fn error_verdict(err: &(dyn std::error::Error + 'static)) -> Verdict {
         }
     }
     Verdict::Retry {
-        reason: Reason::Transport,
+        reason: RetryReason::Transport,
         hint: None,
     }
 }
@@ -242,11 +242,11 @@ impl Classifier for GrpcClassifier {
         match (code, headers::grpc_retry_pushback(h)) {
             (_, Some(Pushback::DoNotRetry)) => Verdict::Return,
             (Some(8 | 14), Some(Pushback::After(d))) => Verdict::Retry {
-                reason: Reason::Grpc,
+                reason: RetryReason::Grpc,
                 hint: Some(d),
             },
             (Some(8 | 14), None) => Verdict::Retry {
-                reason: Reason::Grpc,
+                reason: RetryReason::Grpc,
                 hint: None,
             },
             _ => Verdict::Return,

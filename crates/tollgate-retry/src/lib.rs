@@ -82,7 +82,7 @@ mod policy;
 pub use backoff::{Backoff, Jitter};
 pub use body::{RequestBody, RetryBody};
 pub use classify::{
-    error_verdict, server_hint, Classifier, GrpcClassifier, HttpClassifier, Outcome, Reason,
+    error_verdict, server_hint, Classifier, GrpcClassifier, HttpClassifier, Outcome, RetryReason,
     Verdict,
 };
 pub use layer::{DeadlineExceeded, ReadErrors, ResponseFuture, Retry, RetryBuilder, RetryLayer};

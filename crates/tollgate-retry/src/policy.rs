@@ -60,7 +60,7 @@ impl RetryPolicy {
         }
     }
 
-    fn give_up(why: &'static str, reason: crate::Reason) {
+    fn give_up(why: &'static str, reason: crate::RetryReason) {
         metrics::counter!("tollgate_retry_giveups_total", "why" => why, "reason" => reason.as_str()).increment(1);
         tracing::debug!(why, %reason, "not retrying");
     }
@@ -130,8 +130,11 @@ impl<B, ResB> tower::retry::Policy<Request<RequestBody<B>>, Response<RetryBody<R
         // service, not a failure: it is waited out, bounded by `max_retries`, the deadline
         // and `max_server_wait`, and draws nothing from the budget, which is there to stop
         // retry storms against a failing one (5xx, transport errors, hintless 429s).
-        let paced =
-            hint.is_some() && matches!(reason, crate::Reason::RateLimited | crate::Reason::Refused);
+        let paced = hint.is_some()
+            && matches!(
+                reason,
+                crate::RetryReason::RateLimited | crate::RetryReason::Refused
+            );
         if let (Some(budget), false) = (&c.budget, paced) {
             if !budget.withdraw() {
                 Self::give_up("budget", reason);

@@ -18,7 +18,7 @@ use tollgate_core::headers::LimitState;
 use tollgate_core::key::Key;
 use tollgate_core::learn::Learner;
 use tollgate_core::meter::{take_all, Meter, MeterQuota};
-use tollgate_core::refusal::{LimitKind, Quota as QuotaInfo, Reason, Refusal};
+use tollgate_core::refusal::{LimitKind, QuotaState, Reason, Refusal};
 use tollgate_core::wait::{Admit, Denial};
 
 /// Tokens per interval.
@@ -424,7 +424,7 @@ impl Admit for Budgets {
         let mut r = Refusal::new(LimitKind::Tokens, Arc::clone(l.budget.name_arc()), wait)
             .with_reason(reason);
         if let Some(q) = l.quota() {
-            r = r.with_quota(QuotaInfo {
+            r = r.with_quota(QuotaState {
                 limit: q.capacity,
                 window: q.window,
                 remaining: t.keys.get(i).map_or(0, |k| l.available(k).max(0) as u64),

@@ -1,4 +1,4 @@
-//! `ServiceBuilder::new().tollgate_cache(..).tollgate_retry(..)`.
+//! `ServiceBuilder::new().tollgate_cache(ttl).tollgate_retry()`.
 
 use tower::layer::util::Stack;
 use tower::ServiceBuilder;
@@ -10,45 +10,49 @@ mod sealed {
     impl<L> Sealed<L> for tower::ServiceBuilder<L> {}
 }
 
-/// Tollgate's layers as [`ServiceBuilder`] methods, in the manner of tower-http's
-/// `ServiceBuilderExt`. Each is `.layer(..)` under a name that says what it is; the
-/// outermost call is the first a request meets, as with every `ServiceBuilder`.
+/// Tollgate's layers as [`ServiceBuilder`] methods taking the layer's arguments, in the
+/// manner of tower-http's `ServiceBuilderExt` (`.timeout(duration)`). Each builds the
+/// layer with its defaults otherwise; for every other setting, build the layer with its
+/// own builder and pass it to `.layer(..)`. The outermost call is the first a request
+/// meets, as with every `ServiceBuilder`.
 ///
 /// Sealed, as tower-http's is: only `ServiceBuilder` implements it.
 pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
-    /// The response cache: a hit is answered at once and spends no quota.
+    /// The response cache, answers kept for `ttl`: a hit is answered at once and spends no
+    /// quota.
     #[cfg(feature = "cache")]
     fn tollgate_cache(
         self,
-        layer: tollgate_cache::CacheLayer,
+        ttl: std::time::Duration,
     ) -> ServiceBuilder<Stack<tollgate_cache::CacheLayer, L>>;
 
-    /// Failover from the wrapped service to fallback backends.
+    /// Failover from the wrapped service (the primary) to `fallbacks`.
     #[cfg(feature = "failover")]
-    fn tollgate_failover<S>(
+    fn tollgate_failover<S: Clone>(
         self,
-        layer: tollgate_failover::FailoverLayer<S>,
+        fallbacks: Vec<tollgate_failover::Backend<S>>,
     ) -> ServiceBuilder<Stack<tollgate_failover::FailoverLayer<S>, L>>;
 
-    /// Retries that obey the server's hints.
+    /// Retries that obey the server's hints, with the defaults of
+    /// [`RetryLayer::new`](tollgate_retry::RetryLayer::new).
     #[cfg(feature = "retry")]
-    fn tollgate_retry(
-        self,
-        layer: tollgate_retry::RetryLayer,
-    ) -> ServiceBuilder<Stack<tollgate_retry::RetryLayer, L>>;
+    fn tollgate_retry(self) -> ServiceBuilder<Stack<tollgate_retry::RetryLayer, L>>;
 
-    /// GCRA rate limits per key.
+    /// A GCRA rate limit per key, refusing or waiting as `mode` says.
     #[cfg(feature = "ratelimit")]
     fn tollgate_rate_limit(
         self,
-        layer: tollgate_ratelimit::RateLimitLayer,
+        limit: tollgate_ratelimit::Limit,
+        mode: tollgate_core::wait::Mode,
     ) -> ServiceBuilder<Stack<tollgate_ratelimit::RateLimitLayer, L>>;
 
-    /// A tokens-per-minute budget, reserved before the call and settled from `usage`.
+    /// A token budget, reserved before the call and settled from `usage`, refusing or
+    /// waiting as `mode` says.
     #[cfg(feature = "tpm")]
     fn tollgate_tpm(
         self,
-        layer: tollgate_tpm::TpmLayer,
+        budget: tollgate_tpm::Budget,
+        mode: tollgate_core::wait::Mode,
     ) -> ServiceBuilder<Stack<tollgate_tpm::TpmLayer, L>>;
 
     /// Turns Tollgate's refusals and bad-request errors into HTTP answers (429 with
@@ -62,41 +66,50 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
     #[cfg(feature = "cache")]
     fn tollgate_cache(
         self,
-        layer: tollgate_cache::CacheLayer,
+        ttl: std::time::Duration,
     ) -> ServiceBuilder<Stack<tollgate_cache::CacheLayer, L>> {
-        self.layer(layer)
+        self.layer(tollgate_cache::CacheLayer::builder().ttl(ttl).build())
     }
 
     #[cfg(feature = "failover")]
-    fn tollgate_failover<S>(
+    fn tollgate_failover<S: Clone>(
         self,
-        layer: tollgate_failover::FailoverLayer<S>,
+        fallbacks: Vec<tollgate_failover::Backend<S>>,
     ) -> ServiceBuilder<Stack<tollgate_failover::FailoverLayer<S>, L>> {
-        self.layer(layer)
+        self.layer(tollgate_failover::FailoverLayer::new(fallbacks))
     }
 
     #[cfg(feature = "retry")]
-    fn tollgate_retry(
-        self,
-        layer: tollgate_retry::RetryLayer,
-    ) -> ServiceBuilder<Stack<tollgate_retry::RetryLayer, L>> {
-        self.layer(layer)
+    fn tollgate_retry(self) -> ServiceBuilder<Stack<tollgate_retry::RetryLayer, L>> {
+        self.layer(tollgate_retry::RetryLayer::new())
     }
 
     #[cfg(feature = "ratelimit")]
     fn tollgate_rate_limit(
         self,
-        layer: tollgate_ratelimit::RateLimitLayer,
+        limit: tollgate_ratelimit::Limit,
+        mode: tollgate_core::wait::Mode,
     ) -> ServiceBuilder<Stack<tollgate_ratelimit::RateLimitLayer, L>> {
-        self.layer(layer)
+        self.layer(
+            tollgate_ratelimit::RateLimitLayer::builder()
+                .limit(limit)
+                .mode(mode)
+                .build(),
+        )
     }
 
     #[cfg(feature = "tpm")]
     fn tollgate_tpm(
         self,
-        layer: tollgate_tpm::TpmLayer,
+        budget: tollgate_tpm::Budget,
+        mode: tollgate_core::wait::Mode,
     ) -> ServiceBuilder<Stack<tollgate_tpm::TpmLayer, L>> {
-        self.layer(layer)
+        self.layer(
+            tollgate_tpm::TpmLayer::builder()
+                .budget(budget)
+                .mode(mode)
+                .build(),
+        )
     }
 
     fn tollgate_error_responses(

@@ -58,10 +58,9 @@
 //! use bytes::Bytes;
 //! use http::{Request, Response};
 //! use http_body_util::Full;
-//! use tollgate::ratelimit::{Limit, Quota, RateLimitLayer};
-//! use tollgate::retry::RetryLayer;
+//! use tollgate::ratelimit::{Limit, Mode, Quota};
 //! use tollgate::tpm::{Budget, TokenQuota, TpmLayer};
-//! use tollgate::{cache::CacheLayer, ServiceBuilderExt};
+//! use tollgate::ServiceBuilderExt;
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -73,15 +72,14 @@
 //!     ))))
 //! });
 //! let svc = ServiceBuilder::new()
-//!     .tollgate_cache(CacheLayer::builder().ttl(Duration::from_secs(600)).build())
-//!     .tollgate_retry(RetryLayer::new())
+//!     .tollgate_cache(Duration::from_secs(600))
+//!     .tollgate_retry()
 //!     .tollgate_rate_limit(
-//!         RateLimitLayer::builder()
-//!             .limit(Limit::new("rpm", Quota::per_minute(500)))
-//!             .wait(Duration::from_secs(30))
-//!             .build(),
+//!         Limit::new("rpm", Quota::per_minute(500)),
+//!         Mode::Refuse.wait(Duration::from_secs(30)),
 //!     )
-//!     .tollgate_tpm(TpmLayer::new(Budget::new("tpm", TokenQuota::per_minute(30_000))))
+//!     // Any layer with settings of its own: built with its builder.
+//!     .layer(TpmLayer::builder().budget(Budget::new("tpm", TokenQuota::per_minute(30_000))).build())
 //!     .service(client);
 //!
 //! let req = Request::post("/v1/chat/completions")

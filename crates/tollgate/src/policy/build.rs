@@ -22,8 +22,8 @@ use tower::util::{BoxCloneSyncService, MapResponse};
 use tower::{Layer, Service, ServiceExt};
 
 use super::{
-    BackendPolicy, CachePolicy, JitterSpec, LimitMode, Partition, Policy, PolicyError,
-    RateLimitPolicy, RetryPolicy, Store,
+    BackendConfig, CacheConfig, JitterSpec, LimitMode, Partition, Policy, PolicyError,
+    RateLimitConfig, RetryConfig, Store,
 };
 use crate::BaseUrlLayer;
 
@@ -152,7 +152,7 @@ impl Policy {
     fn backend_stack<C, ResB>(
         &self,
         name: &str,
-        b: &BackendPolicy,
+        b: &BackendConfig,
         client: C,
         body_limit: usize,
         shared: Option<&SharedStore>,
@@ -171,7 +171,7 @@ impl Policy {
                 .map_err(Into::into)
                 .map_response(box_response::<ResB>),
         );
-        let learned = RateLimitPolicy::default();
+        let learned = RateLimitConfig::default();
         let limits = b
             .rate_limit
             .as_ref()
@@ -221,7 +221,7 @@ pub(super) const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// A meter as the policy states it: its quota (learned too when `learn` is on), or none
 /// (learned), keyed and adaptive as asked.
-fn meter<Q: MeterQuota>(name: String, quota: Option<Q>, p: &RateLimitPolicy) -> Meter<Q> {
+fn meter<Q: MeterQuota>(name: String, quota: Option<Q>, p: &RateLimitConfig) -> Meter<Q> {
     let mut meter = match quota {
         Some(q) if p.learns() => Meter::new(name, q).learn(),
         Some(q) => Meter::new(name, q),
@@ -237,7 +237,7 @@ fn meter<Q: MeterQuota>(name: String, quota: Option<Q>, p: &RateLimitPolicy) -> 
 }
 
 /// Refuse, or wait up to the policy's `max_wait` with its queue bound.
-fn mode(p: &RateLimitPolicy) -> Mode {
+fn mode(p: &RateLimitConfig) -> Mode {
     let mode = match p.mode {
         LimitMode::Refuse => Mode::Refuse,
         LimitMode::Wait => Mode::Refuse.wait(p.max_wait.map_or(DEFAULT_MAX_WAIT, |d| d.0)),
@@ -247,7 +247,7 @@ fn mode(p: &RateLimitPolicy) -> Mode {
 
 fn rate_limit_layer(
     backend: &str,
-    p: &RateLimitPolicy,
+    p: &RateLimitConfig,
     shared: Option<&SharedStore>,
 ) -> RateLimitLayer {
     // Named by backend: each backend's quota is its own, in Redis too.
@@ -267,7 +267,7 @@ fn rate_limit_layer(
 
 fn tpm_layer(
     backend: &str,
-    p: &RateLimitPolicy,
+    p: &RateLimitConfig,
     body_limit: usize,
     shared: Option<&SharedStore>,
 ) -> TpmLayer {
@@ -283,7 +283,7 @@ fn tpm_layer(
     builder.build()
 }
 
-fn retry_layer(p: &RetryPolicy, body_limit: usize) -> RetryLayer {
+fn retry_layer(p: &RetryConfig, body_limit: usize) -> RetryLayer {
     let d = Backoff::default();
     let backoff = Backoff {
         base: p.backoff.map_or(d.base, |x| x.0),
@@ -308,7 +308,7 @@ fn retry_layer(p: &RetryPolicy, body_limit: usize) -> RetryLayer {
     b.build()
 }
 
-fn cache_layer(p: &CachePolicy, body_limit: usize, shared: Option<&SharedStore>) -> CacheLayer {
+fn cache_layer(p: &CacheConfig, body_limit: usize, shared: Option<&SharedStore>) -> CacheLayer {
     let mut b = CacheLayer::builder()
         .body_limit(body_limit)
         .deterministic_only(p.deterministic_only);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tollgate_core::duration::format_go_duration;
 
 use super::{
-    BackendPolicy, FailureMode, JitterSpec, KeySpec, LimitMode, Partition, Policy, RateLimitPolicy,
+    BackendConfig, FailureMode, JitterSpec, KeySpec, LimitMode, Partition, Policy, RateLimitConfig,
     Store,
 };
 
@@ -24,7 +24,7 @@ fn key(k: Option<&KeySpec>) -> String {
     }
 }
 
-fn mode(p: &RateLimitPolicy) -> String {
+fn mode(p: &RateLimitConfig) -> String {
     match p.mode {
         LimitMode::Refuse => "refuse at once with 429".to_owned(),
         LimitMode::Wait => format!(
@@ -91,7 +91,7 @@ impl Policy {
             }
         )?;
         writeln!(out, "backends, in the order tried:")?;
-        let mut backends: Vec<(usize, &BackendPolicy)> = self.backends().collect();
+        let mut backends: Vec<(usize, &BackendConfig)> = self.backends().collect();
         backends.sort_by_key(|(i, b)| (*i > 0, b.priority.unwrap_or(*i as u32)));
         for (n, (i, b)) in backends.into_iter().enumerate() {
             self.describe_backend(out, n + 1, i, b)?;
@@ -121,7 +121,7 @@ impl Policy {
         out: &mut String,
         n: usize,
         i: usize,
-        b: &BackendPolicy,
+        b: &BackendConfig,
     ) -> std::fmt::Result {
         write!(out, "  {n}. {} → {}", b.name_or(i), b.url)?;
         if let Some(m) = &b.model {
@@ -157,7 +157,7 @@ impl Policy {
                     .map_or(String::new(), |x| format!(", deadline {}", d(x.0)))
             )?,
         }
-        let learned = RateLimitPolicy::default();
+        let learned = RateLimitConfig::default();
         let (l, whence) = match (&b.rate_limit, &self.rate_limit) {
             (Some(own), _) => (own, "its own"),
             (None, Some(top)) => (top, "inherited from the top-level rate_limit"),

@@ -62,24 +62,24 @@ pub use units::{Dur, KeySpec, Rate, Size};
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// The backend tried first.
-    pub primary: BackendPolicy,
+    pub primary: BackendConfig,
     /// Backends tried, by priority, when the primary fails or would wait too long.
     #[serde(default)]
-    pub fallbacks: Vec<BackendPolicy>,
+    pub fallbacks: Vec<BackendConfig>,
     /// Limits per backend, mirroring the provider's (each backend may set its own). Left
     /// out, each backend learns its provider's quotas from the answers' `x-ratelimit-*`
-    /// headers ([`RateLimitPolicy::default`]).
+    /// headers ([`RateLimitConfig::default`]).
     #[serde(default)]
-    pub rate_limit: Option<RateLimitPolicy>,
+    pub rate_limit: Option<RateLimitConfig>,
     /// Retries per backend.
     #[serde(default)]
-    pub retry: Option<RetryPolicy>,
+    pub retry: Option<RetryConfig>,
     /// The response cache in front of everything.
     #[serde(default)]
-    pub cache: Option<CachePolicy>,
+    pub cache: Option<CacheConfig>,
     /// When backends are set aside and what happens when all are.
     #[serde(default)]
-    pub failover: FailoverPolicy,
+    pub failover: FailoverConfig,
     /// Where limits, budgets and cache entries are kept.
     #[serde(default)]
     pub store: Store,
@@ -91,7 +91,7 @@ pub struct Policy {
 /// One backend: where it is, which model it serves, its credentials.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BackendPolicy {
+pub struct BackendConfig {
     /// Its name in headers, metrics and logs (`primary`, or `fallback-N`, by default).
     #[serde(default)]
     pub name: Option<String>,
@@ -113,7 +113,7 @@ pub struct BackendPolicy {
     pub api_key_env: Option<String>,
     /// Its own limits, instead of the top-level `rate_limit`.
     #[serde(default)]
-    pub rate_limit: Option<RateLimitPolicy>,
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 /// Whether a limit makes a request wait for its turn or refuses it.
@@ -130,7 +130,7 @@ pub enum LimitMode {
 /// The rate limit and token budget of a backend.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RateLimitPolicy {
+pub struct RateLimitConfig {
     /// Requests per window: `600/min`.
     #[serde(default)]
     pub requests: Option<Rate>,
@@ -166,7 +166,7 @@ pub struct RateLimitPolicy {
     pub learn: Option<bool>,
 }
 
-impl Default for RateLimitPolicy {
+impl Default for RateLimitConfig {
     /// What a backend gets when the policy says nothing of limits: both quotas learned from
     /// the provider, waiting (up to 30 s) rather than refusing.
     fn default() -> Self {
@@ -184,7 +184,7 @@ impl Default for RateLimitPolicy {
     }
 }
 
-impl RateLimitPolicy {
+impl RateLimitConfig {
     /// Whether quotas are learned from the provider (the default).
     pub fn learns(&self) -> bool {
         self.learn.unwrap_or(true)
@@ -207,7 +207,7 @@ pub enum JitterSpec {
 /// Retries of one backend.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RetryPolicy {
+pub struct RetryConfig {
     /// Retries after the first attempt (3 by default).
     #[serde(default)]
     pub max_retries: Option<u32>,
@@ -234,7 +234,7 @@ pub struct RetryPolicy {
 /// The response cache.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CachePolicy {
+pub struct CacheConfig {
     /// How long an answer is kept (10 min by default).
     #[serde(default)]
     pub ttl: Option<Dur>,
@@ -277,7 +277,7 @@ impl<'de> Deserialize<'de> for Partition {
 /// When backends are set aside.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FailoverPolicy {
+pub struct FailoverConfig {
     /// Failures within `window` that set a backend aside (3).
     #[serde(default)]
     pub failures: Option<u32>,
@@ -304,7 +304,7 @@ pub enum Store {
     #[default]
     Memory,
     /// In Redis, shared by every instance.
-    Redis(RedisPolicy),
+    Redis(RedisConfig),
 }
 
 /// What each layer does when Redis cannot answer in time.
@@ -321,7 +321,7 @@ pub enum FailureMode {
 /// A Redis store.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RedisPolicy {
+pub struct RedisConfig {
     /// `redis://host:port/db`.
     pub url: String,
     /// `closed` (the default) or `open`.
@@ -349,12 +349,12 @@ impl<'de> Deserialize<'de> for Store {
         #[serde(untagged)]
         enum Repr {
             Name(String),
-            Redis(RedisPolicy),
+            Redis(RedisConfig),
         }
         let redis_url = |s: &str| s.starts_with("redis://") || s.starts_with("rediss://");
         match Repr::deserialize(d)? {
             Repr::Name(s) if s.trim() == "memory" => Ok(Store::Memory),
-            Repr::Name(s) if redis_url(s.trim()) => Ok(Store::Redis(RedisPolicy {
+            Repr::Name(s) if redis_url(s.trim()) => Ok(Store::Redis(RedisConfig {
                 url: s.trim().to_owned(),
                 on_failure: FailureMode::Closed,
                 instances: None,
@@ -363,7 +363,7 @@ impl<'de> Deserialize<'de> for Store {
                 pooled: false,
             })),
             Repr::Redis(r) if redis_url(r.url.trim()) => Ok(Store::Redis(r)),
-            Repr::Name(s) | Repr::Redis(RedisPolicy { url: s, .. }) => Err(serde::de::Error::custom(format!(
+            Repr::Name(s) | Repr::Redis(RedisConfig { url: s, .. }) => Err(serde::de::Error::custom(format!(
                 "`{s}` is not a store: expected `memory`, a `redis://` URL, or {{ url: redis://…, on_failure: closed|open, instances: N }}"
             ))),
         }
@@ -526,14 +526,14 @@ impl Policy {
     }
 
     /// The backends with their index: 0 for the primary, then the fallbacks in file order.
-    pub(crate) fn backends(&self) -> impl Iterator<Item = (usize, &BackendPolicy)> {
+    pub(crate) fn backends(&self) -> impl Iterator<Item = (usize, &BackendConfig)> {
         std::iter::once(&self.primary)
             .chain(&self.fallbacks)
             .enumerate()
     }
 }
 
-impl BackendPolicy {
+impl BackendConfig {
     /// Its name, or the default for its place.
     pub fn name_or(&self, index: usize) -> String {
         match &self.name {
