@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tollgate_core::body::{AnswerBody, CallerBody};
 use tollgate_core::clock::{Clock, SharedClock};
-use tollgate_core::facts::{buffer_with_facts, ReplayBody, DEFAULT_BODY_LIMIT};
+use tollgate_core::facts::{buffer_with_facts, ReplayBody, RequestFacts, DEFAULT_BODY_LIMIT};
 use tollgate_core::headers;
 use tollgate_core::refusal::{LimitKind, Refusal};
 use tollgate_core::unavailable::Unavailable;
@@ -401,34 +401,19 @@ where
         Box::pin(async move {
             let (req, facts) = buffer_with_facts(req, shared.body_limit).await?;
             let (parts, _) = req.into_parts();
-            // The last failure, to hand back when every backend failed: an answer (streamed,
-            // or read) or an error.
-            let mut last: Option<Outcome<ResB>> = None;
-            // The refusal that would pass soonest, when a backend's own limit refused.
-            let mut refused: Option<Refusal> = None;
             let start = shared.clock.now();
+            // What every round so far left to answer with: the last failure, and the
+            // refusal that passes soonest.
+            let mut outcome = Outcomes::default();
             loop {
                 let now = shared.clock.now();
-                let mut earliest: Option<Instant> = None;
-                // The backend cooling that is back first, and whether its provider's
-                // quota (429s) is why it is away.
-                let mut first_back: Option<(Instant, bool, &str)> = None;
-                // When the first backend away for its provider's quota (cooling after 429s,
-                // or a 429 that said when) can take requests again.
-                let mut quota_back: Option<Instant> = None;
-                let mut tried = false;
+                let mut round = Round::default();
                 for (i, (backend, health)) in shared.backends.iter().enumerate() {
                     let trial = match health.gate(now) {
                         Gate::Open => false,
                         Gate::Trial => true,
                         Gate::Cooling(until, limited) => {
-                            earliest = Some(earliest.map_or(until, |e| e.min(until)));
-                            if first_back.is_none_or(|(t, ..)| until < t) {
-                                first_back = Some((until, limited, &backend.name));
-                            }
-                            if limited {
-                                quota_back = Some(quota_back.map_or(until, |q| q.min(until)));
-                            }
+                            round.cooling(until, limited, &backend.name);
                             continue;
                         }
                         Gate::Busy => continue,
@@ -439,66 +424,28 @@ where
                         Poll::Ready(svc.poll_ready(cx).map_err(Into::into))
                     })
                     .await;
-                    match ready {
-                        Poll::Ready(Ok(())) => {}
-                        other => {
-                            if trial {
-                                health.trial_abandoned();
-                            }
-                            if let Poll::Ready(Err(e)) = other {
-                                last = Some(Err(e));
-                            }
-                            metrics::counter!("tollgate_failover_skipped_total", "backend" => metrics::SharedString::from_shared(Arc::clone(&backend.name)), "why" => Why::NotReady.as_str()).increment(1);
-                            continue;
+                    if let Some(not_ready) = not_ready(ready) {
+                        if trial {
+                            health.trial_abandoned();
                         }
-                    }
-                    tried = true;
-                    // This backend's request: its model, its headers, from the caller's copy.
-                    let mut p = parts.clone();
-                    for (name, value) in &backend.headers {
-                        p.headers.insert(name.clone(), value.clone());
-                    }
-                    let f = match &backend.model {
-                        // The caller's own model needs no rewrite (and no copy of the JSON).
-                        Some(m) if facts.model() != Some(m.as_str()) => facts
-                            .rewrite(|v| {
-                                if let Some(o) = v.as_object_mut() {
-                                    o.insert("model".to_owned(), Value::String(m.clone()));
-                                }
-                            })
-                            .unwrap_or_else(|| facts.clone()),
-                        _ => facts.clone(),
-                    };
-                    metrics::counter!("tollgate_failover_attempts_total", "backend" => metrics::SharedString::from_shared(Arc::clone(&backend.name))).increment(1);
-                    let res: Result<Response<ResB>, BoxError> =
-                        svc.call(f.into_request(p)).await.map_err(Into::into);
-                    let mut verdict = judge(&res, shared.clock.system_now());
-                    // A 400's error code is read only when a switch asks to move on for it;
-                    // then the answer is kept read (`Ok(Err(..))`).
-                    let res: Outcome<ResB> = match res {
-                        Ok(r)
-                            if verdict.is_none()
-                                && r.status() == StatusCode::BAD_REQUEST
-                                && (shared.on_context_length || shared.on_content_policy)
-                                && r.body().size_hint().upper().is_some_and(|n| n <= 64 * 1024) =>
-                        {
-                            let (rp, rb) = r.into_parts();
-                            let bytes = rb.collect().await.map_err(Into::into)?.to_bytes();
-                            let code = body_code(&bytes);
-                            if shared.on_context_length
-                                && code.as_deref() == Some("context_length_exceeded")
-                            {
-                                verdict = Some((Why::ContextLength, None));
-                            } else if shared.on_content_policy
-                                && code.as_deref() == Some("content_filter")
-                            {
-                                verdict = Some((Why::ContentPolicy, None));
-                            }
-                            Ok(Err((rp, bytes)))
+                        if let Some(e) = not_ready {
+                            outcome.last = Some(Err(e));
                         }
-                        other => other.map(Ok),
-                    };
-                    match verdict.take() {
+                        count(
+                            backend,
+                            "tollgate_failover_skipped_total",
+                            Some(Why::NotReady),
+                        );
+                        continue;
+                    }
+                    round.tried = true;
+                    count(backend, "tollgate_failover_attempts_total", None);
+                    let res: Result<Response<ResB>, BoxError> = svc
+                        .call(backend_request(backend, &parts, &facts))
+                        .await
+                        .map_err(Into::into);
+                    let (res, verdict) = read_verdict(&shared, res).await?;
+                    match verdict {
                         None => {
                             if res
                                 .as_ref()
@@ -508,52 +455,37 @@ where
                             } else if trial {
                                 health.trial_abandoned();
                             }
-                            return match res {
-                                Ok(Ok(r)) => Ok(served(r, &backend.name)),
-                                Ok(Err((rp, bytes))) => Ok(served_read(rp, bytes, &backend.name)),
-                                Err(e) => Err(e),
-                            };
+                            return served_outcome(res, &backend.name);
                         }
                         Some((Why::Refused, hint)) => {
                             // A limit in this backend's own stack said "not for this key
                             // until then": move this request on and remember that time,
                             // nothing more. The backend is as healthy as it was; other
                             // keys still go to it.
-                            metrics::counter!("tollgate_failover_moved_on_total", "backend" => metrics::SharedString::from_shared(Arc::clone(&backend.name)), "why" => Why::Refused.as_str()).increment(1);
+                            count(
+                                backend,
+                                "tollgate_failover_moved_on_total",
+                                Some(Why::Refused),
+                            );
                             tracing::debug!(backend = %backend.name, "refused by the backend's limit; moving on");
                             if trial {
                                 health.trial_abandoned();
                             }
                             if let Some(d) = hint {
-                                let back = later(shared.clock.now(), d);
-                                earliest = Some(earliest.map_or(back, |e| e.min(back)));
+                                round.back_at(later(shared.clock.now(), d), false);
                             }
                             if let Err(e) = &res {
-                                let sooner = |r: &Refusal, than: &Refusal| match (
-                                    r.retry_after(),
-                                    than.retry_after(),
-                                ) {
-                                    (Some(a), Some(b)) => a < b,
-                                    (a, b) => a.is_some() && b.is_none(),
-                                };
-                                if let Some(r) = tollgate_core::error::find::<Refusal>(&**e) {
-                                    if refused.as_ref().is_none_or(|k| sooner(r, k)) {
-                                        refused = Some(r.clone());
-                                    }
-                                }
+                                outcome.refused_by(&**e);
                             }
                         }
                         Some((why, hint)) => {
-                            metrics::counter!("tollgate_failover_moved_on_total", "backend" => metrics::SharedString::from_shared(Arc::clone(&backend.name)), "why" => why.as_str()).increment(1);
+                            count(backend, "tollgate_failover_moved_on_total", Some(why));
                             tracing::debug!(backend = %backend.name, why = why.as_str(), "moving on to the next backend");
-                            let entered = health.failure(
-                                shared.clock.now(),
-                                hint,
-                                why == Why::RateLimited,
-                                &shared.cooldown,
-                            );
+                            let limited = why == Why::RateLimited;
+                            let entered =
+                                health.failure(shared.clock.now(), hint, limited, &shared.cooldown);
                             if let Some(d) = entered {
-                                metrics::counter!("tollgate_failover_cooldowns_total", "backend" => metrics::SharedString::from_shared(Arc::clone(&backend.name))).increment(1);
+                                count(backend, "tollgate_failover_cooldowns_total", None);
                                 tracing::info!(backend = %backend.name, cooldown_ms = d.as_millis() as u64, "backend set aside");
                             }
                             // When it said when it could take the request (a server's
@@ -561,65 +493,242 @@ where
                             // a request that may wait for the first backend back waits
                             // for this one too.
                             if let Some(d) = entered.or(hint) {
-                                let back = later(shared.clock.now(), d);
-                                earliest = Some(earliest.map_or(back, |e| e.min(back)));
-                                if why == Why::RateLimited {
-                                    quota_back = Some(quota_back.map_or(back, |q| q.min(back)));
-                                }
+                                round.back_at(later(shared.clock.now(), d), limited);
                             }
-                            last = Some(res);
+                            outcome.last = Some(res);
                         }
                     }
                 }
-                let back_in = earliest.map(|e| e.saturating_duration_since(now));
-                let waited = now.saturating_duration_since(start);
-                // Wait for the first backend back, when allowed and it is back in time.
-                if let (AllCooling::Wait(max), Some(d)) = (shared.all_cooling, back_in) {
-                    if waited + d <= max {
-                        shared.clock.sleep(d.max(Duration::from_millis(1))).await;
-                        continue;
-                    }
+                match round.next(&shared, now, now.saturating_duration_since(start), &outcome) {
+                    Next::Wait(d) => shared.clock.sleep(d.max(Duration::from_millis(1))).await,
+                    Next::Answer => return outcome.answer(round, now),
                 }
-                // A backend whose provider said "later" is a time to wait for, when there
-                // is nowhere else to go (`refused` is a limit's own answer: not waited).
-                if let (Some(back), None) = (quota_back, &refused) {
-                    let d = back.saturating_duration_since(now);
-                    if waited + d <= shared.quota_wait {
-                        shared.clock.sleep(d.max(Duration::from_millis(1))).await;
-                        continue;
-                    }
-                }
-                // A limit refused this request somewhere: that is its answer (a 429 with
-                // the time), for it is this key that must wait, not the backends.
-                if let Some(r) = refused {
-                    return Err(r.into());
-                }
-                if tried {
-                    // Every backend tried failed, and none is back in time: the last answer.
-                    return match last {
-                        Some(Ok(Ok(r))) => Ok(served(r, &Arc::from("none"))),
-                        Some(Ok(Err((rp, bytes)))) => {
-                            Ok(served_read(rp, bytes, &Arc::from("none")))
-                        }
-                        Some(Err(e)) => Err(e),
-                        None => Err("no backend could take the request".into()),
-                    };
-                }
-                // Nobody could be tried: every backend is set aside. When the first back is
-                // away because its provider's quota ran out (429s), that is a limit: 429
-                // with the time. Otherwise an outage, not a limit: 503 with the time.
-                let back_in = back_in.unwrap_or(Duration::from_millis(100));
-                return Err(match first_back {
-                    Some((_, true, name)) => Refusal::new(
-                        LimitKind::Requests,
-                        format!("upstream:{name}"),
-                        Some(back_in),
-                    )
-                    .into(),
-                    _ => Unavailable::new(back_in).into(),
-                });
             }
         })
+    }
+}
+
+/// Whether a backend's `poll_ready` said "not now": `None` when it is ready; `Some(error)`
+/// when it is not (with its error, when it failed).
+fn not_ready(ready: Poll<Result<(), BoxError>>) -> Option<Option<BoxError>> {
+    match ready {
+        Poll::Ready(Ok(())) => None,
+        Poll::Ready(Err(e)) => Some(Some(e)),
+        Poll::Pending => Some(None),
+    }
+}
+
+/// Counts `name` for `backend` (and `why`, when given).
+fn count<S>(backend: &Backend<S>, name: &'static str, why: Option<Why>) {
+    let label = metrics::SharedString::from_shared(Arc::clone(&backend.name));
+    match why {
+        Some(why) => {
+            metrics::counter!(name, "backend" => label, "why" => why.as_str()).increment(1)
+        }
+        None => metrics::counter!(name, "backend" => label).increment(1),
+    }
+}
+
+/// This backend's request, from the caller's copy: its model, its headers.
+fn backend_request<S>(
+    backend: &Backend<S>,
+    parts: &http::request::Parts,
+    facts: &RequestFacts,
+) -> Request<ReplayBody> {
+    let mut p = parts.clone();
+    for (name, value) in &backend.headers {
+        p.headers.insert(name.clone(), value.clone());
+    }
+    let f = match &backend.model {
+        // The caller's own model needs no rewrite (and no copy of the JSON).
+        Some(m) if facts.model() != Some(m.as_str()) => facts
+            .rewrite(|v| {
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("model".to_owned(), Value::String(m.clone()));
+                }
+            })
+            .unwrap_or_else(|| facts.clone()),
+        _ => facts.clone(),
+    };
+    f.into_request(p)
+}
+
+/// Judges one backend's answer: move on (why, and the server's hint) or keep it. A 400's
+/// error code is read only when a switch asks to move on for it; the answer is then kept
+/// read (`Ok(Err(..))`).
+async fn read_verdict<S, ResB: AnswerBody>(
+    shared: &Shared<S>,
+    res: Result<Response<ResB>, BoxError>,
+) -> Result<(Outcome<ResB>, Option<(Why, Option<Duration>)>), BoxError> {
+    let mut verdict = judge(&res, shared.clock.system_now());
+    let res = match res {
+        Ok(r)
+            if verdict.is_none()
+                && r.status() == StatusCode::BAD_REQUEST
+                && (shared.on_context_length || shared.on_content_policy)
+                && r.body().size_hint().upper().is_some_and(|n| n <= 64 * 1024) =>
+        {
+            let (rp, rb) = r.into_parts();
+            let bytes = rb.collect().await.map_err(Into::into)?.to_bytes();
+            let code = body_code(&bytes);
+            if shared.on_context_length && code.as_deref() == Some("context_length_exceeded") {
+                verdict = Some((Why::ContextLength, None));
+            } else if shared.on_content_policy && code.as_deref() == Some("content_filter") {
+                verdict = Some((Why::ContentPolicy, None));
+            }
+            Ok(Err((rp, bytes)))
+        }
+        other => other.map(Ok),
+    };
+    Ok((res, verdict))
+}
+
+/// What one pass over the backends saw of when they are back.
+#[derive(Default)]
+struct Round {
+    /// When the first backend is back (cooling, or a hint said so).
+    earliest: Option<Instant>,
+    /// The backend cooling that is back first, and whether its provider's quota (429s)
+    /// is why it is away.
+    first_back: Option<(Instant, bool, Arc<str>)>,
+    /// When the first backend away for its provider's quota (cooling after 429s, or a 429
+    /// that said when) can take requests again.
+    quota_back: Option<Instant>,
+    /// Some backend was tried.
+    tried: bool,
+}
+
+/// What to do after a round.
+enum Next {
+    /// Wait this long and go round again.
+    Wait(Duration),
+    /// Answer with what the rounds left.
+    Answer,
+}
+
+fn min(a: Option<Instant>, b: Instant) -> Option<Instant> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
+
+impl Round {
+    /// A backend is cooling until `until` (`limited`: for its provider's 429s).
+    fn cooling(&mut self, until: Instant, limited: bool, name: &Arc<str>) {
+        self.earliest = min(self.earliest, until);
+        if self.first_back.as_ref().is_none_or(|(t, ..)| until < *t) {
+            self.first_back = Some((until, limited, Arc::clone(name)));
+        }
+        if limited {
+            self.quota_back = min(self.quota_back, until);
+        }
+    }
+
+    /// A backend tried now is back at `at` (`limited`: away for its provider's quota).
+    fn back_at(&mut self, at: Instant, limited: bool) {
+        self.earliest = min(self.earliest, at);
+        if limited {
+            self.quota_back = min(self.quota_back, at);
+        }
+    }
+
+    /// Wait for a backend, or answer: wait for the first backend back when allowed and it
+    /// is back in time; wait for one whose provider said "later" when there is nowhere
+    /// else to go (a limit's own refusal is never waited for here: its `max_wait`
+    /// decided).
+    /// `now` is when the round began, `waited` how long the request had waited then.
+    fn next<S, B>(
+        &self,
+        shared: &Shared<S>,
+        now: Instant,
+        waited: Duration,
+        outcome: &Outcomes<B>,
+    ) -> Next {
+        if let (AllCooling::Wait(max), Some(e)) = (shared.all_cooling, self.earliest) {
+            let d = e.saturating_duration_since(now);
+            if waited + d <= max {
+                return Next::Wait(d);
+            }
+        }
+        if let (Some(back), None) = (self.quota_back, &outcome.refused) {
+            let d = back.saturating_duration_since(now);
+            if waited + d <= shared.quota_wait {
+                return Next::Wait(d);
+            }
+        }
+        Next::Answer
+    }
+}
+
+/// What the backends answered, kept to hand back when none served the request.
+struct Outcomes<B> {
+    /// The last failure: an answer (streamed, or read) or an error.
+    last: Option<Outcome<B>>,
+    /// The refusal that would pass soonest, when a backend's own limit refused.
+    refused: Option<Refusal>,
+}
+
+impl<B> Default for Outcomes<B> {
+    fn default() -> Self {
+        Self {
+            last: None,
+            refused: None,
+        }
+    }
+}
+
+impl<B: Body> Outcomes<B> {
+    /// A backend's own limit refused: keep the refusal if it passes sooner than the one
+    /// kept.
+    fn refused_by(&mut self, e: &(dyn std::error::Error + 'static)) {
+        let sooner = |r: &Refusal, than: &Refusal| match (r.retry_after(), than.retry_after()) {
+            (Some(a), Some(b)) => a < b,
+            (a, b) => a.is_some() && b.is_none(),
+        };
+        if let Some(r) = tollgate_core::error::find::<Refusal>(e) {
+            if self.refused.as_ref().is_none_or(|k| sooner(r, k)) {
+                self.refused = Some(r.clone());
+            }
+        }
+    }
+
+    /// The answer when no backend served the request: a limit's refusal (a 429 with its
+    /// time: it is this key that must wait, not the backends); else the last failure of
+    /// the backends tried; else, nobody could be tried, every backend set aside — a 429
+    /// with the time when the first back is away for its provider's quota, otherwise an
+    /// outage (503 with the time). `now` is when the round began.
+    fn answer(self, round: Round, now: Instant) -> Result<Response<FailoverBody<B>>, BoxError> {
+        if let Some(r) = self.refused {
+            return Err(r.into());
+        }
+        if round.tried {
+            return match self.last {
+                Some(last) => served_outcome(last, &Arc::from("none")),
+                None => Err("no backend could take the request".into()),
+            };
+        }
+        let back_in = round.earliest.map_or(Duration::from_millis(100), |e| {
+            e.saturating_duration_since(now)
+        });
+        Err(match round.first_back {
+            Some((_, true, name)) => Refusal::new(
+                LimitKind::Requests,
+                format!("upstream:{name}"),
+                Some(back_in),
+            )
+            .into(),
+            _ => Unavailable::new(back_in).into(),
+        })
+    }
+}
+
+/// An outcome as the caller's answer, marked with the backend that gave it.
+fn served_outcome<B: Body>(
+    res: Outcome<B>,
+    name: &Arc<str>,
+) -> Result<Response<FailoverBody<B>>, BoxError> {
+    match res {
+        Ok(Ok(r)) => Ok(served(r, name)),
+        Ok(Err((rp, bytes))) => Ok(served_read(rp, bytes, name)),
+        Err(e) => Err(e),
     }
 }
 
