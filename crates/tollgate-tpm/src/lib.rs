@@ -90,9 +90,11 @@ mod budget;
 pub mod estimate;
 mod layer;
 mod metrics;
+mod service;
 mod sse;
 
 pub use body::{Settling, TpmBody};
 pub use budget::{Budget, TokenQuota};
-pub use layer::{ResponseFuture, Tpm, TpmBuilder, TpmLayer};
+pub use layer::{TpmBuilder, TpmLayer};
+pub use service::{ResponseFuture, Tpm};
 pub use tollgate_core::wait::{HeaderPriority, Mode, Priority, PriorityExtractor};
