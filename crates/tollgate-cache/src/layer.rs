@@ -391,8 +391,15 @@ where
             let body = if parts.status.is_success() {
                 let mut headers = HeaderMap::new();
                 for name in [CONTENT_TYPE, CONTENT_ENCODING] {
-                    if let Some(v) = parts.headers.get(&name) {
-                        headers.insert(name, v.clone());
+                    // Copied, not cloned: a value hyper parsed is a slice of its read
+                    // buffer, and an entry holding it would keep that whole buffer (KiBs)
+                    // alive for its TTL while the cache counts a few bytes.
+                    let copy = parts
+                        .headers
+                        .get(&name)
+                        .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
+                    if let Some(v) = copy {
+                        headers.insert(name, v);
                     }
                 }
                 crate::body::record(

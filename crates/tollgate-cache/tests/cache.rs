@@ -370,14 +370,16 @@ async fn an_entry_holds_its_own_bytes_not_the_buffer_they_arrived_in() {
     };
     let range = answer.as_ptr() as usize..answer.as_ptr() as usize + answer.len();
     let frame = answer.slice(0..2);
+    // Its header values too: hyper parses them as slices of the same read buffer.
+    let content_type = http::HeaderValue::from_maybe_shared(answer.slice(2..18)).unwrap();
     let kept = Kept::default();
     let layer = CacheLayer::builder().store(kept.clone()).build();
     let svc = layer.layer(tower::service_fn(move |_: Request<ReplayBody>| {
-        let frame = frame.clone();
+        let (frame, content_type) = (frame.clone(), content_type.clone());
         async move {
             Ok::<_, Infallible>(
                 Response::builder()
-                    .header("content-type", "application/json")
+                    .header("content-type", content_type)
                     .body(Full::new(frame))
                     .unwrap(),
             )
@@ -396,5 +398,11 @@ async fn an_entry_holds_its_own_bytes_not_the_buffer_they_arrived_in() {
     assert!(
         !range.contains(&at),
         "the entry must not point into the 1 MiB buffer"
+    );
+    let value = &stored.headers["content-type"];
+    assert_eq!(value.len(), 16);
+    assert!(
+        !range.contains(&(value.as_bytes().as_ptr() as usize)),
+        "a header value must not point into the 1 MiB buffer either"
     );
 }
