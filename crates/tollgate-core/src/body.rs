@@ -417,6 +417,109 @@ fn join(a: bytes::Bytes, b: bytes::Bytes) -> bytes::Bytes {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A request body that can be sent again: the buffered bytes, replayed on every
+    /// attempt — or, for a body over the cap, what was read of it and the rest of the
+    /// stream, sent once ([`buffer_for_replay`](crate::facts::buffer_for_replay) makes
+    /// it). The retry layer's request body.
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = RequestKindProj]
+    enum RequestKind<B> {
+        Replay { #[pin] body: http_body_util::Full<bytes::Bytes> },
+        Once { read: std::collections::VecDeque<bytes::Bytes>, #[pin] rest: B },
+    }
+}
+
+impl<B> RequestBody<B> {
+    /// `bytes`, replayable.
+    pub fn replay(bytes: bytes::Bytes) -> Self {
+        Self {
+            kind: RequestKind::Replay {
+                body: http_body_util::Full::new(bytes),
+            },
+        }
+    }
+
+    /// `read` and then `rest`, sent once.
+    pub fn once(read: std::collections::VecDeque<bytes::Bytes>, rest: B) -> Self {
+        Self {
+            kind: RequestKind::Once { read, rest },
+        }
+    }
+
+    /// Whether the body is buffered, so the request can be sent again.
+    pub fn is_replayable(&self) -> bool {
+        matches!(self.kind, RequestKind::Replay { .. })
+    }
+
+    /// Another copy of a replayable body (`None` for one sent once).
+    pub fn try_clone(&self) -> Option<Self> {
+        match &self.kind {
+            RequestKind::Replay { body } => Some(Self {
+                kind: RequestKind::Replay { body: body.clone() },
+            }),
+            RequestKind::Once { .. } => None,
+        }
+    }
+}
+
+impl<B> fmt::Debug for RequestBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestBody")
+            .field("replayable", &self.is_replayable())
+            .finish()
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body<Data = bytes::Bytes>,
+    B::Error: Into<crate::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<FrameResult>> {
+        match self.project().kind.project() {
+            RequestKindProj::Replay { body } => body.poll_frame(cx).map_err(|never| match never {}),
+            RequestKindProj::Once { read, rest } => {
+                if let Some(chunk) = read.pop_front() {
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                rest.poll_frame(cx).map_err(Into::into)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Replay { body } => body.is_end_stream(),
+            RequestKind::Once { read, rest } => read.is_empty() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match &self.kind {
+            RequestKind::Replay { body } => body.size_hint(),
+            RequestKind::Once { read, rest } => {
+                let pre: u64 = read.iter().map(|b| b.len() as u64).sum();
+                let mut h = http_body::SizeHint::new();
+                h.set_lower(rest.size_hint().lower() + pre);
+                if let Some(u) = rest.size_hint().upper() {
+                    h.set_upper(u + pre);
+                }
+                h
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

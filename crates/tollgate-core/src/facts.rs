@@ -48,6 +48,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use serde_json::Value;
 
+use crate::body::RequestBody;
 use crate::response::openai_error;
 use crate::BoxError;
 
@@ -543,6 +544,63 @@ where
     };
     let facts = RequestFacts::parse(parts.uri.path(), &parts.headers, bytes)?;
     Ok((facts.clone().into_request(parts), facts))
+}
+
+/// Buffers `req`'s body for replay, up to `limit` bytes — the mode of a layer that may
+/// send a request again (the retry layer): past the cap the request is not refused (as
+/// [`buffer_request`] refuses it) but kept as it is, what was read and the rest of the
+/// stream, to be sent once and not again. Facts an outer layer put in the extensions are
+/// reused: their bytes are replayed.
+pub async fn buffer_for_replay<B>(
+    req: Request<B>,
+    limit: usize,
+) -> Result<Request<RequestBody<B>>, BoxError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let (parts, mut body) = req.into_parts();
+    if let Some(facts) = parts.extensions.get::<RequestFacts>().cloned() {
+        // An outer layer buffered it already: replay its bytes.
+        return Ok(Request::from_parts(
+            parts,
+            RequestBody::replay(facts.body().clone()),
+        ));
+    }
+    if body.size_hint().lower() > limit as u64 {
+        tracing::debug!(
+            limit,
+            "request body over the cap: it is sent once and not retried"
+        );
+        return Ok(Request::from_parts(
+            parts,
+            RequestBody::once(std::collections::VecDeque::new(), body),
+        ));
+    }
+    let mut read = std::collections::VecDeque::new();
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(Into::into)?;
+        if let Ok(data) = frame.into_data() {
+            len += data.len();
+            read.push_back(data);
+            if len > limit {
+                tracing::debug!(
+                    limit,
+                    "request body over the cap: it is sent once and not retried"
+                );
+                return Ok(Request::from_parts(parts, RequestBody::once(read, body)));
+            }
+        }
+    }
+    let mut all = bytes::BytesMut::with_capacity(len);
+    for b in read {
+        all.extend_from_slice(&b);
+    }
+    Ok(Request::from_parts(
+        parts,
+        RequestBody::replay(all.freeze()),
+    ))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! | module | what it holds |
 //! | --- | --- |
 //! | [`error`] | an error's `source()` chain, searched for a Tollgate error however it was wrapped |
-//! | [`facts`] | the request body buffered once (with a cap), the JSON parsed once, and the fields layers need: model, `stream`, `max_tokens`, the prompt |
+//! | [`facts`] | the request body buffered once (with a cap), the JSON parsed once, and the fields layers need: model, `stream`, `max_tokens`, the prompt; `buffer_for_replay`, the mode that sends an over-cap body once instead of refusing it |
 //! | [`key`] | who a request counts against: [`Key`](key::Key) and [`KeyExtractor`](key::KeyExtractor) (tenant header, hashed API key, model, global, closure) |
 //! | [`headers`] | rate-limit headers read (`retry-after-ms`, `Retry-After`, `x-ratelimit-*`, `anthropic-ratelimit-*`, `grpc-retry-pushback-ms`) and written (`Retry-After`, IETF `RateLimit`) |
 //! | [`duration`] | Go-style durations (`6m0s`), as OpenAI writes resets |
@@ -16,7 +16,7 @@
 //! | [`refusal`] | the typed error a limit returns, and its 429 response |
 //! | [`unavailable`] | every backend away for its own failures: a 503 with `Retry-After`, never a 429 |
 //! | [`response`] | errors in OpenAI's error shape; the layer that turns Tollgate errors into responses |
-//! | [`body`] | when a response body is over, as every body wrapper must see it (a server that knows the length stops polling early) |
+//! | [`body`] | when a response body is over, as every body wrapper must see it (a server that knows the length stops polling early); `Watched`, the one wrapper for layers that act at an answer's end; `RequestBody`, a request that can be sent again (or once, over the cap) |
 //! | [`clock`] | one place to take time from: tokio's (pausable) clock or a manual one |
 //! | [`service`] | what every Tollgate service does alike: take the ready service for a call |
 //! | [`wait`] | the bounded, prioritised wait queue every limit that can wait shares |

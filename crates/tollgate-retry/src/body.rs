@@ -1,6 +1,5 @@
 //! The bodies a retried request and its answer travel in.
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -12,108 +11,6 @@ use tollgate_core::BoxError;
 
 /// The largest error body kept for the classifier to read.
 pub(crate) const MAX_ERROR_BODY: usize = 64 * 1024;
-
-pin_project! {
-    /// The body of a request through [`Retry`](crate::Retry): the buffered bytes, replayed
-    /// on every attempt, or — for a body over the cap — the original stream, sent once.
-    pub struct RequestBody<B> {
-        #[pin]
-        kind: RequestKind<B>,
-    }
-}
-
-pin_project! {
-    #[project = RequestKindProj]
-    enum RequestKind<B> {
-        Replay { #[pin] body: Full<Bytes> },
-        Once { read: VecDeque<Bytes>, #[pin] rest: B },
-    }
-}
-
-impl<B> RequestBody<B> {
-    pub(crate) fn replay(bytes: Bytes) -> Self {
-        Self {
-            kind: RequestKind::Replay {
-                body: Full::new(bytes),
-            },
-        }
-    }
-
-    pub(crate) fn once(read: VecDeque<Bytes>, rest: B) -> Self {
-        Self {
-            kind: RequestKind::Once { read, rest },
-        }
-    }
-
-    /// Whether the body is buffered, so the request can be sent again.
-    pub fn is_replayable(&self) -> bool {
-        matches!(self.kind, RequestKind::Replay { .. })
-    }
-
-    /// Another copy of a replayable body.
-    pub(crate) fn try_clone(&self) -> Option<Self> {
-        match &self.kind {
-            RequestKind::Replay { body } => Some(Self {
-                kind: RequestKind::Replay { body: body.clone() },
-            }),
-            RequestKind::Once { .. } => None,
-        }
-    }
-}
-
-impl<B> std::fmt::Debug for RequestBody<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RequestBody")
-            .field("replayable", &self.is_replayable())
-            .finish()
-    }
-}
-
-impl<B> Body for RequestBody<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project().kind.project() {
-            RequestKindProj::Replay { body } => body.poll_frame(cx).map_err(|never| match never {}),
-            RequestKindProj::Once { read, rest } => {
-                if let Some(chunk) = read.pop_front() {
-                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
-                }
-                rest.poll_frame(cx).map_err(Into::into)
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            RequestKind::Replay { body } => body.is_end_stream(),
-            RequestKind::Once { read, rest } => read.is_empty() && rest.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            RequestKind::Replay { body } => body.size_hint(),
-            RequestKind::Once { read, rest } => {
-                let pre: u64 = read.iter().map(|b| b.len() as u64).sum();
-                let mut h = SizeHint::new();
-                h.set_lower(rest.size_hint().lower() + pre);
-                if let Some(u) = rest.size_hint().upper() {
-                    h.set_upper(u + pre);
-                }
-                h
-            }
-        }
-    }
-}
 
 pin_project! {
     /// The body of an answer through [`Retry`](crate::Retry): error answers (400 and up,

@@ -1,6 +1,5 @@
 //! [`RetryLayer`] and the [`Retry`] service.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -15,15 +14,17 @@ use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tollgate_core::clock::{Clock, SharedClock};
-use tollgate_core::facts::{RequestFacts, DEFAULT_BODY_LIMIT};
+use tollgate_core::facts::DEFAULT_BODY_LIMIT;
 use tollgate_core::BoxError;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::backoff::Backoff;
-use crate::body::{RequestBody, RetryBody, MAX_ERROR_BODY};
+use crate::body::{RetryBody, MAX_ERROR_BODY};
 use crate::classify::{Classifier, HttpClassifier};
 use crate::policy::{Attempt, Config, RetryPolicy};
+use tollgate_core::body::RequestBody;
+use tollgate_core::facts::buffer_for_replay;
 
 /// The whole request, waits included, took longer than the layer's deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,57 +303,6 @@ where
     }
 }
 
-/// Reads a request body into memory up to `limit`; past it, keeps what was read and the
-/// rest of the stream, to be sent once.
-async fn buffer<B>(req: Request<B>, limit: usize) -> Result<Request<RequestBody<B>>, BoxError>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    let (parts, mut body) = req.into_parts();
-    if let Some(facts) = parts.extensions.get::<RequestFacts>().cloned() {
-        // An outer layer buffered it already: replay its bytes.
-        return Ok(Request::from_parts(
-            parts,
-            RequestBody::replay(facts.body().clone()),
-        ));
-    }
-    if body.size_hint().lower() > limit as u64 {
-        tracing::debug!(
-            limit,
-            "request body over the cap: it is sent once and not retried"
-        );
-        return Ok(Request::from_parts(
-            parts,
-            RequestBody::once(VecDeque::new(), body),
-        ));
-    }
-    let mut read = VecDeque::new();
-    let mut len = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(Into::into)?;
-        if let Ok(data) = frame.into_data() {
-            len += data.len();
-            read.push_back(data);
-            if len > limit {
-                tracing::debug!(
-                    limit,
-                    "request body over the cap: it is sent once and not retried"
-                );
-                return Ok(Request::from_parts(parts, RequestBody::once(read, body)));
-            }
-        }
-    }
-    let mut all = bytes::BytesMut::with_capacity(len);
-    for b in read {
-        all.extend_from_slice(&b);
-    }
-    Ok(Request::from_parts(
-        parts,
-        RequestBody::replay(all.freeze()),
-    ))
-}
-
 /// The future of [`Retry`]: boxed, since it buffers the body, runs tower's `Retry`, and
 /// races the deadline.
 pub type ResponseFuture<ResB> =
@@ -387,7 +337,7 @@ where
             if let Some(budget) = &c.budget {
                 budget.deposit();
             }
-            let req = buffer(req, layer.body_limit).await?;
+            let req = buffer_for_replay(req, layer.body_limit).await?;
             let seed = layer
                 .seed
                 .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);

@@ -80,11 +80,13 @@ mod layer;
 mod policy;
 
 pub use backoff::{Backoff, Jitter};
-pub use body::{RequestBody, RetryBody};
+pub use body::RetryBody;
 pub use classify::{
     error_verdict, server_hint, Classifier, GrpcClassifier, HttpClassifier, Outcome, RetryReason,
     Verdict,
 };
 pub use layer::{DeadlineExceeded, ReadErrors, ResponseFuture, Retry, RetryBuilder, RetryLayer};
 pub use policy::{Attempt, RetryPolicy};
+/// The retry layer's request body: core's replayable-or-once body.
+pub use tollgate_core::body::RequestBody;
 pub use tower::retry::budget::TpsBudget;

@@ -11,8 +11,9 @@ use tollgate_core::BoxError;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::backoff::Backoff;
-use crate::body::{RequestBody, RetryBody};
+use crate::body::RetryBody;
 use crate::classify::{Classifier, Outcome, Verdict};
+use tollgate_core::body::RequestBody;
 
 /// Settings every request's policy shares.
 pub(crate) struct Config {

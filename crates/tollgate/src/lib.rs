@@ -14,14 +14,18 @@
 //! | `policy` | [`policy`] | the whole stack from one YAML or TOML file |
 //!
 //! [`core`] is the shared vocabulary: request facts, keys, refusals, server hints, the
-//! end-of-body rule every body wrapper follows, quota learning and slow start, the wait
-//! queue, and every store trait. No layer crate depends on another; `tollgate-redis`
-//! depends on `tollgate-core` alone.
+//! end-of-body rule and the one watched body every wrapper uses, the replayable request
+//! body, quota learning and slow start, the wait queue, every store trait — and the kit
+//! for metered limits (`core::meter`: one definition of a limit, the builder knobs, the
+//! guarded store call), of which the rate limiter and the token budget are thin users and
+//! a third meter (money) would be another. No layer crate depends on another;
+//! `tollgate-redis` depends on `tollgate-core` alone.
 //!
 //! ```text
-//!                         tollgate-core
+//!              tollgate-core  (facts, body::Watched, meter kit, wait queue, store traits)
 //!      ┌───────────┬──────────┼──────────┬───────────┬──────────────┐
 //!  ratelimit      tpm       retry      cache      failover     redis (stores)
+//!  (meter kit)  (meter kit) (RequestBody) (Watched)  (Watched)
 //!      └───────────┴──────────┴────┬─────┴───────────┴──────────────┘
 //!                              tollgate (this facade, the policy file)
 //! ```
