@@ -30,7 +30,7 @@ use tollgate_core::wait::Admit;
 
 use crate::layer::{Remote, Shared};
 
-/// Applies the budgets of a [`TpmLayer`] to an inner service. See the [crate docs](crate).
+/// Applies the budgets of a [`TpmLayer`](crate::TpmLayer) to an inner service. See the [crate docs](crate).
 #[derive(Clone, Debug)]
 pub struct Tpm<S> {
     inner: S,
