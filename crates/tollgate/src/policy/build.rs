@@ -18,8 +18,8 @@ use tollgate_failover::{AllCooling, Backend, Cooldown, Failover, FailoverBody};
 use tollgate_ratelimit::{Quota, RateLimitLayer};
 use tollgate_retry::{Backoff, Jitter, RequestBody, RetryBody, RetryLayer};
 use tollgate_tpm::{TokenQuota, TpmBody, TpmLayer};
-use tower::util::{BoxCloneSyncService, MapResponse};
-use tower::{Layer, Service, ServiceExt};
+use tower::util::{BoxCloneSyncService, Either, MapErr, MapRequest, MapResponse};
+use tower::{Layer, Service};
 
 use super::{
     BackendConfig, CacheConfig, JitterSpec, LimitMode, Partition, Policy, PolicyError,
@@ -35,9 +35,6 @@ pub type BoxBody = UnsyncBoxBody<Bytes, BoxError>;
 /// [`BoxBody`] out; errors are Tollgate's (a [`Refusal`](tollgate_core::refusal::Refusal),
 /// say) or the client's.
 pub type PolicyService<B> = BoxCloneSyncService<Request<B>, Response<BoxBody>, BoxError>;
-
-type Inner = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, BoxError>;
-type BackendService = BoxCloneSyncService<Request<ReplayBody>, Response<BoxBody>, BoxError>;
 
 fn boxed<B>(body: B) -> BoxBody
 where
@@ -149,6 +146,10 @@ impl Policy {
         })
     }
 
+    /// One backend's stack, retry → rate limit → token budget → base URL → `client`, as
+    /// one concrete type: a layer the policy leaves out is the other side of an
+    /// [`Either`], not a box, so cloning the stack for a call (which every layer does)
+    /// allocates nothing.
     fn backend_stack<C, ResB>(
         &self,
         name: &str,
@@ -156,7 +157,18 @@ impl Policy {
         client: C,
         body_limit: usize,
         shared: Option<&SharedStore>,
-    ) -> Result<BackendService, PolicyError>
+    ) -> Result<
+        impl Service<
+                Request<ReplayBody>,
+                Response = Response<BoxBody>,
+                Error = BoxError,
+                Future: Send + 'static,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+        PolicyError,
+    >
     where
         C: Service<Request<BoxBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
         C::Future: Send + 'static,
@@ -166,10 +178,9 @@ impl Policy {
     {
         let base = BaseUrlLayer::new(&b.url)
             .map_err(|e| PolicyError::new(format!("url `{}`: {e}", b.url)))?;
-        let mut svc: Inner = BoxCloneSyncService::new(
-            base.layer(client)
-                .map_err(Into::into)
-                .map_response(box_response::<ResB>),
+        let svc = MapResponse::new(
+            MapErr::new(base.layer(client), Into::<BoxError>::into),
+            box_response::<ResB>,
         );
         let learned = RateLimitConfig::default();
         let limits = b
@@ -177,27 +188,29 @@ impl Policy {
             .as_ref()
             .or(self.rate_limit.as_ref())
             .unwrap_or(&learned);
-        if limits.tokens.is_some() || limits.learns() {
-            let tpm = tpm_layer(name, limits, body_limit, shared);
-            svc = BoxCloneSyncService::new(MapResponse::new(
-                tpm.layer(svc.map_request(box_request::<ReplayBody>)),
+        let svc = match (limits.tokens.is_some() || limits.learns())
+            .then(|| tpm_layer(name, limits, body_limit, shared))
+        {
+            Some(tpm) => Either::Left(MapResponse::new(
+                tpm.layer(MapRequest::new(svc, box_request::<ReplayBody>)),
                 box_response::<TpmBody<BoxBody>>,
-            ));
-        }
-        if limits.requests.is_some() || limits.learns() {
-            svc = BoxCloneSyncService::new(rate_limit_layer(name, limits, shared).layer(svc));
-        }
-        if let Some(r) = &self.retry {
-            let retry = retry_layer(r, body_limit);
-            svc = BoxCloneSyncService::new(
-                retry
-                    .layer(svc.map_request(box_request::<RequestBody<BoxBody>>))
-                    .map_response(box_response::<RetryBody<BoxBody>>),
-            );
-        }
-        Ok(BoxCloneSyncService::new(
-            svc.map_request(box_request::<ReplayBody>),
-        ))
+            )),
+            None => Either::Right(svc),
+        };
+        let svc = match (limits.requests.is_some() || limits.learns())
+            .then(|| rate_limit_layer(name, limits, shared))
+        {
+            Some(limit) => Either::Left(limit.layer(svc)),
+            None => Either::Right(svc),
+        };
+        let svc = match self.retry.as_ref().map(|r| retry_layer(r, body_limit)) {
+            Some(retry) => Either::Left(MapResponse::new(
+                retry.layer(MapRequest::new(svc, box_request::<RequestBody<BoxBody>>)),
+                box_response::<RetryBody<BoxBody>>,
+            )),
+            None => Either::Right(svc),
+        };
+        Ok(MapRequest::new(svc, box_request::<ReplayBody>))
     }
 }
 
