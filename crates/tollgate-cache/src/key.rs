@@ -8,10 +8,9 @@
 //! are hashed as bytes.
 //!
 //! SHA-256 rather than BLAKE3: it is already in the dependency tree (`tollgate-core` hashes
-//! API keys with it), it is pure Rust (with the CPU's SHA instructions where it has them),
-//! and at the sizes of LLM requests BLAKE3's speed advantage is small next to walking the
-//! JSON. The JSON goes into the hasher in a canonical form of its own — a tag per kind,
-//! lengths before contents, keys in order — so nothing is escaped, formatted or copied.
+//! API keys with it), it is pure Rust, and at the sizes of LLM requests BLAKE3's speed
+//! advantage is small next to walking the JSON. The canonical JSON is written straight
+//! into the hasher; nothing is copied.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -27,6 +26,8 @@
 //! let b = rules.key(&Method::POST, "/v1/chat/completions", "tenant:acme", &facts(r#"{ "messages": [], "model": "m" }"#));
 //! assert_eq!(a, b);
 //! ```
+
+use std::io::{self, Write};
 
 use http::Method;
 use serde_json::Value;
@@ -52,6 +53,18 @@ impl Default for KeyRules {
 }
 
 /// Feeds everything written to it into the hash.
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 impl KeyRules {
     /// No field excluded.
     pub fn none() -> Self {
@@ -82,70 +95,35 @@ impl KeyRules {
         }
         match facts.json() {
             Some(Value::Object(obj)) => {
-                let kept: Vec<(&String, &Value)> = obj
-                    .iter()
-                    .filter(|(k, _)| !self.excluded.iter().any(|e| e == *k))
-                    .collect();
+                // serde_json's map is ordered by key, so writing it is canonical: sorted
+                // keys at every depth, no whitespace.
                 h.update(b"{");
-                h.update((kept.len() as u64).to_le_bytes());
-                for (k, v) in kept {
-                    feed_str(&mut h, k);
-                    feed(&mut h, v);
+                let mut first = true;
+                for (k, v) in obj {
+                    if self.excluded.iter().any(|e| e == k) {
+                        continue;
+                    }
+                    if !first {
+                        h.update(b",");
+                    }
+                    first = false;
+                    let mut w = HashWriter(&mut h);
+                    // Writing to a hasher cannot fail, and a `Value` always serializes.
+                    let _ = serde_json::to_writer(&mut w, k);
+                    w.0.update(b":");
+                    let _ = serde_json::to_writer(&mut HashWriter(&mut h), v);
                 }
+                h.update(b"}");
             }
-            Some(other) => feed(&mut h, other),
+            Some(other) => {
+                let _ = serde_json::to_writer(&mut HashWriter(&mut h), other);
+            }
             None => {
                 h.update(b"raw:");
                 h.update(facts.body());
             }
         }
         CacheKey(h.finalize().into())
-    }
-}
-
-/// A string into the hash: its length, then its bytes — unambiguous without escaping.
-fn feed_str(h: &mut Sha256, s: &str) {
-    h.update(b"s");
-    h.update((s.len() as u64).to_le_bytes());
-    h.update(s.as_bytes());
-}
-
-/// A JSON value into the hash in a canonical form of its own: a tag per kind, lengths
-/// before contents, object keys in order (serde_json's map is ordered by key). Nothing is
-/// escaped or formatted, and nothing is copied; two values hash alike exactly when they
-/// are equal as JSON values (`1` and `1.0` are different numbers, as serde_json sees them).
-fn feed(h: &mut Sha256, v: &Value) {
-    match v {
-        Value::Null => h.update(b"n"),
-        Value::Bool(b) => h.update(if *b { b"t" } else { b"f" }),
-        Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                h.update(b"i");
-                h.update(i.to_le_bytes());
-            } else if let Some(u) = n.as_u64() {
-                h.update(b"u");
-                h.update(u.to_le_bytes());
-            } else {
-                h.update(b"d");
-                h.update(n.as_f64().unwrap_or(f64::NAN).to_bits().to_le_bytes());
-            }
-        }
-        Value::String(s) => feed_str(h, s),
-        Value::Array(items) => {
-            h.update(b"[");
-            h.update((items.len() as u64).to_le_bytes());
-            for item in items {
-                feed(h, item);
-            }
-        }
-        Value::Object(obj) => {
-            h.update(b"{");
-            h.update((obj.len() as u64).to_le_bytes());
-            for (k, v) in obj {
-                feed_str(h, k);
-                feed(h, v);
-            }
-        }
     }
 }
 
