@@ -404,10 +404,26 @@ impl RequestFacts {
     pub fn into_request(self, mut parts: http::request::Parts) -> Request<ReplayBody> {
         let body = self.body().clone();
         parts.headers.remove(TRANSFER_ENCODING);
-        parts
+        // Every layer that buffers hands the request on through here; most find it as the
+        // last one left it, so only what differs is written (each write allocates).
+        let length_is_right = parts
             .headers
-            .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-        parts.extensions.insert(self);
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            == Some(body.len());
+        if !length_is_right {
+            parts
+                .headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        let same = parts
+            .extensions
+            .get::<RequestFacts>()
+            .is_some_and(|f| Arc::ptr_eq(&f.inner, &self.inner));
+        if !same {
+            parts.extensions.insert(self);
+        }
         Request::from_parts(parts, Full::new(body))
     }
 }

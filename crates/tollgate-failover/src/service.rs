@@ -38,6 +38,9 @@ pub struct ServedBy(pub Arc<str>);
 #[derive(Clone)]
 pub struct Backend<S> {
     name: Arc<str>,
+    /// `name` as the `x-tollgate-backend` value, made once (`None` if it is not a valid
+    /// header value).
+    label: Option<HeaderValue>,
     service: S,
     model: Option<String>,
     headers: HeaderMap,
@@ -57,8 +60,10 @@ impl<S> fmt::Debug for Backend<S> {
 impl<S> Backend<S> {
     /// A backend named `name` (for the `x-tollgate-backend` header, logs and metrics).
     pub fn new(name: impl Into<Arc<str>>, service: S) -> Self {
+        let name: Arc<str> = name.into();
         Self {
-            name: name.into(),
+            label: HeaderValue::from_str(&name).ok(),
+            name,
             service,
             model: None,
             headers: HeaderMap::new(),
@@ -153,14 +158,15 @@ struct Shared<S> {
 /// Tries backends in order; see the [crate docs](crate).
 pub struct Failover<S> {
     shared: Arc<Shared<S>>,
-    services: Vec<S>,
+    /// The backends' services, cloned one at a time for the backend a call tries.
+    services: Arc<[S]>,
 }
 
 impl<S: Clone> Clone for Failover<S> {
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
-            services: self.services.clone(),
+            services: Arc::clone(&self.services),
         }
     }
 }
@@ -397,7 +403,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let shared = Arc::clone(&self.shared);
-        let mut services = self.services.clone();
+        let services = Arc::clone(&self.services);
         Box::pin(async move {
             let (req, facts) = buffer_with_facts(req, shared.body_limit).await?;
             let (parts, _) = req.into_parts();
@@ -418,7 +424,8 @@ where
                         }
                         Gate::Busy => continue,
                     };
-                    let svc = &mut services[i];
+                    let mut svc = services[i].clone();
+                    let svc = &mut svc;
                     // Not ready now: pass it over rather than wait for it.
                     let ready: Poll<Result<(), BoxError>> = std::future::poll_fn(|cx| {
                         Poll::Ready(svc.poll_ready(cx).map_err(Into::into))
@@ -455,7 +462,7 @@ where
                             } else if trial {
                                 health.trial_abandoned();
                             }
-                            return served_outcome(res, &backend.name);
+                            return served_outcome(res, &backend.name, backend.label.as_ref());
                         }
                         Some((Why::Refused, hint)) => {
                             // A limit in this backend's own stack said "not for this key
@@ -701,7 +708,11 @@ impl<B: Body> Outcomes<B> {
         }
         if round.tried {
             return match self.last {
-                Some(last) => served_outcome(last, &Arc::from("none")),
+                Some(last) => served_outcome(
+                    last,
+                    &Arc::from("none"),
+                    Some(&HeaderValue::from_static("none")),
+                ),
                 None => Err("no backend could take the request".into()),
             };
         }
@@ -720,39 +731,25 @@ impl<B: Body> Outcomes<B> {
     }
 }
 
-/// An outcome as the caller's answer, marked with the backend that gave it.
+/// An outcome as the caller's answer, marked with the backend that gave it (`name`, and
+/// `label`, its header value).
 fn served_outcome<B: Body>(
     res: Outcome<B>,
     name: &Arc<str>,
+    label: Option<&HeaderValue>,
 ) -> Result<Response<FailoverBody<B>>, BoxError> {
-    match res {
-        Ok(Ok(r)) => Ok(served(r, name)),
-        Ok(Err((rp, bytes))) => Ok(served_read(rp, bytes, name)),
-        Err(e) => Err(e),
-    }
-}
-
-/// Marks an answer with the backend that served it: the `x-tollgate-backend` header and
-/// the [`ServedBy`] extension.
-fn mark(parts: &mut http::response::Parts, name: &Arc<str>) {
-    if let Ok(v) = HeaderValue::from_str(name) {
-        parts.headers.insert(X_TOLLGATE_BACKEND, v);
+    let (mut parts, body) = match res {
+        Ok(Ok(r)) => {
+            let (parts, body) = r.into_parts();
+            let sse = headers::is_event_stream(&parts.headers);
+            (parts, crate::body::stream(body, sse, Arc::clone(name)))
+        }
+        Ok(Err((parts, bytes))) => (parts, crate::body::read(bytes)),
+        Err(e) => return Err(e),
+    };
+    if let Some(v) = label {
+        parts.headers.insert(X_TOLLGATE_BACKEND, v.clone());
     }
     parts.extensions.insert(ServedBy(Arc::clone(name)));
-}
-
-fn served_read<B>(
-    mut parts: http::response::Parts,
-    bytes: bytes::Bytes,
-    name: &Arc<str>,
-) -> Response<FailoverBody<B>> {
-    mark(&mut parts, name);
-    Response::from_parts(parts, crate::body::read(bytes))
-}
-
-fn served<B: Body>(res: Response<B>, name: &Arc<str>) -> Response<FailoverBody<B>> {
-    let (mut parts, body) = res.into_parts();
-    let sse = headers::is_event_stream(&parts.headers);
-    mark(&mut parts, name);
-    Response::from_parts(parts, crate::body::stream(body, sse, Arc::clone(name)))
+    Ok(Response::from_parts(parts, body))
 }
