@@ -7,13 +7,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tollgate::policy::{BoxBody, Policy};
 use tollgate_testkit::Provider;
-use tower::ServiceExt;
 
 use crate::load::{self, Plan};
 use crate::report;
@@ -82,14 +81,7 @@ async fn burst(yaml: &str, n: u64, max: Duration) -> Result<Run, BoxError> {
                 .header("authorization", "Bearer sk-bench")
                 .body(Full::new(Bytes::from(body.as_bytes().to_vec())))
                 .map_err(|e| e.to_string())?;
-            let res = svc.oneshot(req).await.map_err(|e| e.to_string())?;
-            let status = res.status();
-            let _ = res.into_body().collect().await;
-            if status.is_success() {
-                Ok(())
-            } else {
-                Err(format!("status {status}"))
-            }
+            crate::load::send(svc, req).await
         }
     })
     .await;

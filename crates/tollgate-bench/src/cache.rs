@@ -2,7 +2,7 @@
 //! provider calls a workload with repeated questions saves.
 
 use std::convert::Infallible;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -46,18 +46,7 @@ fn question(bytes: usize, n: u64) -> Bytes {
     ))
 }
 
-fn ready<F: std::future::Future>(f: F) -> Option<F::Output> {
-    let mut f = std::pin::pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => Some(v),
-        Poll::Pending => None,
-    }
-}
-
-fn drain<B: http_body::Body<Data = Bytes> + Unpin>(mut b: B) {
-    let mut cx = Context::from_waker(Waker::noop());
-    while let Poll::Ready(Some(Ok(_))) = std::pin::Pin::new(&mut b).poll_frame(&mut cx) {}
-}
+use crate::load::{drain, ready};
 
 /// Microseconds per request through `svc`, for the bodies `body(i)`; requests built
 /// before the clock starts.

@@ -119,3 +119,42 @@ where
     out.elapsed = start.elapsed();
     out
 }
+
+/// Polls `f` once with a no-op waker: its output when it is ready at once (the
+/// in-process scenarios' services answer without waiting).
+pub(crate) fn ready<F: Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    match f
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Reads a body that is ready at once to its end.
+pub(crate) fn drain<B: http_body::Body<Data = bytes::Bytes> + Unpin>(mut b: B) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    while let std::task::Poll::Ready(Some(Ok(_))) = std::pin::Pin::new(&mut b).poll_frame(&mut cx) {
+    }
+}
+
+/// Sends `req` through `svc` and reads the answer to its end: `Ok` for a 2xx.
+pub(crate) async fn send<S, ReqB, ResB>(svc: S, req: http::Request<ReqB>) -> Result<(), String>
+where
+    S: tower::Service<http::Request<ReqB>, Response = http::Response<ResB>>,
+    S::Error: std::fmt::Display,
+    ResB: http_body::Body,
+    ResB::Error: std::fmt::Display,
+{
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let res = svc.oneshot(req).await.map_err(|e| e.to_string())?;
+    let status = res.status();
+    res.into_body().collect().await.map_err(|e| e.to_string())?;
+    status
+        .is_success()
+        .then_some(())
+        .ok_or(format!("status {status}"))
+}

@@ -7,13 +7,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tollgate::policy::{BoxBody, Policy};
 use tollgate_testkit::Provider;
-use tower::ServiceExt;
 
 use crate::load::{self, Outcome, Plan};
 use crate::report;
@@ -63,18 +62,7 @@ where
 {
     load::run(plan, move |i| {
         let (svc, uri) = (svc.clone(), uri.clone());
-        async move {
-            let res = svc
-                .oneshot(request(&uri, Full::new(body(offset + i)))?)
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = res.status();
-            res.into_body().collect().await.map_err(|e| e.to_string())?;
-            status
-                .is_success()
-                .then_some(())
-                .ok_or(format!("status {status}"))
-        }
+        async move { load::send(svc, request(&uri, Full::new(body(offset + i)))?).await }
     })
     .await
 }

@@ -13,7 +13,7 @@ use tollgate_core::headers;
 use tollgate_ratelimit::{Limit, RateLimitLayer};
 use tollgate_retry::{RequestBody, RetryLayer};
 use tollgate_testkit::Provider;
-use tower::{Layer, ServiceExt};
+use tower::Layer;
 
 use crate::load::{self, Plan};
 use crate::report;
@@ -74,25 +74,13 @@ where
     S::Error: std::fmt::Display,
     ResB: http_body::Body + Send + 'static,
     ResB::Data: Send,
-    ResB::Error: Send,
+    ResB::Error: Send + std::fmt::Display,
 {
     let url = Arc::new(url.to_owned());
     let start = Instant::now();
     let out = load::run(plan, move |_| {
         let (svc, u) = (svc.clone(), Arc::clone(&url));
-        async move {
-            let res = svc
-                .oneshot(chat(&u, key))
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = res.status();
-            let _ = res.into_body().collect().await;
-            if status.is_success() {
-                Ok(())
-            } else {
-                Err(format!("status {status}"))
-            }
-        }
+        async move { crate::load::send(svc, chat(&u, key)).await }
     })
     .await;
     (out, start.elapsed())

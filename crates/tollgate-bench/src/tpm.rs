@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::convert::Infallible;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 
 use http::Response;
 use tollgate_core::facts::{ReplayBody, RequestFacts};
@@ -77,18 +77,7 @@ fn facts(body: &serde_json::Value) -> Result<RequestFacts, BoxError> {
     )?)
 }
 
-fn ready<F: std::future::Future>(f: F) -> Option<F::Output> {
-    let mut f = std::pin::pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => Some(v),
-        Poll::Pending => None,
-    }
-}
-
-fn drain<B: http_body::Body<Data = Bytes> + Unpin>(mut b: B) {
-    let mut cx = Context::from_waker(Waker::noop());
-    while let Poll::Ready(Some(Ok(_))) = std::pin::Pin::new(&mut b).poll_frame(&mut cx) {}
-}
+use crate::load::{drain, ready};
 
 /// Nanoseconds per request through `svc` (call and read the answer to its end, which
 /// settles it), requests built before the clock starts.
