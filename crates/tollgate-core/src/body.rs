@@ -135,7 +135,8 @@ pub trait CallerBody: Body<Data: Send, Error: Into<crate::BoxError>> + Send + 's
 
 impl<T> CallerBody for T where T: Body<Data: Send, Error: Into<crate::BoxError>> + Send + 'static {}
 
-/// An answer's body as the layers see it: bytes, across threads, an error that boxes.
+/// A body of `Bytes` as the layers see it (an answer, or a request already in bytes):
+/// across threads, an error that boxes.
 pub trait AnswerBody:
     Body<Data = bytes::Bytes, Error: Into<crate::BoxError>> + Send + 'static
 {

@@ -49,14 +49,21 @@ fn limit() -> Limit {
     Limit::new("tenant", Quota::per_minute(40)).keyed_by(Header::new("x-tenant-id"))
 }
 
+/// A scripted store, and the tenant limit kept in it (failing closed) over an
+/// always-ok service; `wait` puts it in wait mode.
+fn stored(wait: Option<Duration>) -> (Scripted, tollgate_ratelimit::RateLimit<common::Ok200>) {
+    let store = Scripted::default();
+    let mut builder = RateLimitLayer::builder().limit(limit());
+    if let Some(max_wait) = wait {
+        builder = builder.wait(max_wait);
+    }
+    let layer = builder.store(store.clone(), OnStoreFailure::Closed).build();
+    (store, layer.layer(ok_service()))
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_store_decides_and_names_the_limit_and_key() {
-    let store = Scripted::default();
-    let layer = RateLimitLayer::builder()
-        .limit(limit())
-        .store(store.clone(), OnStoreFailure::Closed)
-        .build();
-    let mut svc = layer.layer(ok_service());
+    let (store, mut svc) = stored(None);
     assert!(send(&mut svc, req("acme")).await.is_ok());
     let cell = store.seen.lock().unwrap()[0].clone();
     // The limit's name, then the request's key: two limits never share a bucket.
@@ -78,13 +85,7 @@ async fn the_store_decides_and_names_the_limit_and_key() {
 
 #[tokio::test(start_paused = true)]
 async fn wait_mode_waits_the_stores_time_then_asks_again() {
-    let store = Scripted::default();
-    let layer = RateLimitLayer::builder()
-        .limit(limit())
-        .wait(Duration::from_secs(5))
-        .store(store.clone(), OnStoreFailure::Closed)
-        .build();
-    let mut svc = layer.layer(ok_service());
+    let (store, mut svc) = stored(Some(Duration::from_secs(5)));
     *store.deny_for.lock().unwrap() = Some(Duration::from_millis(700));
     let start = tokio::time::Instant::now();
     assert!(send(&mut svc, req("acme")).await.is_ok());
@@ -99,12 +100,7 @@ async fn wait_mode_waits_the_stores_time_then_asks_again() {
 
 #[tokio::test(start_paused = true)]
 async fn failing_closed_refuses_and_recovers_within_a_second() {
-    let store = Scripted::default();
-    let layer = RateLimitLayer::builder()
-        .limit(limit())
-        .store(store.clone(), OnStoreFailure::Closed)
-        .build();
-    let mut svc = layer.layer(ok_service());
+    let (store, mut svc) = stored(None);
     store.fail.store(true, Ordering::SeqCst);
     let err = send(&mut svc, req("acme")).await.unwrap_err();
     assert!(err.downcast_ref::<StoreError>().is_some(), "{err}");

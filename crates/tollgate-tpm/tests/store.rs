@@ -62,13 +62,19 @@ fn budget() -> Budget {
     Budget::new("tpm", TokenQuota::per_minute(4000))
 }
 
-#[tokio::test(start_paused = true)]
-async fn reserves_and_settles_in_the_store_with_the_real_usage() {
+/// A scripted store and the budget kept in it, failing closed.
+fn stored() -> (Scripted, TpmLayer) {
     let store = Scripted::default();
     let layer = TpmLayer::builder()
         .budget(budget())
         .store(store.clone(), OnStoreFailure::Closed)
         .build();
+    (store, layer)
+}
+
+#[tokio::test(start_paused = true)]
+async fn reserves_and_settles_in_the_store_with_the_real_usage() {
+    let (store, layer) = stored();
     let svc = layer.layer(fake_provider());
     drain(svc.oneshot(chat(10, 200, 57)).await.unwrap().into_body());
     tokio::task::yield_now().await;
@@ -88,11 +94,7 @@ async fn reserves_and_settles_in_the_store_with_the_real_usage() {
 
 #[tokio::test(start_paused = true)]
 async fn the_stores_refusals_are_refusals() {
-    let store = Scripted::default();
-    let layer = TpmLayer::builder()
-        .budget(budget())
-        .store(store.clone(), OnStoreFailure::Closed)
-        .build();
+    let (store, layer) = stored();
     let svc = layer.layer(fake_provider());
     *store.deny.lock().unwrap() = Some(TokenDecision::Denied {
         binding: 0,

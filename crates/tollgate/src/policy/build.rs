@@ -5,11 +5,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
 use http::{Request, Response};
-use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use tollgate_cache::key::KeyRules;
 use tollgate_cache::{CacheBody, CacheLayer};
+use tollgate_core::body::AnswerBody;
 use tollgate_core::facts::{ReplayBody, DEFAULT_BODY_LIMIT};
 use tollgate_core::meter::{Meter, MeterQuota};
 use tollgate_core::wait::Mode;
@@ -38,24 +38,21 @@ pub type PolicyService<B> = BoxCloneSyncService<Request<B>, Response<BoxBody>, B
 
 fn boxed<B>(body: B) -> BoxBody
 where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: AnswerBody,
 {
     body.map_err(Into::into).boxed_unsync()
 }
 
 fn box_request<B>(req: Request<B>) -> Request<BoxBody>
 where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: AnswerBody,
 {
     req.map(boxed)
 }
 
 fn box_response<B>(res: Response<B>) -> Response<BoxBody>
 where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: AnswerBody,
 {
     res.map(boxed)
 }
@@ -79,10 +76,8 @@ impl Policy {
         C: Service<Request<BoxBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
         C::Future: Send + 'static,
         C::Error: Into<BoxError>,
-        ResB: Body<Data = Bytes> + Send + 'static,
-        ResB::Error: Into<BoxError>,
-        B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
+        ResB: AnswerBody,
+        B: AnswerBody,
     {
         let shared = shared_store(&self.store)?;
         let body_limit = self.body_limit.map_or(DEFAULT_BODY_LIMIT, |s| {
@@ -173,8 +168,7 @@ impl Policy {
         C: Service<Request<BoxBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
         C::Future: Send + 'static,
         C::Error: Into<BoxError>,
-        ResB: Body<Data = Bytes> + Send + 'static,
-        ResB::Error: Into<BoxError>,
+        ResB: AnswerBody,
     {
         let base = BaseUrlLayer::new(&b.url)
             .map_err(|e| PolicyError::new(format!("url `{}`: {e}", b.url)))?;
