@@ -49,13 +49,23 @@ impl Key {
 
     /// `prefix:value` as a key, built with one allocation.
     pub fn prefixed(prefix: &str, value: &str) -> Self {
-        // Inline up to 23 bytes (no allocation at all), one allocation past that; nothing
-        // is zeroed or validated again on the way.
-        let mut b = smol_str::SmolStrBuilder::new();
-        b.push_str(prefix);
-        b.push(':');
-        b.push_str(value);
-        Self(b.finish())
+        let len = prefix.len() + 1 + value.len();
+        // Up to 23 bytes a SmolStr holds inline: assembled on the stack, no allocation.
+        let mut buf = [0u8; 23];
+        if len <= buf.len() {
+            buf[..prefix.len()].copy_from_slice(prefix.as_bytes());
+            buf[prefix.len()] = b':';
+            buf[prefix.len() + 1..len].copy_from_slice(value.as_bytes());
+            // Two strings and an ASCII colon: always UTF-8.
+            if let Ok(s) = std::str::from_utf8(&buf[..len]) {
+                return Self(SmolStr::new(s));
+            }
+        }
+        let mut s = String::with_capacity(len);
+        s.push_str(prefix);
+        s.push(':');
+        s.push_str(value);
+        Self(SmolStr::from(s))
     }
 
     /// The key everyone shares.
