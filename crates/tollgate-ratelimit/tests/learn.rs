@@ -22,6 +22,20 @@ const LIMIT: f64 = 600.0;
 const BURST: f64 = 10.0;
 const RATE: f64 = LIMIT / 60.0;
 
+/// One request through `svc`, which must succeed.
+async fn one<S>(svc: &mut S)
+where
+    S: Service<Request<()>>,
+    S::Error: std::fmt::Debug,
+{
+    svc.ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap();
+}
+
 /// A provider whose bucket holds `burst_size`, answering after `latency`, with or without
 /// its `x-ratelimit-*` headers.
 fn provider(
@@ -209,12 +223,7 @@ async fn a_configured_quota_is_an_upper_bound_and_a_stricter_provider_wins() {
         .build();
     let mut svc = layer.layer(provider);
     // Configured: no slow start.
-    svc.ready()
-        .await
-        .unwrap()
-        .call(Request::new(()))
-        .await
-        .unwrap();
+    one(&mut svc).await;
     let q = layer.quota("backend").unwrap();
     assert_eq!(
         q.interval(),
@@ -233,12 +242,7 @@ async fn a_configured_quota_is_an_upper_bound_and_a_stricter_provider_wins() {
         .build();
     let (_, provider) = self::provider(Duration::ZERO, true, Instant::now(), BURST);
     let mut svc = layer.layer(provider);
-    svc.ready()
-        .await
-        .unwrap()
-        .call(Request::new(()))
-        .await
-        .unwrap();
+    one(&mut svc).await;
     let q = layer.quota("backend").unwrap();
     assert_eq!((q.interval(), q.burst_size()), (Duration::from_secs(1), 2));
 }
