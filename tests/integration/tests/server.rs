@@ -240,3 +240,45 @@ rate_limit: {{ requests: 10/min }}
     assert_eq!(http.request(req).await.unwrap().status(), 400);
     assert_eq!(provider.stats().requests, 0, "nothing reached the provider");
 }
+
+#[tokio::test]
+async fn a_stream_cut_after_its_first_byte_ends_with_an_error_event_not_a_broken_connection() {
+    // The primary cuts every stream partway; the fallback is healthy but must not be used
+    // once the caller has bytes. Failover's watched body turns the cut into an event.
+    let cuts = Provider::builder()
+        .faults(tollgate_testkit::Faults {
+            cut_rate: 1.0,
+            ..Default::default()
+        })
+        .chunk_delay(std::time::Duration::from_millis(2))
+        .spawn()
+        .await
+        .unwrap();
+    let fallback = Provider::builder().spawn().await.unwrap();
+    let addr = serve(build(&format!(
+        r#"
+primary:   {{ name: primary, url: "{}" }}
+fallbacks: [ {{ name: fallback, url: "{}" }} ]
+"#,
+        cuts.url(),
+        fallback.url()
+    )))
+    .await;
+    let url = format!("http://{addr}/v1/chat/completions");
+    let mut body = chat("Stream, please.");
+    body["stream"] = json!(true);
+
+    // The client reads the whole answer without a transport error.
+    let res = post(&client(), &url, "k", &body, &[]).await.unwrap();
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("x-tollgate-backend"), Some("primary"));
+    let text = String::from_utf8(res.body.to_vec()).unwrap();
+    assert!(text.contains("event: error"), "{text}");
+    let last = sse_events(&res.body).pop().unwrap();
+    assert_eq!(last["error"]["code"], "stream_interrupted", "{text}");
+    assert_eq!(
+        fallback.stats().requests,
+        0,
+        "no failover after the first byte"
+    );
+}
