@@ -297,6 +297,8 @@ impl<S: ?Sized + Send + Sync + 'static> Knobs<S> {
 pub trait MeterStore: Send + Sync + 'static {
     /// One bucket a decision draws on.
     type Cell: Send + Sync + 'static;
+    /// The store's own answer.
+    type Decision: Send + 'static;
     /// What the store grants (the rate store: nothing; the token store: a hold to settle).
     type Grant: Send + 'static;
     /// Takes `cost` from every cell, or nothing.
@@ -304,7 +306,9 @@ pub trait MeterStore: Send + Sync + 'static {
         &self,
         cells: Arc<[Self::Cell]>,
         cost: u64,
-    ) -> StoreFuture<Result<StoreVerdict<Self::Grant>, StoreError>>;
+    ) -> StoreFuture<Result<Self::Decision, StoreError>>;
+    /// The store's answer, as a meter sees it.
+    fn verdict(decision: Self::Decision) -> StoreVerdict<Self::Grant>;
 }
 
 /// A store's answer, as a meter sees it.
@@ -324,49 +328,51 @@ pub enum StoreVerdict<G> {
 
 impl MeterStore for dyn RateStore {
     type Cell = RateCell;
+    type Decision = RateDecision;
     type Grant = ();
     fn take(
         &self,
         cells: Arc<[RateCell]>,
         _cost: u64,
-    ) -> StoreFuture<Result<StoreVerdict<()>, StoreError>> {
-        let fut = self.acquire(cells);
-        Box::pin(async move {
-            Ok(match fut.await? {
-                RateDecision::Admitted => StoreVerdict::Granted(()),
-                RateDecision::Denied {
-                    binding,
-                    retry_after,
-                } => StoreVerdict::Denied {
-                    binding,
-                    retry_after: Some(retry_after),
-                },
-            })
-        })
+    ) -> StoreFuture<Result<RateDecision, StoreError>> {
+        self.acquire(cells)
+    }
+    fn verdict(decision: RateDecision) -> StoreVerdict<()> {
+        match decision {
+            RateDecision::Admitted => StoreVerdict::Granted(()),
+            RateDecision::Denied {
+                binding,
+                retry_after,
+            } => StoreVerdict::Denied {
+                binding,
+                retry_after: Some(retry_after),
+            },
+        }
     }
 }
 
 impl MeterStore for dyn TokenStore {
     type Cell = TokenCell;
+    type Decision = TokenDecision;
     type Grant = u64;
     fn take(
         &self,
         cells: Arc<[TokenCell]>,
         cost: u64,
-    ) -> StoreFuture<Result<StoreVerdict<u64>, StoreError>> {
-        let fut = self.reserve(cells, cost);
-        Box::pin(async move {
-            Ok(match fut.await? {
-                TokenDecision::Reserved { hold } => StoreVerdict::Granted(hold),
-                TokenDecision::Denied {
-                    binding,
-                    retry_after,
-                } => StoreVerdict::Denied {
-                    binding,
-                    retry_after,
-                },
-            })
-        })
+    ) -> StoreFuture<Result<TokenDecision, StoreError>> {
+        self.reserve(cells, cost)
+    }
+    fn verdict(decision: TokenDecision) -> StoreVerdict<u64> {
+        match decision {
+            TokenDecision::Reserved { hold } => StoreVerdict::Granted(hold),
+            TokenDecision::Denied {
+                binding,
+                retry_after,
+            } => StoreVerdict::Denied {
+                binding,
+                retry_after,
+            },
+        }
     }
 }
 
@@ -415,7 +421,7 @@ impl<S: ?Sized> Guarded<S> {
         self.on_failure
     }
 
-    fn without_store(&self, error: Option<StoreError>) -> Asked<Never> {
+    fn without_store<G>(&self, error: Option<StoreError>) -> Asked<G> {
         match self.on_failure {
             OnStoreFailure::Open { .. } => Asked::Local,
             OnStoreFailure::Closed => Asked::Failed(
@@ -424,9 +430,6 @@ impl<S: ?Sized> Guarded<S> {
         }
     }
 }
-
-/// Uninhabited: an [`Asked`] that cannot be a grant.
-enum Never {}
 
 /// What asking the store came to.
 #[derive(Debug)]
@@ -451,50 +454,31 @@ pub enum Asked<G> {
     Failed(StoreError),
 }
 
-impl Asked<Never> {
-    fn widen<G>(self) -> Asked<G> {
-        match self {
-            Asked::Granted(never) => match never {},
-            Asked::Refused {
-                binding,
-                retry_after,
-                reason,
-            } => Asked::Refused {
-                binding,
-                retry_after,
-                reason,
-            },
-            Asked::Local => Asked::Local,
-            Asked::Failed(e) => Asked::Failed(e),
-        }
-    }
-}
-
 /// One guarded store call, as a future: asks the store for `cells` (unless it is down and
 /// another request is probing it), waits out a `retry_after` on its own timer when the
 /// deadline allows and asks again, and goes by the failure policy when the store fails.
 ///
-/// `C` and `G` are the store's [`MeterStore::Cell`] and [`MeterStore::Grant`], named
+/// `C` and `D` are the store's [`MeterStore::Cell`] and [`MeterStore::Decision`], named
 /// rather than projected so that the future's `Send` is plain to the compiler inside
 /// `async` blocks; [`RateAsk`] and [`TokenAsk`] name the two stores' calls.
-pub struct Ask<S: ?Sized, C, G> {
+pub struct Ask<S: ?Sized, C, D> {
     guard: Arc<Guarded<S>>,
     cells: Arc<[C]>,
     cost: u64,
     clock: SharedClock,
     deadline: Option<Instant>,
     ask: bool,
-    pending: Option<StoreFuture<Result<StoreVerdict<G>, StoreError>>>,
+    pending: Option<StoreFuture<Result<D, StoreError>>>,
     sleep: Option<Sleep>,
 }
 
 /// The guarded call to a [`RateStore`].
-pub type RateAsk = Ask<dyn RateStore, RateCell, ()>;
+pub type RateAsk = Ask<dyn RateStore, RateCell, RateDecision>;
 
 /// The guarded call to a [`TokenStore`].
-pub type TokenAsk = Ask<dyn TokenStore, TokenCell, u64>;
+pub type TokenAsk = Ask<dyn TokenStore, TokenCell, TokenDecision>;
 
-impl<S: ?Sized, C, G> fmt::Debug for Ask<S, C, G> {
+impl<S: ?Sized, C, D> fmt::Debug for Ask<S, C, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ask")
             .field("guard", &self.guard)
@@ -504,7 +488,7 @@ impl<S: ?Sized, C, G> fmt::Debug for Ask<S, C, G> {
     }
 }
 
-impl<S: MeterStore<Cell = C, Grant = G> + ?Sized, C, G> Ask<S, C, G> {
+impl<S: MeterStore<Cell = C, Decision = D> + ?Sized, C, D> Ask<S, C, D> {
     /// Asks `guard`'s store for `cost` from each of `cells`; in wait `mode`, waits out
     /// denials up to its `max_wait` from now.
     pub fn new(
@@ -534,16 +518,16 @@ impl<S: MeterStore<Cell = C, Grant = G> + ?Sized, C, G> Ask<S, C, G> {
     }
 }
 
-impl<S: ?Sized, C, G> Unpin for Ask<S, C, G> {}
+impl<S: ?Sized, C, D> Unpin for Ask<S, C, D> {}
 
-impl<S: MeterStore<Cell = C, Grant = G> + ?Sized, C, G> Future for Ask<S, C, G> {
-    type Output = Asked<G>;
+impl<S: MeterStore<Cell = C, Decision = D> + ?Sized, C, D> Future for Ask<S, C, D> {
+    type Output = Asked<S::Grant>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         loop {
             if !this.ask {
-                return Poll::Ready(this.guard.without_store(None).widen());
+                return Poll::Ready(this.guard.without_store(None));
             }
             if let Some(sleep) = this.sleep.as_mut() {
                 ready!(sleep.as_mut().poll(cx));
@@ -555,7 +539,7 @@ impl<S: MeterStore<Cell = C, Grant = G> + ?Sized, C, G> Future for Ask<S, C, G> 
                 .get_or_insert_with(|| guard.store.take(Arc::clone(cells), cost));
             let answer = ready!(fut.as_mut().poll(cx));
             this.pending = None;
-            let (binding, retry_after) = match answer {
+            let (binding, retry_after) = match answer.map(S::verdict) {
                 Ok(StoreVerdict::Granted(g)) => {
                     this.guard.health.answered(this.guard.what);
                     return Poll::Ready(Asked::Granted(g));
@@ -571,7 +555,7 @@ impl<S: MeterStore<Cell = C, Grant = G> + ?Sized, C, G> Future for Ask<S, C, G> 
                     this.guard
                         .health
                         .failed(this.clock.now(), this.guard.what, &e);
-                    return Poll::Ready(this.guard.without_store(Some(e)).widen());
+                    return Poll::Ready(this.guard.without_store(Some(e)));
                 }
             };
             let refused = |reason| {
