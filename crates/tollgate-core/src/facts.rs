@@ -400,6 +400,29 @@ impl RequestFacts {
         Some(Self::from_parts(body, Some(json), self.kind()))
     }
 
+    /// The facts of this request asking for its usage chunk, for a streamed chat request
+    /// that did not (`stream_options.include_usage: true` added); `None` when it needs no
+    /// change or cannot take one (a `stream_options` that is not an object).
+    pub fn with_usage_requested(&self) -> Option<RequestFacts> {
+        if self.kind() != ApiKind::ChatCompletions || !self.is_stream() || self.include_usage() {
+            return None;
+        }
+        let options = self.json()?.get("stream_options");
+        if options.is_some_and(|o| !o.is_object()) {
+            return None;
+        }
+        self.rewrite(|v| {
+            if let Some(obj) = v.as_object_mut() {
+                let options = obj
+                    .entry("stream_options")
+                    .or_insert_with(|| Value::Object(serde_json::Map::new()));
+                if let Some(o) = options.as_object_mut() {
+                    o.insert("include_usage".to_owned(), Value::Bool(true));
+                }
+            }
+        })
+    }
+
     /// Puts these facts and their body into `parts`, fixing `Content-Length`.
     pub fn into_request(self, mut parts: http::request::Parts) -> Request<ReplayBody> {
         let body = self.body().clone();

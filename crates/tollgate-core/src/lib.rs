@@ -72,6 +72,7 @@ pub mod service;
 pub mod store;
 pub mod unavailable;
 pub mod usage;
+pub mod usage_chunk;
 pub mod wait;
 
 /// The boxed error type of tower stacks.

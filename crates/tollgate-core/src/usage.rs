@@ -155,6 +155,29 @@ impl Partial {
     }
 }
 
+/// Where a layer that reads an answer's usage reports it, for code outside the stack that
+/// wants it too (a gateway's access log): put an `Arc<UsageReport>` in the request's
+/// extensions, and the token budget records the usage it settles with there — also the
+/// usage of a stream whose usage chunk it asked for and hid from the caller.
+#[derive(Debug, Default)]
+pub struct UsageReport {
+    usage: std::sync::Mutex<Option<Usage>>,
+}
+
+impl UsageReport {
+    /// Records `usage` (the last report wins).
+    pub fn record(&self, usage: Usage) {
+        if let Ok(mut u) = self.usage.lock() {
+            *u = Some(usage);
+        }
+    }
+
+    /// The usage recorded, if any.
+    pub fn get(&self) -> Option<Usage> {
+        self.usage.lock().ok().and_then(|u| *u)
+    }
+}
+
 /// Reads usage from a response body fed frame by frame. See the [module docs](self).
 #[derive(Debug)]
 pub struct UsageScanner {

@@ -179,6 +179,19 @@ impl RedisStore {
         self
     }
 
+    /// Asks Redis whether it answers (`PING`), within the store's timeout: a gateway's
+    /// readiness check.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let pong: String =
+            Self::timed(self.timeout, redis::cmd("PING").query_async(&mut conn)).await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::new(format!("PING answered `{pong}`")))
+        }
+    }
+
     /// The sorted-set member naming hold `hold` of `amount` tokens.
     fn hold_member(&self, hold: u64, amount: u64) -> String {
         format!("{:016x}{hold:016x}:{amount}", self.nonce)

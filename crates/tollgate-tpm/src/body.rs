@@ -7,11 +7,11 @@ use http_body::Body;
 use tollgate_core::body::{Watched, Watcher};
 use tollgate_core::key::Key;
 use tollgate_core::store::{TokenCell, TokenStore};
-use tollgate_core::usage::{Usage, UsageScanner};
+use tollgate_core::usage::{Usage, UsageReport, UsageScanner};
 use tollgate_core::wait::WaitQueue;
 
 use crate::budget::{Budgets, ProviderView};
-use crate::sse::UsageChunkFilter;
+use tollgate_core::usage_chunk::UsageChunkFilter;
 
 /// A reservation waiting for the real count.
 #[derive(Debug)]
@@ -139,6 +139,7 @@ pub type TpmBody<B> = Watched<B, Settling>;
 /// What the token budget does as an answer passes: reads `usage`, settles when the answer
 /// is complete, and strips the usage chunk it asked for on the caller's behalf.
 pub struct Settling {
+    report: Option<Arc<UsageReport>>,
     scanner: Option<UsageScanner>,
     filter: Option<UsageChunkFilter>,
     settlement: Option<Settlement>,
@@ -164,8 +165,10 @@ pub(crate) fn settling<B: Body>(
     scanner: UsageScanner,
     strip: bool,
     settlement: Settlement,
+    report: Option<Arc<UsageReport>>,
 ) -> TpmBody<B> {
     let watcher = Settling {
+        report,
         scanner: Some(scanner),
         filter: strip.then(UsageChunkFilter::default),
         settlement: Some(settlement),
@@ -187,7 +190,11 @@ impl Watcher for Settling {
     fn complete(&mut self) -> Bytes {
         // Settle with the usage read, or keep the reservation when none was.
         if let (Some(settlement), Some(scanner)) = (self.settlement.take(), self.scanner.take()) {
-            settlement.settle(scanner.finish());
+            let usage = scanner.finish();
+            if let (Some(report), Some(u)) = (&self.report, usage) {
+                report.record(u);
+            }
+            settlement.settle(usage);
         }
         self.filter
             .take()

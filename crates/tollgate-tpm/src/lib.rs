@@ -91,7 +91,6 @@ pub mod estimate;
 mod layer;
 mod metrics;
 mod service;
-mod sse;
 
 pub use body::{Settling, TpmBody};
 pub use budget::{Budget, TokenQuota};

@@ -10,13 +10,13 @@ use tollgate_core::clock::later;
 
 use http::header::CONTENT_LENGTH;
 use http::{Request, Response, StatusCode};
-use serde_json::Value;
 use tollgate_core::body::{AnswerBody, CallerBody};
 use tollgate_core::clock::Clock;
-use tollgate_core::facts::{buffer_with_facts, ApiKind, ReplayBody, RequestFacts};
+use tollgate_core::facts::{buffer_with_facts, ReplayBody, RequestFacts};
 use tollgate_core::headers::RateLimitInfo;
 use tollgate_core::key::{Key, RequestHead};
 use tollgate_core::refusal::Refusal;
+use tollgate_core::usage::UsageReport;
 use tollgate_core::usage::UsageScanner;
 use tollgate_core::wait::{Admission, Mode, Priority};
 use tollgate_core::BoxError;
@@ -68,28 +68,6 @@ fn never_reached(err: &(dyn std::error::Error + 'static)) -> bool {
                         | NetworkUnreachable
                 )
             })
-    })
-}
-
-/// Asks a streamed chat request for its usage chunk when the caller did not; returns the
-/// new facts, or `None` when the request needs no change (or cannot take one).
-fn with_usage_requested(facts: &RequestFacts) -> Option<RequestFacts> {
-    if facts.kind() != ApiKind::ChatCompletions || !facts.is_stream() || facts.include_usage() {
-        return None;
-    }
-    let options = facts.json()?.get("stream_options");
-    if options.is_some_and(|o| !o.is_object()) {
-        return None;
-    }
-    facts.rewrite(|v| {
-        if let Some(obj) = v.as_object_mut() {
-            let options = obj
-                .entry("stream_options")
-                .or_insert_with(|| Value::Object(serde_json::Map::new()));
-            if let Some(o) = options.as_object_mut() {
-                o.insert("include_usage".to_owned(), Value::Bool(true));
-            }
-        }
     })
 }
 
@@ -163,6 +141,7 @@ where
         let mut svc = tollgate_core::service::take_ready(&mut self.inner);
         Box::pin(async move {
             let (req, facts) = buffer_with_facts(req, shared.body_limit).await?;
+            let report = req.extensions().get::<Arc<UsageReport>>().cloned();
             let estimate = shared.estimator.estimate(&facts);
             let (req, strip_usage) = ask_for_usage(&shared, req, &facts);
             let mut settlement = reserve(&shared, &req, estimate.total()).await?;
@@ -184,6 +163,7 @@ where
                 settlement,
                 estimate.prompt_tokens,
                 strip_usage,
+                report,
             );
             Ok(Response::from_parts(parts, body))
         })
@@ -202,7 +182,7 @@ fn ask_for_usage(
         .queue
         .admitter()
         .counting()
-        .then(|| with_usage_requested(facts))
+        .then(|| facts.with_usage_requested())
         .flatten();
     match asked {
         Some(asked) => {
@@ -307,6 +287,7 @@ fn settle_or_watch<B: http_body::Body>(
     settlement: Settlement,
     prompt_tokens: u64,
     strip_usage: bool,
+    report: Option<Arc<UsageReport>>,
 ) -> TpmBody<B> {
     let status = parts.status;
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_client_error() || never_ran(status) {
@@ -326,5 +307,5 @@ fn settle_or_watch<B: http_body::Body>(
     if strip {
         parts.headers.remove(CONTENT_LENGTH);
     }
-    crate::body::settling(body, scanner, strip, settlement)
+    crate::body::settling(body, scanner, strip, settlement, report)
 }

@@ -100,7 +100,14 @@ impl Policy {
                 let key = std::env::var(var).map_err(|_| {
                     PolicyError::new(format!("backend `{name}`: api_key_env `{var}` is not set"))
                 })?;
-                let (k, v) = header(&name, AUTHORIZATION.as_str(), &format!("Bearer {key}"))?;
+                let (k, v) = match &b.api_key_header {
+                    Some(h) => {
+                        let (k, mut v) = header(&name, h, &key)?;
+                        v.set_sensitive(true);
+                        (k, v)
+                    }
+                    None => header(&name, AUTHORIZATION.as_str(), &format!("Bearer {key}"))?,
+                };
                 backend = backend.header(k, v);
             }
             failover = failover.backend(backend);

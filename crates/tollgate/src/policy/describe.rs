@@ -129,7 +129,7 @@ impl Policy {
         }
         let mut sent: Vec<&str> = b.headers.keys().map(String::as_str).collect();
         if b.api_key_env.is_some() {
-            sent.push("authorization");
+            sent.push(b.api_key_header.as_deref().unwrap_or("authorization"));
         }
         if !sent.is_empty() {
             write!(out, ", sends its own {}", sent.join(", "))?;

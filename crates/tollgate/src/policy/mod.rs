@@ -58,7 +58,7 @@ pub use build::{BoxBody, PolicyService};
 pub use units::{Dur, KeySpec, Rate, Size};
 
 /// A whole strategy: backends, limits, retries, cache, failover and store.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// The backend tried first.
@@ -89,7 +89,7 @@ pub struct Policy {
 }
 
 /// One backend: where it is, which model it serves, its credentials.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// Its name in headers, metrics and logs (`primary`, or `fallback-N`, by default).
@@ -111,6 +111,10 @@ pub struct BackendConfig {
     /// An environment variable holding its API key, sent as `Authorization: Bearer`.
     #[serde(default)]
     pub api_key_env: Option<String>,
+    /// The header the key of `api_key_env` goes in instead, as it is (`x-api-key`, as
+    /// Anthropic asks).
+    #[serde(default)]
+    pub api_key_header: Option<String>,
     /// Its own limits, instead of the top-level `rate_limit`.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
@@ -128,7 +132,7 @@ pub enum LimitMode {
 }
 
 /// The rate limit and token budget of a backend.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// Requests per window: `600/min`.
@@ -205,7 +209,7 @@ pub enum JitterSpec {
 }
 
 /// Retries of one backend.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     /// Retries after the first attempt (3 by default).
@@ -232,7 +236,7 @@ pub struct RetryConfig {
 }
 
 /// The response cache.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     /// How long an answer is kept (10 min by default).
@@ -275,7 +279,7 @@ impl<'de> Deserialize<'de> for Partition {
 }
 
 /// When backends are set aside.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FailoverConfig {
     /// Failures within `window` that set a backend aside (3).
@@ -379,12 +383,19 @@ pub struct PolicyError {
 }
 
 impl PolicyError {
-    pub(crate) fn new(message: impl Into<String>) -> Self {
+    /// An error with a message and no place in a file.
+    pub fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
             line: None,
             column: None,
         }
+    }
+
+    /// The same error, its message led by `context` (`models.gpt-4o: …`).
+    pub fn context(mut self, context: &str) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
     }
 
     /// What is wrong.
@@ -415,49 +426,57 @@ impl fmt::Display for PolicyError {
 
 impl std::error::Error for PolicyError {}
 
+/// Reads any strict config type from YAML with the policy file's errors: the field, its
+/// line and column, and what was expected. The gateway's config file is read this way, so
+/// its errors are as good as a policy's.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, PolicyError> {
+    let mut path = Vec::new();
+    let result = serde_saphyr::with_deserializer_from_str(text, |de| {
+        let mut track = serde_path_to_error::Track::new();
+        let tracked = serde_path_to_error::Deserializer::new(de, &mut track);
+        let r = T::deserialize(tracked);
+        path = vec![track.path().to_string()];
+        r
+    });
+    result.map_err(|e| {
+        let loc = e.location();
+        let field = path.pop().filter(|p| p != ".");
+        let message = plain_message(&e.to_string());
+        let message = match field {
+            Some(f) => format!("{f}: {message}"),
+            None => message,
+        };
+        PolicyError {
+            message,
+            line: loc.map(|l| l.line()),
+            column: loc.map(|l| l.column()),
+        }
+    })
+}
+
+/// [`parse_yaml`] for TOML.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, PolicyError> {
+    let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, &e))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let mut err = toml_error(text, &inner);
+        if path != "." {
+            err.message = format!("{path}: {}", err.message);
+        }
+        err
+    })
+}
+
 impl Policy {
     /// Reads a policy from YAML.
     pub fn from_yaml(text: &str) -> Result<Self, PolicyError> {
-        let mut path = Vec::new();
-        let result = serde_saphyr::with_deserializer_from_str(text, |de| {
-            let mut track = serde_path_to_error::Track::new();
-            let tracked = serde_path_to_error::Deserializer::new(de, &mut track);
-            let r = Policy::deserialize(tracked);
-            path = vec![track.path().to_string()];
-            r
-        });
-        match result {
-            Ok(p) => p.checked(),
-            Err(e) => {
-                let loc = e.location();
-                let field = path.pop().filter(|p| p != ".");
-                let message = plain_message(&e.to_string());
-                let message = match field {
-                    Some(f) => format!("{f}: {message}"),
-                    None => message,
-                };
-                Err(PolicyError {
-                    message,
-                    line: loc.map(|l| l.line()),
-                    column: loc.map(|l| l.column()),
-                })
-            }
-        }
+        parse_yaml::<Policy>(text)?.checked()
     }
 
     /// Reads a policy from TOML.
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
-        let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, &e))?;
-        let policy: Policy = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let mut err = toml_error(text, &inner);
-            if path != "." {
-                err.message = format!("{path}: {}", err.message);
-            }
-            err
-        })?;
-        policy.checked()
+        parse_toml::<Policy>(text)?.checked()
     }
 
     /// Reads a policy file: TOML if its name ends in `.toml`, YAML otherwise.
@@ -476,8 +495,15 @@ impl Policy {
         })
     }
 
-    /// The checks serde cannot make: values that parse but make no sense together.
     fn checked(self) -> Result<Self, PolicyError> {
+        self.check()?;
+        Ok(self)
+    }
+
+    /// The checks serde cannot make: values that parse but make no sense together (two
+    /// backends of one name, a URL that is not http(s), a header that is not one). The
+    /// readers run it; a policy built in code or nested in another file runs it here.
+    pub fn check(&self) -> Result<(), PolicyError> {
         let mut names = Vec::new();
         for (i, b) in self.backends() {
             let name = b.name_or(i);
@@ -494,6 +520,13 @@ impl Policy {
                     "backend `{name}`: url `{}` must be http:// or https:// with a host",
                     b.url
                 )));
+            }
+            if let Some(h) = &b.api_key_header {
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    return Err(PolicyError::new(format!(
+                        "backend `{name}`: api_key_header `{h}` is not a header name"
+                    )));
+                }
             }
             for (k, v) in &b.headers {
                 if http::HeaderName::from_bytes(k.as_bytes()).is_err()
@@ -522,7 +555,7 @@ impl Policy {
                 }
             }
         }
-        Ok(self)
+        Ok(())
     }
 
     /// The backends with their index: 0 for the primary, then the fallbacks in file order.

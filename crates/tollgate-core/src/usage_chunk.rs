@@ -1,7 +1,9 @@
 //! Dropping the usage-only chunk from an OpenAI stream the caller did not ask usage for.
 //!
-//! When the caller streams without `stream_options.include_usage`, the layer asks for it
-//! anyway (it needs the count to settle) and removes, from what the caller sees, the chunk
+//! When the caller streams without `stream_options.include_usage`, a layer that needs the
+//! count (the token budget settling, a gateway's access log) asks for it anyway with
+//! [`RequestFacts::with_usage_requested`](crate::facts::RequestFacts::with_usage_requested)
+//! and removes with [`UsageChunkFilter`], from what the caller sees, the chunk
 //! that carries only usage (`"choices": []` and a `usage` object), and the `"usage": null`
 //! that asking puts on every other chunk — so the caller sees the stream it would have
 //! seen without Tollgate. Every other byte passes unchanged; only the unfinished event is
@@ -15,7 +17,7 @@ const MAX_EVENT: usize = 1024 * 1024;
 
 /// Splits a byte stream into SSE events and drops the usage-only ones.
 #[derive(Debug, Default)]
-pub(crate) struct UsageChunkFilter {
+pub struct UsageChunkFilter {
     pending: BytesMut,
 }
 
@@ -114,7 +116,7 @@ fn strip_null_usage(event: &[u8]) -> Option<BytesMut> {
 
 impl UsageChunkFilter {
     /// Feeds a frame; returns what the caller should see of it now (possibly nothing).
-    pub(crate) fn push(&mut self, chunk: &Bytes) -> Bytes {
+    pub fn push(&mut self, chunk: &Bytes) -> Bytes {
         self.pending.extend_from_slice(chunk);
         let mut out = BytesMut::new();
         while let Some(end) = event_end(&self.pending) {
@@ -136,7 +138,7 @@ impl UsageChunkFilter {
 
     /// The stream ended: whatever is held goes out (an unfinished last event is the
     /// caller's to see, as it was sent).
-    pub(crate) fn finish(&mut self) -> Bytes {
+    pub fn finish(&mut self) -> Bytes {
         let rest = self.pending.split();
         if is_usage_only(&rest) {
             Bytes::new()
