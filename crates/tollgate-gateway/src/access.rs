@@ -1,0 +1,178 @@
+//! One access line per request, and the gateway's own metrics, written when the answer's
+//! body has ended (so a stream's tokens and its full time are in them) or was cut short.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
+use tollgate_core::body::Watcher;
+use tollgate_core::usage::{UsageReport, UsageScanner};
+use tollgate_core::usage_chunk::UsageChunkFilter;
+
+use crate::upstream::Trace;
+
+/// What is known of a request when its answer's head goes out.
+pub(crate) struct Entry {
+    pub(crate) request_id: String,
+    pub(crate) tenant: Arc<str>,
+    pub(crate) model: String,
+    pub(crate) operation: &'static str,
+    pub(crate) stream: bool,
+    pub(crate) status: u16,
+    pub(crate) backend: Option<String>,
+    pub(crate) cache: Option<String>,
+    pub(crate) start: Instant,
+    pub(crate) head: Duration,
+    pub(crate) trace: Arc<Trace>,
+    /// The usage the model's token budget settled with, when one did.
+    pub(crate) report: Arc<UsageReport>,
+}
+
+/// Watches an answer's body to its end: counts its usage, times its first chunk, holds the
+/// tenant's place among its requests in flight, then writes the access line.
+pub(crate) struct AccessLog {
+    entry: Entry,
+    usage: UsageScanner,
+    /// Drops the usage chunk the gateway asked for on a caller's behalf.
+    filter: Option<UsageChunkFilter>,
+    first_chunk: Option<Duration>,
+    bytes: u64,
+    _permit: Option<OwnedSemaphorePermit>,
+    done: bool,
+}
+
+impl AccessLog {
+    pub(crate) fn new(
+        entry: Entry,
+        usage: UsageScanner,
+        strip_usage: bool,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Self {
+        // The head's time is the gateway's whole share: what it did, minus the providers'.
+        let overhead = entry.head.saturating_sub(entry.trace.upstream());
+        metrics::histogram!("tollgate_gateway_overhead_seconds", "model" => entry.model.clone())
+            .record(overhead.as_secs_f64());
+        Self {
+            entry,
+            usage,
+            filter: strip_usage.then(UsageChunkFilter::default),
+            first_chunk: None,
+            bytes: 0,
+            _permit: permit,
+            done: false,
+        }
+    }
+
+    fn finish(&mut self, outcome: &'static str) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let e = &self.entry;
+        let latency = e.start.elapsed();
+        // What the budget settled with, else what passed: a stream whose usage chunk the
+        // budget asked for and hid shows its tokens only to the budget.
+        let scanned = std::mem::replace(&mut self.usage, UsageScanner::json(0)).finish();
+        let usage = e.report.get().or(scanned);
+        let (input, output) = usage.map_or((None, None), |u| {
+            (Some(u.input_tokens), Some(u.output_tokens))
+        });
+        let attempts = e.trace.attempts();
+        tracing::info!(
+            target: "tollgate::access",
+            request_id = %e.request_id,
+            tenant = %e.tenant,
+            model = %e.model,
+            backend = e.backend.as_deref().unwrap_or("-"),
+            cache = e.cache.as_deref().unwrap_or("-"),
+            attempts,
+            retries = attempts.saturating_sub(1),
+            upstream_ms = e.trace.upstream().as_millis() as u64,
+            input_tokens = input,
+            output_tokens = output,
+            status = e.status,
+            stream = e.stream,
+            bytes = self.bytes,
+            ttfb_ms = self.first_chunk.map(|d| d.as_millis() as u64),
+            latency_ms = latency.as_millis() as u64,
+            outcome,
+            "request"
+        );
+        let model = e.model.clone();
+        let tenant = e.tenant.to_string();
+        metrics::counter!(
+            "tollgate_gateway_requests_total",
+            "model" => model.clone(),
+            "tenant" => tenant.clone(),
+            "status" => e.status.to_string()
+        )
+        .increment(1);
+        let op = e.operation;
+        if let Some(u) = usage {
+            for (kind, n) in [("input", u.input_tokens), ("output", u.output_tokens)] {
+                metrics::histogram!(
+                    "gen_ai_client_token_usage",
+                    "gen_ai_operation_name" => op,
+                    "gen_ai_request_model" => model.clone(),
+                    "gen_ai_token_type" => kind,
+                    "tollgate_backend" => e.backend.clone().unwrap_or_default(),
+                    "tenant" => tenant.clone()
+                )
+                .record(n as f64);
+            }
+        }
+        metrics::histogram!(
+            "gen_ai_client_operation_duration_seconds",
+            "gen_ai_operation_name" => op,
+            "gen_ai_request_model" => model.clone(),
+            "tollgate_backend" => e.backend.clone().unwrap_or_default()
+        )
+        .record(latency.as_secs_f64());
+        if let (true, Some(first)) = (e.stream, self.first_chunk) {
+            metrics::histogram!(
+                "gen_ai_server_time_to_first_token_seconds",
+                "gen_ai_operation_name" => op,
+                "gen_ai_request_model" => model,
+                "tollgate_backend" => e.backend.clone().unwrap_or_default()
+            )
+            .record(first.as_secs_f64());
+        }
+    }
+}
+
+impl Watcher for AccessLog {
+    fn data(&mut self, chunk: Bytes) -> Bytes {
+        if self.first_chunk.is_none() {
+            self.first_chunk = Some(self.entry.start.elapsed());
+        }
+        self.bytes += chunk.len() as u64;
+        self.usage.feed(&chunk);
+        match self.filter.as_mut() {
+            Some(f) => f.push(&chunk),
+            None => chunk,
+        }
+    }
+
+    fn complete(&mut self) -> Bytes {
+        self.finish("complete");
+        self.filter
+            .take()
+            .map_or_else(Bytes::new, |mut f| f.finish())
+    }
+
+    fn edits(&self) -> bool {
+        self.filter.is_some()
+    }
+
+    fn failed(&mut self, error: tollgate_core::BoxError) -> Result<Bytes, tollgate_core::BoxError> {
+        self.finish("failed");
+        Err(error)
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        // The client went away before the end.
+        self.finish("cut");
+    }
+}

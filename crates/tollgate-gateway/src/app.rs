@@ -1,0 +1,612 @@
+//! What the gateway serves: its routes, the request path through them, and the loaded
+//! config that a reload swaps whole.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::Router;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tollgate::policy::{BoxBody, Policy, PolicyError, PolicyService, Store};
+use tollgate_core::body::Watched;
+use tollgate_core::facts::{buffer_with_facts, ApiKind, ReplayBody};
+use tollgate_core::response::{error_response, openai_error};
+use tollgate_core::usage::{UsageReport, UsageScanner};
+use tollgate_core::BoxError;
+use tower::{Layer, ServiceExt};
+
+use crate::access::{AccessLog, Entry};
+use crate::config::Config;
+use crate::tenants::{bearer, sha256, Denied, Shared, Tenant, Tenants};
+use crate::upstream::{Trace, Upstream, UpstreamTimeout};
+
+/// One model's stack.
+struct Route {
+    /// The name in `models` (an alias's route carries its model's name).
+    name: String,
+    policy: Policy,
+    svc: PolicyService<ReplayBody>,
+}
+
+/// A config, built.
+pub(crate) struct Loaded {
+    pub(crate) config: Config,
+    tenants: Tenants,
+    /// By every name a client may send: models and aliases.
+    routes: HashMap<String, Arc<Route>>,
+    upstream: Upstream,
+    admin_key: Option<[u8; 32]>,
+    /// The Redis stores to ask for readiness.
+    stores: Vec<tollgate_redis::RedisStore>,
+    created: u64,
+}
+
+impl Loaded {
+    /// Builds `config`, reusing from `old` every model stack and tenant whose config did
+    /// not change, so that their quotas, caches, health and requests in flight carry over.
+    pub(crate) fn build(config: Config, old: Option<&Loaded>) -> Result<Self, PolicyError> {
+        let timeout = config
+            .timeouts
+            .upstream
+            .map_or(std::time::Duration::from_secs(300), |d| d.0);
+        let upstream = match old {
+            Some(o) if o.config.timeouts.upstream == config.timeouts.upstream => o.upstream.clone(),
+            _ => Upstream::new(timeout),
+        };
+        let shared = Shared::open(&config.store)?;
+        let mut routes: HashMap<String, Arc<Route>> = HashMap::new();
+        let mut stores = Vec::new();
+        for (name, policy) in &config.models {
+            let policy = resolved(name, policy, &config);
+            if let Store::Redis(r) = &policy.store {
+                stores.push(
+                    tollgate_redis::RedisStore::open(&r.url)
+                        .map_err(|e| PolicyError::new(format!("models.{name}.store: {e}")))?,
+                );
+            }
+            let reused = old
+                .and_then(|o| o.routes.get(name))
+                .filter(|r| r.name == *name && r.policy == policy && !reads_env(&policy));
+            let route = match reused {
+                Some(r) => Arc::clone(r),
+                None => {
+                    let svc = policy
+                        .build::<_, _, ReplayBody>(upstream.clone())
+                        .map_err(|e| e.context(&format!("models.{name}")))?;
+                    Arc::new(Route {
+                        name: name.clone(),
+                        policy,
+                        svc,
+                    })
+                }
+            };
+            routes.insert(name.clone(), route);
+        }
+        for (alias, target) in &config.aliases {
+            if let Some(r) = routes.get(target).cloned() {
+                routes.insert(alias.clone(), r);
+            }
+        }
+        if let Store::Redis(r) = &config.store {
+            stores.push(
+                tollgate_redis::RedisStore::open(&r.url)
+                    .map_err(|e| PolicyError::new(format!("store: {e}")))?,
+            );
+        }
+        let tenants = Tenants::build(&config, old.map(|o| &o.tenants), shared.as_ref())?;
+        let admin_key = match &config.admin_key_env {
+            Some(var) => {
+                let key = std::env::var(var)
+                    .ok()
+                    .filter(|k| !k.is_empty())
+                    .ok_or_else(|| {
+                        PolicyError::new(format!("admin_key_env: `{var}` is not set"))
+                    })?;
+                Some(sha256(key.as_bytes()))
+            }
+            None => None,
+        };
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Ok(Self {
+            config,
+            tenants,
+            routes,
+            upstream,
+            admin_key,
+            stores,
+            created,
+        })
+    }
+
+    /// How many tenants and model names it serves.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        (self.tenants.len(), self.routes.len())
+    }
+}
+
+/// A policy whose credentials come from the environment is built anew on each reload, so
+/// that a rotated key is picked up.
+fn reads_env(p: &Policy) -> bool {
+    std::iter::once(&p.primary)
+        .chain(&p.fallbacks)
+        .any(|b| b.api_key_env.is_some())
+}
+
+/// `policy` as the gateway builds it: the gateway's store where the policy names none,
+/// the gateway's body cap where it gives none, and backend names that say which model they
+/// serve, so that two models' quotas never share a name (in Redis, in metrics).
+pub(crate) fn resolved(model: &str, policy: &Policy, config: &Config) -> Policy {
+    let mut p = policy.clone();
+    if p.store == Store::Memory {
+        p.store = config.store.clone();
+    }
+    if p.body_limit.is_none() {
+        p.body_limit = Some(tollgate::policy::Size(config.body_limit() as u64));
+    }
+    if p.primary.name.is_none() {
+        p.primary.name = Some(model.to_owned());
+    }
+    for (i, f) in p.fallbacks.iter_mut().enumerate() {
+        if f.name.is_none() {
+            f.name = Some(format!("{model}-fallback-{}", i + 1));
+        }
+    }
+    p
+}
+
+/// The gateway's shared state.
+pub(crate) struct Shared0 {
+    pub(crate) loaded: ArcSwap<Loaded>,
+    pub(crate) path: Option<PathBuf>,
+    pub(crate) metrics: PrometheusHandle,
+    /// One reload at a time.
+    pub(crate) reloading: tokio::sync::Mutex<()>,
+}
+
+type St = State<Arc<Shared0>>;
+
+pub(crate) fn router(state: Arc<Shared0>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(proxy))
+        .route("/v1/completions", post(proxy))
+        .route("/v1/embeddings", post(proxy))
+        .route("/v1/responses", post(proxy))
+        .route("/v1/messages", post(proxy))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{model}", get(model))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/admin/reload", post(reload))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+fn error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response<Body> {
+    openai_error::<Body>(status, kind, code, message)
+}
+
+async fn not_found(req: Request<Body>) -> Response<Body> {
+    error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "unknown_url",
+        &format!("Invalid URL ({} {})", req.method(), req.uri().path()),
+    )
+}
+
+async fn method_not_allowed(req: Request<Body>) -> Response<Body> {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        &format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn healthz() -> Response<Body> {
+    json(StatusCode::OK, serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(s): St) -> Response<Body> {
+    let loaded = s.loaded.load_full();
+    for store in &loaded.stores {
+        if let Err(e) = store.ping().await {
+            return json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"status": "unavailable", "reason": format!("store: {e}")}),
+            );
+        }
+    }
+    json(StatusCode::OK, serde_json::json!({"status": "ready"}))
+}
+
+async fn metrics(State(s): St) -> Response<Body> {
+    let mut res = Response::new(Body::from(s.metrics.render()));
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    res
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    let mut res = Response::new(Body::from(v.to_string()));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+fn model_object(name: &str, loaded: &Loaded) -> serde_json::Value {
+    serde_json::json!({"id": name, "object": "model", "created": loaded.created, "owned_by": "tollgate"})
+}
+
+/// `GET /v1/models`: the names a tenant may send (every name for an open gateway).
+async fn models(State(s): St, headers: HeaderMap) -> Response<Body> {
+    let loaded = s.loaded.load_full();
+    let tenant = match loaded.tenants.identify(&headers) {
+        Ok(t) => t,
+        Err(d) => return denied(d),
+    };
+    let mut names: Vec<&String> = loaded
+        .routes
+        .iter()
+        .filter(|(_, r)| tenant.may_use(&r.name))
+        .map(|(n, _)| n)
+        .collect();
+    names.sort();
+    let data: Vec<_> = names.iter().map(|n| model_object(n, &loaded)).collect();
+    json(
+        StatusCode::OK,
+        serde_json::json!({"object": "list", "data": data}),
+    )
+}
+
+async fn model(State(s): St, Path(name): Path<String>, headers: HeaderMap) -> Response<Body> {
+    let loaded = s.loaded.load_full();
+    let tenant = match loaded.tenants.identify(&headers) {
+        Ok(t) => t,
+        Err(d) => return denied(d),
+    };
+    match loaded.routes.get(&name) {
+        Some(r) if tenant.may_use(&r.name) => json(StatusCode::OK, model_object(&name, &loaded)),
+        _ => no_model(&name),
+    }
+}
+
+fn no_model(name: &str) -> Response<Body> {
+    error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "model_not_found",
+        &format!("The model `{name}` does not exist or you do not have access to it."),
+    )
+}
+
+fn denied(d: Denied) -> Response<Body> {
+    let message = match d {
+        Denied::Missing => "You didn't provide an API key. Send it as `Authorization: Bearer KEY`.",
+        Denied::Unknown => "Incorrect API key provided.",
+    };
+    error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_request_error",
+        "invalid_api_key",
+        message,
+    )
+}
+
+/// `POST /admin/reload`: reads the config file again; behind the admin key.
+async fn reload(State(s): St, headers: HeaderMap) -> Response<Body> {
+    let loaded = s.loaded.load_full();
+    let Some(admin) = loaded.admin_key else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "unknown_url",
+            "the admin endpoint is off: set `admin_key_env` in the config",
+        );
+    };
+    use subtle::ConstantTimeEq;
+    let given = bearer(&headers).map(|k| sha256(k.as_bytes()));
+    if !given.is_some_and(|g| bool::from(g.ct_eq(&admin))) {
+        return denied(Denied::Unknown);
+    }
+    match crate::reload(&s).await {
+        Ok(()) => json(StatusCode::OK, serde_json::json!({"status": "reloaded"})),
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_config",
+            &format!("the new config is refused, the old one keeps serving: {e}"),
+        ),
+    }
+}
+
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static TENANT: HeaderName = HeaderName::from_static("x-tenant-id");
+
+/// The caller's request id when it is a sane one, or a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(
+            || format!("req_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+            str::to_owned,
+        )
+}
+
+/// The request headers a provider must not see: the caller's credentials (the backend's
+/// own replace them), what names the gateway's connection, and compression (usage is read
+/// from the answer as it passes).
+const STRIPPED_REQUEST: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "accept-encoding",
+];
+
+/// The hop-by-hop headers of an answer, which the gateway's own connection sets.
+const STRIPPED_RESPONSE: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn operation(kind: ApiKind) -> &'static str {
+    match kind {
+        ApiKind::Completions => "text_completion",
+        ApiKind::Embeddings => "embeddings",
+        ApiKind::GeminiGenerate => "generate_content",
+        _ => "chat",
+    }
+}
+
+/// The model endpoints: who is calling, what they ask for, their limits, then the model's
+/// stack.
+async fn proxy(State(s): St, req: Request<Body>) -> Response<Body> {
+    let start = Instant::now();
+    let id = request_id(req.headers());
+    let mut res = serve(&s, req, start, &id).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert(REQUEST_ID.clone(), v);
+    }
+    res
+}
+
+/// A response the gateway gives itself, logged as such.
+fn refused(
+    res: Response<Body>,
+    tenant: &str,
+    model: &str,
+    id: &str,
+    start: Instant,
+) -> Response<Body> {
+    tracing::info!(
+        target: "tollgate::access",
+        request_id = %id,
+        tenant,
+        model,
+        status = res.status().as_u16(),
+        latency_ms = start.elapsed().as_millis() as u64,
+        outcome = "refused",
+        "request"
+    );
+    metrics::counter!(
+        "tollgate_gateway_requests_total",
+        "model" => model.to_owned(),
+        "tenant" => tenant.to_owned(),
+        "status" => res.status().as_u16().to_string()
+    )
+    .increment(1);
+    res
+}
+
+async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Response<Body> {
+    let loaded = s.loaded.load_full();
+    let tenant = match loaded.tenants.identify(req.headers()) {
+        Ok(t) => t,
+        Err(d) => return refused(denied(d), "-", "-", id, start),
+    };
+    let (req, facts) = match buffer_with_facts(req, loaded.config.body_limit()).await {
+        Ok(r) => r,
+        Err(e) => return refused(e.to_response::<Body>(), &tenant.name, "-", id, start),
+    };
+    let Some(model) = facts.model().map(str::to_owned) else {
+        let res = error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "missing_model",
+            "you must provide a model parameter",
+        );
+        return refused(res, &tenant.name, "-", id, start);
+    };
+    let Some(route) = loaded.routes.get(&model).cloned() else {
+        return refused(no_model(&model), &tenant.name, &model, id, start);
+    };
+    if !tenant.may_use(&route.name) {
+        let res = error(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            "model_not_allowed",
+            &format!("this key may not use the model `{model}`"),
+        );
+        return refused(res, &tenant.name, &model, id, start);
+    }
+    let permit = match tenant.try_enter() {
+        Ok(p) => p,
+        Err(n) => {
+            let mut res = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "requests",
+                "rate_limit_exceeded",
+                &format!("Too many requests in flight: this key may have {n} at once."),
+            );
+            res.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return refused(res, &tenant.name, &model, id, start);
+        }
+    };
+    // Every answer's tokens are counted (the access log, the GenAI metrics): a stream
+    // that did not ask for its usage chunk is asked, and the chunk is dropped again on the
+    // way back, so the caller sees the stream it asked for.
+    let (req, asked_usage) = match facts.with_usage_requested() {
+        Some(asked) => {
+            let (parts, _) = req.into_parts();
+            (asked.into_request(parts), true)
+        }
+        None => (req, false),
+    };
+    let trace = Arc::new(Trace::default());
+    let stream = facts.is_stream();
+    let op = operation(facts.kind());
+    let (mut parts, body) = req.into_parts();
+    for h in STRIPPED_REQUEST {
+        parts.headers.remove(*h);
+    }
+    if let Ok(v) = HeaderValue::from_str(id) {
+        parts.headers.insert(REQUEST_ID.clone(), v);
+    }
+    // The tenant as the model's layers see it (the cache's partition, a keyed limit): the
+    // authenticated name, never what the caller wrote. An open gateway's caller names
+    // itself: an unconfigured name keeps its own partition.
+    let named = !loaded.config.open || !tenant.is_anonymous();
+    if let (true, Ok(v)) = (named, HeaderValue::from_str(&tenant.name)) {
+        parts.headers.insert(TENANT.clone(), v);
+    }
+    parts.extensions.insert(tenant.priority);
+    parts.extensions.insert(Arc::clone(&trace));
+    let report = Arc::new(UsageReport::default());
+    parts.extensions.insert(Arc::clone(&report));
+    let req = Request::from_parts(parts, body);
+    drop(facts);
+    let answer = through_tenant(&tenant, &route, req).await;
+    let head = start.elapsed();
+    let res = match answer {
+        Ok(res) => res,
+        Err(e) => {
+            let res = error_response::<Body>(&*e).unwrap_or_else(|| upstream_error(&*e));
+            return refused(res, &tenant.name, &model, id, start);
+        }
+    };
+    let (mut parts, body) = res.into_parts();
+    for h in STRIPPED_RESPONSE {
+        parts.headers.remove(*h);
+    }
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let entry = Entry {
+        request_id: id.to_owned(),
+        tenant: Arc::clone(&tenant.name),
+        model,
+        operation: op,
+        stream,
+        status: parts.status.as_u16(),
+        backend: header("x-tollgate-backend"),
+        cache: header("x-tollgate-cache"),
+        start,
+        head,
+        trace,
+        report,
+    };
+    let strip = asked_usage && tollgate_core::headers::is_event_stream(&parts.headers);
+    if strip {
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    }
+    let log = AccessLog::new(
+        entry,
+        UsageScanner::for_response(&parts.headers),
+        strip,
+        permit,
+    );
+    Response::from_parts(parts, Body::new(Watched::new(body, Some(log))))
+}
+
+/// An error from the model's stack that is not Tollgate's: the provider could not be
+/// reached or did not answer in time.
+fn upstream_error(e: &(dyn std::error::Error + 'static)) -> Response<Body> {
+    let timed_out = tollgate_core::error::chain(e).any(|e| e.is::<UpstreamTimeout>());
+    if timed_out {
+        return error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            "upstream_timeout",
+            &e.to_string(),
+        );
+    }
+    tracing::warn!(error = %e, "the provider could not be reached");
+    error(
+        StatusCode::BAD_GATEWAY,
+        "server_error",
+        "upstream_unreachable",
+        &format!("the provider could not be reached: {e}"),
+    )
+}
+
+type Answer = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Response<BoxBody>, BoxError>> + Send>,
+>;
+
+/// The tenant's own limits (requests, then tokens), then the model's stack.
+///
+/// Each arm boxes its future as it is, a concrete type: the limiters' futures are generic
+/// over the error type, and one named inside an `async` block trips rustc's higher-ranked
+/// `Send` check in an axum handler.
+fn through_tenant(tenant: &Tenant, route: &Route, req: Request<ReplayBody>) -> Answer {
+    use futures_util::TryFutureExt;
+    let model = route.svc.clone();
+    match (&tenant.rate, &tenant.tokens) {
+        (None, None) => Box::pin(model.oneshot(req)),
+        (Some(rate), None) => Box::pin(rate.layer(model).oneshot(req).map_err(boxed_error)),
+        (None, Some(tokens)) => Box::pin(
+            tokens
+                .layer(model)
+                .oneshot(req)
+                .map_ok(boxed_answer)
+                .map_err(boxed_error),
+        ),
+        (Some(rate), Some(tokens)) => Box::pin(
+            rate.layer(tokens.layer(model))
+                .oneshot(req)
+                .map_ok(boxed_answer)
+                .map_err(boxed_error),
+        ),
+    }
+}
+
+fn boxed_error<E: Into<BoxError>>(e: E) -> BoxError {
+    e.into()
+}
+
+fn boxed_answer(res: Response<tollgate::tpm::TpmBody<BoxBody>>) -> Response<BoxBody> {
+    res.map(|b| b.map_err(boxed_error).boxed_unsync())
+}

@@ -1,0 +1,329 @@
+//! The gateway's config file: where it listens, the models it serves (each a Tollgate
+//! [`Policy`]), the tenants allowed in and their limits, and the store.
+//!
+//! YAML or TOML, strict as the policy file is: an unknown field is an error, and a bad
+//! value names its field, line and column.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tollgate::policy::{self, Dur, LimitMode, Policy, PolicyError, Rate, Size, Store};
+
+/// The whole gateway config.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The address to listen on (`127.0.0.1:4000` by default). HTTP/1.1 and h2c (HTTP/2
+    /// without TLS, prior knowledge) on the same port.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The largest request body read (1 MiB by default); a larger one is a 413.
+    #[serde(default)]
+    pub body_limit: Option<Size>,
+    /// How long a client may take and a provider may keep us waiting.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// On SIGTERM or ctrl-c: how long requests and streams in flight may take to finish
+    /// (30 s by default).
+    #[serde(default)]
+    pub shutdown_grace: Option<Dur>,
+    /// The model names clients send, each mapped to the policy that serves it.
+    pub models: BTreeMap<String, Policy>,
+    /// More names for a model of `models`, served by the very same stack — and so sharing
+    /// its quota, cache and health (`gpt-4o-2024-08-06: gpt-4o`).
+    #[serde(default)]
+    pub aliases: BTreeMap<String, String>,
+    /// The tenants, by name.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+    /// No keys: every request is let in, its tenant named by the `tenant_header` (the
+    /// limits of a tenant of that name apply; others have none). Must be said explicitly.
+    #[serde(default)]
+    pub open: bool,
+    /// Where an open gateway reads the tenant's name (`x-tenant-id` by default).
+    #[serde(default)]
+    pub tenant_header: Option<String>,
+    /// Where limits, budgets and cache entries are kept, for every model whose policy
+    /// names no store of its own and for the tenants' limits: `memory` (the default) or a
+    /// `redis://` URL, so that many gateway instances share one quota.
+    #[serde(default)]
+    pub store: Store,
+    /// The environment variable holding the admin key, which `POST /admin/reload` needs.
+    /// Without it the admin endpoint is off.
+    #[serde(default)]
+    pub admin_key_env: Option<String>,
+}
+
+/// Timeouts.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// How long a client may take to send a request's headers, and how long an idle
+    /// HTTP/1.1 connection waits for its next request (10 s by default).
+    #[serde(default)]
+    pub header_read: Option<Dur>,
+    /// How long an idle HTTP/2 connection is kept: pinged after this long with nothing
+    /// sent, closed when the ping is not answered within it (60 s by default).
+    #[serde(default)]
+    pub idle: Option<Dur>,
+    /// How long a provider may take to start its answer, per attempt (300 s by default;
+    /// a stream may then run as long as it keeps sending).
+    #[serde(default)]
+    pub upstream: Option<Dur>,
+}
+
+/// One tenant: how it proves who it is, what it may use and how much.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// The SHA-256 of its virtual key, in hex (`printf %s "$KEY" | sha256sum`): the file
+    /// never holds the key itself.
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+    /// Or: the environment variable holding its key.
+    #[serde(default)]
+    pub key_env: Option<String>,
+    /// Its requests per window (`600/min`), across all models.
+    #[serde(default)]
+    pub requests: Option<Rate>,
+    /// Its tokens per window (`100k/min`), estimated before and settled after, across
+    /// all models.
+    #[serde(default)]
+    pub tokens: Option<Rate>,
+    /// How many of its requests (and streams) may be in flight at once.
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    /// Its place in the models' wait queues, 0–255, higher first (0 by default).
+    #[serde(default)]
+    pub priority: Option<u8>,
+    /// The models (names or aliases) it may use; all when left out.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// `refuse` (the default: a 429 with `Retry-After` at once) or `wait` over its limits.
+    #[serde(default = "refuse")]
+    pub mode: LimitMode,
+    /// In `wait` mode, the longest a request waits for the tenant's limits (30 s).
+    #[serde(default)]
+    pub max_wait: Option<Dur>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:4000".to_owned()
+}
+
+fn refuse() -> LimitMode {
+    LimitMode::Refuse
+}
+
+/// The default request body cap.
+pub const DEFAULT_BODY_LIMIT: u64 = 1024 * 1024;
+
+impl Config {
+    /// Reads a config from YAML.
+    pub fn from_yaml(text: &str) -> Result<Self, PolicyError> {
+        policy::parse_yaml::<Config>(text)?.checked()
+    }
+
+    /// Reads a config from TOML.
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        policy::parse_toml::<Config>(text)?.checked()
+    }
+
+    /// Reads a config file: TOML if its name ends in `.toml`, YAML otherwise.
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Self, PolicyError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| PolicyError::new(format!("{}: {e}", path.display())))?;
+        let read = if path.extension().is_some_and(|e| e == "toml") {
+            Self::from_toml(&text)
+        } else {
+            Self::from_yaml(&text)
+        };
+        read.map_err(|e| e.context(&path.display().to_string()))
+    }
+
+    /// The address to listen on.
+    pub fn listen_addr(&self) -> Result<SocketAddr, PolicyError> {
+        self.listen.parse().map_err(|_| {
+            PolicyError::new(format!(
+                "listen: `{}` is not an address: write it as host:port, like 127.0.0.1:4000",
+                self.listen
+            ))
+        })
+    }
+
+    /// The request body cap in bytes.
+    pub fn body_limit(&self) -> usize {
+        usize::try_from(self.body_limit.map_or(DEFAULT_BODY_LIMIT, |s| s.0)).unwrap_or(usize::MAX)
+    }
+
+    /// The shutdown grace.
+    pub fn shutdown_grace(&self) -> Duration {
+        self.shutdown_grace.map_or(Duration::from_secs(30), |d| d.0)
+    }
+
+    /// The policy serving `model` (a name of `models` or an alias), with the name of the
+    /// `models` entry.
+    pub fn route(&self, model: &str) -> Option<(&str, &Policy)> {
+        let name = self.aliases.get(model).map_or(model, String::as_str);
+        self.models
+            .get_key_value(name)
+            .map(|(k, p)| (k.as_str(), p))
+    }
+
+    /// The checks serde cannot make.
+    fn checked(self) -> Result<Self, PolicyError> {
+        self.listen_addr()?;
+        if self.models.is_empty() {
+            return Err(PolicyError::new(
+                "models: the gateway serves no model: name at least one, with its policy",
+            ));
+        }
+        for (name, p) in &self.models {
+            p.check()
+                .map_err(|e| e.context(&format!("models.{name}")))?;
+        }
+        for (alias, target) in &self.aliases {
+            if self.models.contains_key(alias) {
+                return Err(PolicyError::new(format!(
+                    "aliases.{alias}: `{alias}` is a model of `models` already"
+                )));
+            }
+            if !self.models.contains_key(target) {
+                return Err(PolicyError::new(format!(
+                    "aliases.{alias}: `{target}` is not a model of `models`"
+                )));
+            }
+        }
+        if !self.open && self.tenants.is_empty() {
+            return Err(PolicyError::new(
+                "tenants: no tenant can get in: give at least one a key, or say `open: true` for a gateway without keys",
+            ));
+        }
+        for (name, t) in &self.tenants {
+            let at = format!("tenants.{name}");
+            match (&t.key_sha256, &t.key_env, self.open) {
+                (Some(_), Some(_), _) => {
+                    return Err(PolicyError::new(format!(
+                        "{at}: give `key_sha256` or `key_env`, not both"
+                    )))
+                }
+                (None, None, false) => {
+                    return Err(PolicyError::new(format!(
+                        "{at}: no key: give `key_sha256` (the hex SHA-256 of the key) or `key_env`"
+                    )))
+                }
+                (Some(h), None, _) if parse_hash(h).is_none() => {
+                    return Err(PolicyError::new(format!(
+                        "{at}.key_sha256: not a SHA-256 in hex (64 characters 0-9a-f)"
+                    )))
+                }
+                _ => {}
+            }
+            if t.concurrency == Some(0) {
+                return Err(PolicyError::new(format!(
+                    "{at}.concurrency: 0 would let nothing through"
+                )));
+            }
+            for m in t.models.iter().flatten() {
+                if self.route(m).is_none() {
+                    return Err(PolicyError::new(format!(
+                        "{at}.models: `{m}` is not a model of `models` or `aliases`"
+                    )));
+                }
+            }
+        }
+        if let Some(h) = &self.tenant_header {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(PolicyError::new(format!(
+                    "tenant_header: `{h}` is not a header name"
+                )));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// A hex SHA-256.
+pub(crate) fn parse_hash(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim().as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen: 127.0.0.1:0
+models:
+  gpt-4o:
+    primary: { url: "http://127.0.0.1:9", model: gpt-4o }
+aliases: { gpt-4o-latest: gpt-4o }
+tenants:
+  acme: { key_sha256: "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae", requests: 60/min }
+"#;
+
+    #[test]
+    fn a_good_file_reads_and_routes_aliases_to_their_model() {
+        let c = Config::from_yaml(GOOD).unwrap();
+        assert_eq!(c.route("gpt-4o-latest").unwrap().0, "gpt-4o");
+        assert!(c.route("gpt-5").is_none());
+        assert_eq!(c.tenants["acme"].mode, LimitMode::Refuse);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_field_and_line() {
+        let bad = GOOD.replace("requests: 60/min", "requests: lots");
+        let e = Config::from_yaml(&bad).unwrap_err();
+        assert_eq!(e.line(), Some(8), "{e}");
+        assert!(e.message().contains("tenants.acme.requests"), "{e}");
+        let typo = GOOD.replace("aliases:", "alaises:");
+        let e = Config::from_yaml(&typo).unwrap_err();
+        assert!(e.to_string().contains("alaises"), "{e}");
+    }
+
+    #[test]
+    fn a_nested_policy_error_names_its_model() {
+        let bad = GOOD.replace("http://127.0.0.1:9", "ftp://x");
+        let e = Config::from_yaml(&bad).unwrap_err();
+        assert!(e.message().starts_with("models.gpt-4o: backend"), "{e}");
+    }
+
+    #[test]
+    fn keys_and_tenants_are_checked() {
+        let e = Config::from_yaml(&GOOD.replace("2c26", "zz26")).unwrap_err();
+        assert!(e.message().contains("key_sha256"), "{e}");
+        let no_tenants = GOOD.split("tenants:").next().unwrap();
+        let e = Config::from_yaml(no_tenants).unwrap_err();
+        assert!(e.message().contains("open: true"), "{e}");
+        assert!(Config::from_yaml(&format!("{no_tenants}open: true\n")).is_ok());
+        let e = Config::from_yaml(&GOOD.replace("gpt-4o-latest: gpt-4o", "x: nope")).unwrap_err();
+        assert!(e.message().contains("aliases.x"), "{e}");
+    }
+
+    #[test]
+    fn toml_reads_the_same() {
+        let c = Config::from_toml(
+            r#"
+open = true
+[models.small]
+primary = { url = "http://127.0.0.1:9" }
+"#,
+        )
+        .unwrap();
+        assert!(c.open);
+        assert_eq!(c.body_limit(), 1024 * 1024);
+    }
+}

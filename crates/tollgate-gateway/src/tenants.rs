@@ -1,0 +1,382 @@
+//! Who is calling: virtual keys, and each tenant's own limits in front of the models.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderName, AUTHORIZATION};
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tollgate::policy::{LimitMode, PolicyError};
+use tollgate::ratelimit::{Limit, Quota, RateLimitLayer};
+use tollgate::tpm::{Budget, TokenQuota, TpmLayer};
+use tollgate_core::wait::{Mode, Priority};
+
+use crate::config::{parse_hash, Config, TenantConfig};
+
+/// One tenant, ready to serve.
+pub(crate) struct Tenant {
+    pub(crate) name: Arc<str>,
+    config: TenantConfig,
+    key_hash: Option<[u8; 32]>,
+    pub(crate) priority: Priority,
+    /// The `models` entries it may use (aliases resolved); `None`: all.
+    models: Option<HashSet<String>>,
+    pub(crate) rate: Option<RateLimitLayer>,
+    pub(crate) tokens: Option<TpmLayer>,
+    concurrency: Option<Arc<Semaphore>>,
+    anonymous: bool,
+}
+
+impl std::fmt::Debug for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key, nor its hash.
+        f.debug_struct("Tenant")
+            .field("name", &self.name)
+            .field("priority", &self.priority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tenant {
+    /// Whether it is an open gateway's caller of no configured tenant.
+    pub(crate) fn is_anonymous(&self) -> bool {
+        self.anonymous
+    }
+
+    /// Whether it may use the `models` entry `model`.
+    pub(crate) fn may_use(&self, model: &str) -> bool {
+        self.models.as_ref().is_none_or(|m| m.contains(model))
+    }
+
+    /// A place among its requests in flight, or `None` when all are taken. Unlimited
+    /// tenants always get one.
+    pub(crate) fn try_enter(&self) -> Result<Option<OwnedSemaphorePermit>, u32> {
+        match &self.concurrency {
+            None => Ok(None),
+            Some(s) => Arc::clone(s)
+                .try_acquire_owned()
+                .map(Some)
+                .map_err(|_| self.config.concurrency.unwrap_or(0)),
+        }
+    }
+
+    fn build(
+        name: &str,
+        t: &TenantConfig,
+        cfg: &Config,
+        store: Option<&Shared>,
+    ) -> Result<Self, PolicyError> {
+        let at = format!("tenants.{name}");
+        let key_hash = match (&t.key_sha256, &t.key_env) {
+            (Some(h), _) => parse_hash(h),
+            (None, Some(var)) => {
+                let key = std::env::var(var)
+                    .map_err(|_| PolicyError::new(format!("{at}.key_env: `{var}` is not set")))?;
+                if key.is_empty() {
+                    return Err(PolicyError::new(format!("{at}.key_env: `{var}` is empty")));
+                }
+                Some(sha256(key.as_bytes()))
+            }
+            (None, None) => None,
+        };
+        let mode = match t.mode {
+            LimitMode::Refuse => Mode::Refuse,
+            LimitMode::Wait => {
+                Mode::Refuse.wait(t.max_wait.map_or(Duration::from_secs(30), |d| d.0))
+            }
+        };
+        let rate = t.requests.map(|r| {
+            let count = u32::try_from(r.count).unwrap_or(u32::MAX).max(1);
+            let limit = Limit::new(format!("tenant:{name}:requests"), Quota::per(count, r.per));
+            let mut b = RateLimitLayer::builder().limit(limit).mode(mode);
+            if let Some(s) = store {
+                b = b.store(s.redis.clone(), s.on_failure);
+            }
+            b.build()
+        });
+        let tokens = t.tokens.map(|r| {
+            let budget = Budget::new(
+                format!("tenant:{name}:tokens"),
+                TokenQuota::per(r.count, r.per),
+            );
+            let mut b = TpmLayer::builder()
+                .budget(budget)
+                .body_limit(cfg.body_limit())
+                .mode(mode);
+            if let Some(s) = store {
+                b = b.store(s.redis.clone(), s.on_failure);
+            }
+            b.build()
+        });
+        let models = t.models.as_ref().map(|list| {
+            list.iter()
+                .filter_map(|m| cfg.route(m).map(|(name, _)| name.to_owned()))
+                .collect()
+        });
+        Ok(Self {
+            name: Arc::from(name),
+            config: t.clone(),
+            key_hash,
+            priority: Priority(t.priority.unwrap_or(0)),
+            models,
+            rate,
+            tokens,
+            concurrency: t
+                .concurrency
+                .map(|n| Arc::new(Semaphore::new(usize::try_from(n).unwrap_or(usize::MAX)))),
+            anonymous: false,
+        })
+    }
+}
+
+/// The tenants' store, when the config names Redis.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    redis: tollgate_redis::RedisStore,
+    on_failure: tollgate_core::store::OnStoreFailure,
+}
+
+impl Shared {
+    pub(crate) fn open(store: &tollgate::policy::Store) -> Result<Option<Self>, PolicyError> {
+        use tollgate::policy::{FailureMode, Store};
+        use tollgate_core::store::OnStoreFailure;
+        let Store::Redis(r) = store else {
+            return Ok(None);
+        };
+        let mut redis = tollgate_redis::RedisStore::open(&r.url)
+            .map_err(|e| PolicyError::new(format!("store `{}`: {e}", r.url)))?;
+        if let Some(ns) = &r.namespace {
+            redis = redis.namespace(ns);
+        }
+        if let Some(t) = r.timeout {
+            redis = redis.timeout(t.0);
+        }
+        let on_failure = match r.on_failure {
+            FailureMode::Closed => OnStoreFailure::Closed,
+            FailureMode::Open => OnStoreFailure::Open {
+                instances: r.instances.unwrap_or(1),
+            },
+        };
+        Ok(Some(Self { redis, on_failure }))
+    }
+}
+
+/// Every tenant of a config.
+pub(crate) struct Tenants {
+    by_hash: HashMap<[u8; 32], Arc<Tenant>>,
+    by_name: HashMap<String, Arc<Tenant>>,
+    open: bool,
+    header: HeaderName,
+    /// An open gateway's caller without a tenant of the config: no limits, every model.
+    anonymous: Arc<Tenant>,
+}
+
+/// Why a request was not let in.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Denied {
+    /// No key given.
+    Missing,
+    /// A key no tenant has.
+    Unknown,
+}
+
+impl Tenants {
+    /// Builds them, reusing the tenants of `old` whose config did not change, so their
+    /// counters and requests in flight carry over a reload.
+    pub(crate) fn build(
+        cfg: &Config,
+        old: Option<&Tenants>,
+        store: Option<&Shared>,
+    ) -> Result<Self, PolicyError> {
+        let mut by_hash = HashMap::new();
+        let mut by_name = HashMap::new();
+        for (name, t) in &cfg.tenants {
+            let tenant = match old.and_then(|o| o.by_name.get(name)) {
+                Some(prev) if prev.config == *t && t.key_env.is_none() => Arc::clone(prev),
+                _ => Arc::new(Tenant::build(name, t, cfg, store)?),
+            };
+            if let Some(h) = tenant.key_hash {
+                if by_hash.insert(h, Arc::clone(&tenant)).is_some() {
+                    return Err(PolicyError::new(format!(
+                        "tenants.{name}: its key is another tenant's key too"
+                    )));
+                }
+            }
+            by_name.insert(name.clone(), tenant);
+        }
+        let header = cfg
+            .tenant_header
+            .as_deref()
+            .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+            .unwrap_or(HeaderName::from_static("x-tenant-id"));
+        let anonymous = Arc::new(Tenant {
+            name: Arc::from("anonymous"),
+            config: TenantConfig {
+                key_sha256: None,
+                key_env: None,
+                requests: None,
+                tokens: None,
+                concurrency: None,
+                priority: None,
+                models: None,
+                mode: LimitMode::Refuse,
+                max_wait: None,
+            },
+            key_hash: None,
+            priority: Priority(0),
+            models: None,
+            rate: None,
+            tokens: None,
+            concurrency: None,
+            anonymous: true,
+        });
+        Ok(Self {
+            by_hash,
+            by_name,
+            open: cfg.open,
+            header,
+            anonymous,
+        })
+    }
+
+    /// The tenant a request comes from.
+    ///
+    /// With keys: the bearer token (`Authorization: Bearer …`, or Anthropic's
+    /// `x-api-key`) is hashed with SHA-256 and the hash looked up; the found tenant's hash
+    /// is then compared with it in constant time. A lookup by hash tells a timing observer
+    /// nothing about the key itself, so no key can be guessed byte by byte.
+    pub(crate) fn identify(&self, headers: &HeaderMap) -> Result<Arc<Tenant>, Denied> {
+        if self.open {
+            let name = headers.get(&self.header).and_then(|v| v.to_str().ok());
+            return Ok(name
+                .and_then(|n| self.by_name.get(n.trim()))
+                .map_or_else(|| Arc::clone(&self.anonymous), Arc::clone));
+        }
+        let key = bearer(headers).ok_or(Denied::Missing)?;
+        let hash = sha256(key.as_bytes());
+        let tenant = self.by_hash.get(&hash).ok_or(Denied::Unknown)?;
+        match tenant.key_hash {
+            Some(h) if bool::from(h.ct_eq(&hash)) => Ok(Arc::clone(tenant)),
+            _ => Err(Denied::Unknown),
+        }
+    }
+
+    /// How many tenants there are.
+    pub(crate) fn len(&self) -> usize {
+        self.by_name.len()
+    }
+}
+
+/// The caller's key: `Authorization: Bearer KEY` or `x-api-key: KEY`.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let v = v.trim();
+        let (scheme, key) = v.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| key.trim())
+            .filter(|k| !k.is_empty());
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        Config::from_yaml(&format!(
+            r#"
+models:
+  m: {{ primary: {{ url: "http://127.0.0.1:9" }} }}
+  n: {{ primary: {{ url: "http://127.0.0.1:9" }} }}
+aliases: {{ m2: m }}
+{extra}
+"#
+        ))
+        .unwrap()
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn a_key_is_found_by_its_hash_and_nothing_else_gets_in() {
+        // sha256("foo")
+        let cfg = config(
+            "tenants:\n  acme: { key_sha256: 2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae, models: [m2] }",
+        );
+        let t = Tenants::build(&cfg, None, None).unwrap();
+        let acme = t
+            .identify(&headers(&[("authorization", "Bearer foo")]))
+            .unwrap();
+        assert_eq!(&*acme.name, "acme");
+        assert!(acme.may_use("m"), "an alias allows its model");
+        assert!(!acme.may_use("n"));
+        assert_eq!(
+            t.identify(&headers(&[("x-api-key", "foo")])).unwrap().name,
+            acme.name
+        );
+        assert_eq!(
+            t.identify(&headers(&[("authorization", "Bearer fooo")]))
+                .unwrap_err(),
+            Denied::Unknown
+        );
+        assert_eq!(t.identify(&headers(&[])).unwrap_err(), Denied::Missing);
+        assert_eq!(
+            t.identify(&headers(&[("authorization", "Basic Zm9v")]))
+                .unwrap_err(),
+            Denied::Missing
+        );
+        assert!(
+            !format!("{acme:?}").contains("2c26"),
+            "no hash in debug output"
+        );
+    }
+
+    #[test]
+    fn an_open_gateway_names_tenants_by_header() {
+        let cfg = config("open: true\ntenants:\n  big: { concurrency: 1 }");
+        let t = Tenants::build(&cfg, None, None).unwrap();
+        let big = t.identify(&headers(&[("x-tenant-id", "big")])).unwrap();
+        assert_eq!(&*big.name, "big");
+        let first = big.try_enter().unwrap();
+        assert!(first.is_some());
+        assert_eq!(big.try_enter().unwrap_err(), 1, "one in flight at most");
+        drop(first);
+        assert!(big.try_enter().is_ok());
+        assert_eq!(&*t.identify(&headers(&[])).unwrap().name, "anonymous");
+    }
+
+    #[test]
+    fn a_reload_keeps_unchanged_tenants_and_their_state() {
+        let cfg = config("open: true\ntenants:\n  a: { concurrency: 1 }\n  b: { concurrency: 1 }");
+        let old = Tenants::build(&cfg, None, None).unwrap();
+        let held = old.by_name["a"].try_enter().unwrap();
+        let cfg2 = config("open: true\ntenants:\n  a: { concurrency: 1 }\n  b: { concurrency: 2 }");
+        let new = Tenants::build(&cfg2, Some(&old), None).unwrap();
+        assert!(
+            new.by_name["a"].try_enter().is_err(),
+            "a's request in flight still counts"
+        );
+        assert!(Arc::ptr_eq(&new.by_name["a"], &old.by_name["a"]));
+        assert!(!Arc::ptr_eq(&new.by_name["b"], &old.by_name["b"]));
+        drop(held);
+    }
+}

@@ -1,0 +1,125 @@
+//! The HTTP client every model's stack reaches its providers through: pooled, HTTP/2 where
+//! the provider offers it (ALPN), HTTPS through rustls with the Mozilla roots, a timeout
+//! to each answer's head, and a per-request record of how long the providers took.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tollgate::policy::BoxBody;
+use tollgate_core::BoxError;
+use tower::Service;
+
+/// What the providers cost one gateway request: attempts made and time spent waiting for
+/// their answers' heads. Put in the request's extensions by the gateway; every attempt
+/// (retries, fallbacks) carries a clone of the same record.
+#[derive(Debug, Default)]
+pub(crate) struct Trace {
+    attempts: AtomicU32,
+    upstream_ns: AtomicU64,
+}
+
+impl Trace {
+    pub(crate) fn attempts(&self) -> u32 {
+        self.attempts.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn upstream(&self) -> Duration {
+        Duration::from_nanos(self.upstream_ns.load(Ordering::Relaxed))
+    }
+}
+
+/// The provider did not start its answer within the upstream timeout.
+#[derive(Debug)]
+pub(crate) struct UpstreamTimeout(pub(crate) Duration);
+
+impl std::fmt::Display for UpstreamTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the provider did not answer within {}",
+            humantime_ish(self.0)
+        )
+    }
+}
+
+impl std::error::Error for UpstreamTimeout {}
+
+fn humantime_ish(d: Duration) -> String {
+    if d.as_millis().is_multiple_of(1000) {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+/// The pooled client with its timeout.
+#[derive(Clone, Debug)]
+pub(crate) struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, BoxBody>,
+    timeout: Duration,
+}
+
+impl Upstream {
+    pub(crate) fn new(timeout: Duration) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(https);
+        Self { client, timeout }
+    }
+}
+
+impl Service<Request<BoxBody>> for Upstream {
+    type Response = Response<Incoming>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // The pool takes any number of requests; connections are made per request.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
+        let trace = req.extensions_mut().remove::<Arc<Trace>>();
+        let call = self.client.request(req);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let start = Instant::now();
+            if let Some(t) = &trace {
+                t.attempts.fetch_add(1, Ordering::Relaxed);
+            }
+            let answer = tokio::time::timeout(timeout, call).await;
+            if let Some(t) = &trace {
+                let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                t.upstream_ns.fetch_add(ns, Ordering::Relaxed);
+            }
+            match answer {
+                Ok(Ok(res)) => Ok(res),
+                Ok(Err(e)) => Err(Box::new(e) as BoxError),
+                Err(_) => Err(Box::new(UpstreamTimeout(timeout)) as BoxError),
+            }
+        })
+    }
+}

@@ -1,0 +1,203 @@
+//! The `tollgate` binary as a user runs it: `check`, `--version`, and `serve` with its
+//! signals (SIGHUP reloads, SIGTERM drains).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use serde_json::json;
+use tollgate_integration_tests::{chat, client, post, sse_events};
+use tollgate_testkit::Provider;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_prints_each_models_stack_and_a_bad_file_fails_with_field_and_line() {
+    let good = temp_file(
+        "good.yaml",
+        "open: true\nmodels:\n  gpt-4o:\n    primary: { url: \"https://api.openai.com\" }\n    retry: { max_retries: 2 }\naliases: { gpt-4o-latest: gpt-4o }\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("model gpt-4o (also: gpt-4o-latest)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("retry: up to 2 retries"), "{stdout}");
+
+    let bad = temp_file(
+        "bad.yaml",
+        "open: true\nmodels:\n  gpt-4o:\n    primary: { url: \"https://api.openai.com\" }\n    retry: { max_retries: lots }\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("line 5"), "{stderr}");
+    assert!(
+        stderr.contains("models.gpt-4o.retry.max_retries"),
+        "{stderr}"
+    );
+
+    // The annotated reference reads.
+    let reference = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/gateway.yaml");
+    let out = Command::new(BIN).args(["check", "--config", reference]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("tollgate "));
+}
+
+fn kill(pid: u32, signal: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+#[tokio::test]
+async fn serve_reloads_on_sighup_and_drains_a_stream_on_sigterm() {
+    let provider = Provider::builder()
+        .chunk_delay(Duration::from_millis(25))
+        .completion_tokens(30)
+        .tokens_per_chunk(1)
+        .spawn()
+        .await
+        .unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let yaml = format!(
+        "listen: 127.0.0.1:{port}\nopen: true\nmodels:\n  gpt-4o:\n    primary: {{ url: \"{}\" }}\n",
+        provider.url()
+    );
+    let path = temp_file("serve.yaml", &yaml);
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Its log is JSON lines on stdout; read them on a thread.
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = std::sync::Arc::clone(&lines);
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        })
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let http = client();
+    let mut up = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "the gateway listens");
+    let url = format!("{base}/v1/chat/completions");
+    let mut other = chat("x");
+    other["model"] = json!("gpt-4o-mini");
+    assert_eq!(
+        post(&http, &url, "k", &other, &[]).await.unwrap().status,
+        404
+    );
+
+    // SIGHUP: the file now names a second model.
+    std::fs::write(
+        &path,
+        format!(
+            "{yaml}  gpt-4o-mini:\n    primary: {{ url: \"{}\" }}\n",
+            provider.url()
+        ),
+    )
+    .unwrap();
+    kill(pid, "HUP");
+    let mut served = false;
+    for _ in 0..100 {
+        if post(&http, &url, "k", &other, &[]).await.unwrap().status == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "the reloaded config serves the new model");
+
+    // SIGTERM with a stream in flight: it completes, then the process exits 0.
+    let mut body = chat("drain me");
+    body["stream"] = json!(true);
+    let req = Request::post(&url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let res = http.request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    kill(pid, "TERM");
+    let rest = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        sse_events(&rest).last().unwrap()["choices"][0]["finish_reason"],
+        "stop"
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    reader.join().unwrap();
+
+    let lines = lines.lock().unwrap();
+    let access: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "tollgate::access")
+        .collect();
+    assert!(access.len() >= 3, "{lines:?}");
+    let last = access.last().unwrap();
+    let f = &last["fields"];
+    assert_eq!(f["model"], "gpt-4o");
+    assert_eq!(f["status"], 200);
+    assert_eq!(f["outcome"], "complete");
+    assert_eq!(
+        f["output_tokens"], 30,
+        "a stream's tokens are in its line: {last}"
+    );
+    assert!(f["request_id"].as_str().unwrap().starts_with("req_"));
+    assert!(lines.iter().any(|l| l.contains("config reloaded")));
+    assert!(lines.iter().any(|l| l.contains("every connection drained")));
+}

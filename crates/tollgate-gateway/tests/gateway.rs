@@ -1,0 +1,716 @@
+//! The gateway end to end: served on a loopback port, called with a real HTTP client, the
+//! simulated provider (or a small recording upstream) behind it.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+use tollgate_gateway::{Config, Gateway};
+use tollgate_integration_tests::{chat, client, dead_url, post, sse_events, Answer, HttpClient};
+use tollgate_testkit::Provider;
+
+fn hash(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A gateway served on a free port until dropped.
+struct Running {
+    addr: SocketAddr,
+    gateway: Gateway,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops accepting and waits for the drain to end.
+    async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        (&mut self.task).await.unwrap().unwrap();
+    }
+}
+
+async fn start(gateway: Gateway) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let g = gateway.clone();
+    let task = tokio::spawn(async move {
+        g.serve(listener, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    Running {
+        addr,
+        gateway,
+        stop: Some(stop),
+        task,
+    }
+}
+
+/// The config with `{provider}` replaced by `url`.
+fn config(yaml: &str, url: &str) -> Config {
+    Config::from_yaml(&yaml.replace("{provider}", url)).unwrap()
+}
+
+fn keyed(extra_tenant: &str) -> String {
+    format!(
+        r#"
+shutdown_grace: 10s
+models:
+  gpt-4o:
+    primary: {{ url: "{{provider}}", headers: {{ authorization: "Bearer sk-provider" }} }}
+  text-embedding-3-small:
+    primary: {{ url: "{{provider}}", headers: {{ authorization: "Bearer sk-provider" }} }}
+aliases: {{ gpt-4o-latest: gpt-4o }}
+tenants:
+  acme: {{ key_sha256: "{}" }}
+  small: {{ key_sha256: "{}", models: [text-embedding-3-small] }}
+{extra_tenant}
+"#,
+        hash("vk-acme"),
+        hash("vk-small"),
+    )
+}
+
+async fn get(http: &HttpClient, url: &str, key: Option<&str>) -> Answer {
+    let mut req = Request::get(url);
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let res = http
+        .request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = res.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+#[tokio::test]
+async fn chat_plain_and_streamed_goes_through_with_the_providers_key_never_the_callers() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let gw = start(Gateway::new(config(&keyed(""), &provider.url())).unwrap()).await;
+    let http = client();
+    let url = gw.url("/v1/chat/completions");
+
+    let a = post(
+        &http,
+        &url,
+        "vk-acme",
+        &chat("hello"),
+        &[("x-request-id", "abc-1")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.json()["usage"]["completion_tokens"], 16);
+    assert_eq!(
+        a.header("x-request-id"),
+        Some("abc-1"),
+        "the caller's id comes back"
+    );
+    assert_eq!(a.header("x-tollgate-backend"), Some("gpt-4o"));
+
+    // Through an alias, streamed with usage asked for.
+    let mut body = chat("stream please");
+    body["model"] = json!("gpt-4o-latest");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let s = post(&http, &url, "vk-acme", &body, &[]).await.unwrap();
+    assert_eq!(s.status, 200);
+    assert!(s
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
+    assert!(
+        s.header("x-request-id").unwrap().starts_with("req_"),
+        "an id is made"
+    );
+    let events = sse_events(&s.body);
+    assert!(events.len() > 2, "{events:?}");
+    assert_eq!(events.last().unwrap()["usage"]["completion_tokens"], 16);
+    assert!(String::from_utf8_lossy(&s.body)
+        .trim_end()
+        .ends_with("data: [DONE]"));
+
+    // Streamed without usage asked for: none shown.
+    body["stream_options"] = serde_json::Value::Null;
+    body["messages"][0]["content"] = json!("no usage");
+    let s = post(&http, &url, "vk-acme", &body, &[]).await.unwrap();
+    assert_eq!(s.status, 200);
+    assert!(sse_events(&s.body)
+        .iter()
+        .all(|e| e.get("usage").is_none_or(|u| u.is_null())));
+
+    assert_eq!(provider.key_stats("sk-provider").requests, 3);
+    assert_eq!(
+        provider.key_stats("vk-acme").requests,
+        0,
+        "a tenant's key never reaches a provider"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn embeddings_go_through_and_models_lists_what_a_key_may_use() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let gw = start(Gateway::new(config(&keyed(""), &provider.url())).unwrap()).await;
+    let http = client();
+    let e = post(
+        &http,
+        &gw.url("/v1/embeddings"),
+        "vk-small",
+        &json!({"model": "text-embedding-3-small", "input": ["a", "b"]}),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(e.status, 200, "{:?}", e.body);
+    assert_eq!(e.json()["data"].as_array().unwrap().len(), 2);
+
+    let all = get(&http, &gw.url("/v1/models"), Some("vk-acme")).await;
+    let ids: Vec<_> = all.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["gpt-4o", "gpt-4o-latest", "text-embedding-3-small"]);
+    let small = get(&http, &gw.url("/v1/models"), Some("vk-small")).await;
+    assert_eq!(small.json()["data"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        get(&http, &gw.url("/v1/models/gpt-4o"), Some("vk-small"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        get(&http, &gw.url("/v1/models/gpt-4o"), Some("vk-acme"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(get(&http, &gw.url("/v1/models"), None).await.status, 401);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_openai_errors_and_spend_nothing() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let yaml = keyed("").replace(
+        "shutdown_grace: 10s",
+        "shutdown_grace: 10s\nbody_limit: 4KiB",
+    );
+    let gw = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let http = client();
+    let url = gw.url("/v1/chat/completions");
+    let code = |a: &Answer| a.json()["error"]["code"].as_str().unwrap_or("").to_owned();
+
+    let a = post(&http, &url, "vk-nobody", &chat("x"), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.status, code(&a).as_str()),
+        (StatusCode::UNAUTHORIZED, "invalid_api_key")
+    );
+    let req = Request::post(&url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(chat("x").to_string())))
+        .unwrap();
+    let a = http.request(req).await.unwrap();
+    assert_eq!(a.status(), 401, "no key at all");
+
+    let a = post(&http, &url, "vk-small", &chat("x"), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.status, code(&a).as_str()),
+        (StatusCode::FORBIDDEN, "model_not_allowed")
+    );
+
+    let mut unknown = chat("x");
+    unknown["model"] = json!("gpt-9");
+    let a = post(&http, &url, "vk-acme", &unknown, &[]).await.unwrap();
+    assert_eq!(
+        (a.status, code(&a).as_str()),
+        (StatusCode::NOT_FOUND, "model_not_found")
+    );
+
+    let a = post(&http, &url, "vk-acme", &chat(&"x".repeat(10_000)), &[])
+        .await
+        .unwrap();
+    assert_eq!(a.status, 413);
+    assert_eq!(a.json()["error"]["type"], "invalid_request_error");
+
+    let req = Request::post(&url)
+        .header("authorization", "Bearer vk-acme")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{not json")))
+        .unwrap();
+    let res = http.request(req).await.unwrap();
+    assert_eq!(res.status(), 400);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(v["error"]["message"].is_string(), "{v}");
+
+    let a = post(&http, &url, "vk-acme", &json!({"messages": []}), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.status, code(&a).as_str()),
+        (StatusCode::BAD_REQUEST, "missing_model")
+    );
+
+    let a = post(&http, &gw.url("/v1/nothing"), "vk-acme", &chat("x"), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.status, code(&a).as_str()),
+        (StatusCode::NOT_FOUND, "unknown_url")
+    );
+    let a = get(&http, &url, Some("vk-acme")).await;
+    assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(a.json()["error"]["message"].is_string());
+
+    assert_eq!(provider.stats().requests, 0, "nothing reached the provider");
+    // And the gateway goes on.
+    let a = post(&http, &url, "vk-acme", &chat("fine"), &[])
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_tenant_over_its_rate_gets_a_proper_429_and_others_go_on() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let extra = format!(
+        "  capped: {{ key_sha256: \"{}\", requests: 2/min }}",
+        hash("vk-capped")
+    );
+    let gw = start(Gateway::new(config(&keyed(&extra), &provider.url())).unwrap()).await;
+    let http = client();
+    let url = gw.url("/v1/chat/completions");
+    for i in 0..2 {
+        let a = post(&http, &url, "vk-capped", &chat(&format!("q{i}")), &[])
+            .await
+            .unwrap();
+        assert_eq!(a.status, 200, "{:?}", a.body);
+    }
+    let r = post(&http, &url, "vk-capped", &chat("q3"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 429);
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=30).contains(&wait), "{wait}");
+    assert!(
+        r.header("ratelimit").unwrap().contains("r=0"),
+        "{:?}",
+        r.headers
+    );
+    assert!(r.header("ratelimit-policy").is_some());
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+    let other = post(&http, &url, "vk-acme", &chat("q"), &[]).await.unwrap();
+    assert_eq!(other.status, 200);
+    assert_eq!(
+        provider.stats().requests,
+        3,
+        "the refused request never left"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_tenant_at_its_concurrency_is_refused_until_its_stream_ends() {
+    let provider = Provider::builder()
+        .chunk_delay(Duration::from_millis(40))
+        .completion_tokens(12)
+        .tokens_per_chunk(1)
+        .spawn()
+        .await
+        .unwrap();
+    let extra = format!(
+        "  one: {{ key_sha256: \"{}\", concurrency: 1 }}",
+        hash("vk-one")
+    );
+    let gw = start(Gateway::new(config(&keyed(&extra), &provider.url())).unwrap()).await;
+    let http = client();
+    let url = gw.url("/v1/chat/completions");
+    let mut body = chat("long stream");
+    body["stream"] = json!(true);
+    let req = Request::post(&url)
+        .header("authorization", "Bearer vk-one")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let streaming = http.request(req).await.unwrap();
+    assert_eq!(streaming.status(), 200);
+    // The stream's head is out, its body still coming: the one place is taken.
+    let second = post(&http, &url, "vk-one", &chat("meanwhile"), &[])
+        .await
+        .unwrap();
+    assert_eq!(second.status, 429);
+    assert_eq!(second.header("retry-after"), Some("1"));
+    let rest = streaming.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
+    let third = post(&http, &url, "vk-one", &chat("after"), &[])
+        .await
+        .unwrap();
+    assert_eq!(third.status, 200, "the place is free once the stream ended");
+    gw.shutdown().await;
+}
+
+/// A recording upstream for the endpoints the simulated provider does not speak: answers
+/// every POST with a small JSON body with usage, and keeps what it saw.
+async fn recorder() -> (
+    String,
+    Arc<Mutex<Vec<(String, http::HeaderMap, serde_json::Value)>>>,
+) {
+    use axum::extract::State;
+    type Seen = Arc<Mutex<Vec<(String, http::HeaderMap, serde_json::Value)>>>;
+    let seen: Seen = Arc::default();
+    async fn handle(
+        State(seen): State<Seen>,
+        req: Request<axum::body::Body>,
+    ) -> axum::response::Response {
+        let path = req.uri().path().to_owned();
+        let headers = req.headers().clone();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        seen.lock().unwrap().push((path.clone(), headers, v));
+        let answer = if path == "/v1/messages" {
+            json!({"id": "msg_1", "type": "message", "role": "assistant", "content": [{"type": "text", "text": "hi"}],
+                   "usage": {"input_tokens": 7, "output_tokens": 2}})
+        } else {
+            json!({"id": "x", "object": "response", "output_text": "hi",
+                   "usage": {"input_tokens": 7, "output_tokens": 2, "prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}})
+        };
+        let mut res = axum::response::Response::new(axum::body::Body::from(answer.to_string()));
+        res.headers_mut().insert(
+            "content-type",
+            http::HeaderValue::from_static("application/json"),
+        );
+        res
+    }
+    let app = axum::Router::new()
+        .fallback(handle)
+        .with_state(Arc::clone(&seen));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), seen)
+}
+
+#[tokio::test]
+async fn completions_responses_and_anthropic_messages_reach_their_backends_with_their_keys() {
+    let (url, seen) = recorder().await;
+    std::env::set_var("TOLLGATE_E2E_ANTHROPIC_KEY", "sk-ant-e2e");
+    let yaml = r#"
+open: true
+models:
+  gpt-4o:
+    primary: { url: "{provider}", headers: { authorization: "Bearer sk-oai" } }
+  claude-sonnet-4:
+    primary: { url: "{provider}", api_key_env: TOLLGATE_E2E_ANTHROPIC_KEY, api_key_header: x-api-key, headers: { anthropic-version: "2023-06-01" } }
+"#;
+    let gw = start(Gateway::new(config(yaml, &url)).unwrap()).await;
+    let http = client();
+    let c = post(
+        &http,
+        &gw.url("/v1/completions"),
+        "caller-key",
+        &json!({"model": "gpt-4o", "prompt": "Say hi"}),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.status, 200, "{:?}", c.body);
+    let r = post(
+        &http,
+        &gw.url("/v1/responses"),
+        "caller-key",
+        &json!({"model": "gpt-4o", "input": "Say hi"}),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let m = post(
+        &http,
+        &gw.url("/v1/messages"),
+        "caller-key",
+        &json!({"model": "claude-sonnet-4", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}),
+        &[("x-api-key", "caller-key")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(m.status, 200, "{:?}", m.body);
+    assert_eq!(m.json()["usage"]["output_tokens"], 2);
+
+    let seen = seen.lock().unwrap().clone();
+    let paths: Vec<_> = seen.iter().map(|(p, _, _)| p.as_str()).collect();
+    assert_eq!(paths, ["/v1/completions", "/v1/responses", "/v1/messages"]);
+    assert_eq!(seen[0].1["authorization"], "Bearer sk-oai");
+    assert_eq!(seen[1].1["authorization"], "Bearer sk-oai");
+    let anthropic = &seen[2].1;
+    assert_eq!(
+        anthropic["x-api-key"], "sk-ant-e2e",
+        "the caller's key is replaced"
+    );
+    assert_eq!(anthropic["anthropic-version"], "2023-06-01");
+    assert!(
+        anthropic.get("authorization").is_none(),
+        "no caller credential goes on"
+    );
+    assert!(
+        seen.iter().all(|(_, h, _)| h.contains_key("x-request-id")),
+        "the id is forwarded"
+    );
+    assert_eq!(seen[0].2["prompt"], "Say hi", "the body arrives as sent");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dead_provider_is_a_502_and_a_slow_one_a_504() {
+    let dead = dead_url();
+    let gw = start(
+        Gateway::new(config(
+            "open: true\nmodels:\n  gpt-4o:\n    primary: { url: \"{provider}\" }\n",
+            &dead,
+        ))
+        .unwrap(),
+    )
+    .await;
+    let http = client();
+    let a = post(&http, &gw.url("/v1/chat/completions"), "k", &chat("x"), &[])
+        .await
+        .unwrap();
+    assert_eq!(a.status, 502, "{:?}", a.body);
+    assert_eq!(a.json()["error"]["type"], "server_error");
+    gw.shutdown().await;
+
+    let slow = Provider::builder()
+        .latency(Duration::from_secs(5))
+        .spawn()
+        .await
+        .unwrap();
+    let yaml = "open: true\ntimeouts: { upstream: 200ms }\nmodels:\n  gpt-4o:\n    primary: { url: \"{provider}\" }\n    rate_limit: { requests: 100/s, learn: false }\n";
+    let gw = start(Gateway::new(config(yaml, &slow.url())).unwrap()).await;
+    let a = post(&http, &gw.url("/v1/chat/completions"), "k", &chat("x"), &[])
+        .await
+        .unwrap();
+    assert_eq!(a.status, 504, "{:?}", a.body);
+    assert_eq!(a.json()["error"]["code"], "upstream_timeout");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_with_the_genai_names() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let gw = start(Gateway::new(config(&keyed(""), &provider.url())).unwrap()).await;
+    let http = client();
+    assert_eq!(get(&http, &gw.url("/healthz"), None).await.status, 200);
+    assert_eq!(get(&http, &gw.url("/readyz"), None).await.status, 200);
+    let a = post(
+        &http,
+        &gw.url("/v1/chat/completions"),
+        "vk-acme",
+        &chat("count me"),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200);
+    let m = get(&http, &gw.url("/metrics"), None).await;
+    assert_eq!(m.status, 200);
+    let text = String::from_utf8_lossy(&m.body);
+    for name in [
+        "gen_ai_client_token_usage_bucket",
+        "gen_ai_token_type=\"input\"",
+        "gen_ai_client_operation_duration_seconds",
+        "tollgate_gateway_overhead_seconds_bucket",
+        "tollgate_gateway_requests_total",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+    assert!(!text.contains("vk-acme"), "no key in metrics");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_adds_tenants_without_dropping_anything_and_a_bad_file_is_refused() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let dir = std::env::temp_dir().join(format!("tollgate-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.yaml");
+    std::env::set_var("TOLLGATE_E2E_ADMIN_KEY", "admin-e2e");
+    let base = keyed("").replace("{provider}", &provider.url())
+        + "admin_key_env: TOLLGATE_E2E_ADMIN_KEY\n";
+    std::fs::write(&path, &base).unwrap();
+    let gw = start(Gateway::from_path(&path).unwrap()).await;
+    let http = client();
+    let url = gw.url("/v1/chat/completions");
+    assert_eq!(
+        post(&http, &url, "vk-new", &chat("x"), &[])
+            .await
+            .unwrap()
+            .status,
+        401
+    );
+
+    // A keep-alive connection stays up across the reload.
+    let with_new = base.replace(
+        "tenants:\n",
+        &format!(
+            "tenants:\n  new: {{ key_sha256: \"{}\" }}\n",
+            hash("vk-new")
+        ),
+    );
+    std::fs::write(&path, &with_new).unwrap();
+    let reload = |key: &'static str| {
+        let req = Request::post(gw.url("/admin/reload"))
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        http.request(req)
+    };
+    assert_eq!(
+        reload("wrong").await.unwrap().status(),
+        401,
+        "behind the admin key"
+    );
+    assert_eq!(reload("admin-e2e").await.unwrap().status(), 200);
+    assert_eq!(
+        post(&http, &url, "vk-new", &chat("x"), &[])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    std::fs::write(&path, with_new.replace("models:", "modelz:")).unwrap();
+    let refused = reload("admin-e2e").await.unwrap();
+    assert_eq!(refused.status(), 400);
+    let body = refused.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("modelz"),
+        "{body:?}"
+    );
+    assert_eq!(
+        post(&http, &url, "vk-new", &chat("y"), &[])
+            .await
+            .unwrap()
+            .status,
+        200,
+        "the old config serves on"
+    );
+    assert_eq!(gw.gateway.config().tenants.len(), 3);
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_stream_in_flight_finish_and_takes_no_new_connection() {
+    let provider = Provider::builder()
+        .chunk_delay(Duration::from_millis(30))
+        .completion_tokens(20)
+        .tokens_per_chunk(1)
+        .spawn()
+        .await
+        .unwrap();
+    let gw = start(Gateway::new(config(&keyed(""), &provider.url())).unwrap()).await;
+    let addr = gw.addr;
+    let http = client();
+    let mut body = chat("drain me");
+    body["stream"] = json!(true);
+    let req = Request::post(gw.url("/v1/chat/completions"))
+        .header("authorization", "Bearer vk-acme")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let res = http.request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let drained = tokio::spawn(gw.shutdown());
+    let rest = res.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("[DONE]"), "the stream finished: {text}");
+    let events = sse_events(&rest);
+    assert!(
+        events.len() >= 21,
+        "every one of the 20 tokens: {}",
+        events.len()
+    );
+    assert_eq!(
+        events.last().unwrap()["choices"][0]["finish_reason"],
+        "stop"
+    );
+    drained.await.unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer listening"
+    );
+}
+
+#[tokio::test]
+async fn two_gateways_on_one_redis_share_one_model_quota() {
+    let Some(redis) =
+        tollgate_testkit::redis::redis_url("two_gateways_on_one_redis_share_one_model_quota")
+    else {
+        return;
+    };
+    let provider = Provider::builder().spawn().await.unwrap();
+    let ns = format!("gw-e2e-{}-{}", std::process::id(), fastrand::u64(..));
+    let yaml = format!(
+        r#"
+open: true
+store: {{ url: "{redis}", namespace: "{ns}" }}
+models:
+  gpt-4o:
+    primary: {{ url: "{{provider}}" }}
+    rate_limit: {{ requests: 3/min, mode: refuse }}
+"#
+    );
+    let a = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let b = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let http = client();
+    assert_eq!(get(&http, &a.url("/readyz"), None).await.status, 200);
+    let mut statuses = Vec::new();
+    for (i, gw) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let r = post(
+            &http,
+            &gw.url("/v1/chat/completions"),
+            "k",
+            &chat(&format!("q{i}")),
+            &[],
+        )
+        .await
+        .unwrap();
+        statuses.push(r.status.as_u16());
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 429],
+        "three a minute across both instances"
+    );
+    assert_eq!(provider.stats().requests, 3);
+    a.shutdown().await;
+    b.shutdown().await;
+}
