@@ -2,9 +2,10 @@
 //!
 //! It starts two simulated providers in this process — a primary with real limits (600
 //! RPM, 100k TPM, a few 503s, and a three-second outage early on) and a fallback with the
-//! same limits —
-//! builds the stack from `examples/tollgate.yaml`, and sends a burst of chat requests from
-//! five tenants through it: a quarter of them repeated, a third streamed. The same burst
+//! same limits —, and the Tollgate gateway in front of them, serving the model
+//! `gpt-4o-mini` with the policy of `examples/tollgate.yaml`. A burst of chat requests from
+//! five tenants goes over HTTP through the gateway: a quarter of them repeated, a third
+//! streamed. The same burst
 //! goes at the same time, to a second pair of providers just like the first, through the
 //! retry loop most programs write by hand: sleep for `Retry-After`, try again.
 //!
@@ -24,7 +25,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tollgate::failover::X_TOLLGATE_BACKEND;
-use tollgate::policy::{BoxBody, Policy, PolicyService};
+use tollgate::policy::Policy;
+use tollgate_gateway::{Config, Gateway};
 use tollgate_testkit::workload::{
     demo_fallback, demo_faults, demo_primary, Burst, Call, DEMO_RPM, DEMO_TPM,
 };
@@ -80,9 +82,14 @@ fn request(call: &Call, url: &str) -> Request<Full<Bytes>> {
         .expect("a valid request")
 }
 
-/// Sends one call through the Tollgate stack.
-async fn through_tollgate(svc: PolicyService<Full<Bytes>>, call: Call, tally: Arc<Tally>) {
-    let res = tower::ServiceExt::oneshot(svc, request(&call, "/v1/chat/completions")).await;
+/// Sends one call over HTTP through the gateway.
+async fn through_tollgate(
+    client: Client<HttpConnector, Full<Bytes>>,
+    url: String,
+    call: Call,
+    tally: Arc<Tally>,
+) {
+    let res = client.request(request(&call, &url)).await;
     let ok = match res {
         Ok(res) if res.status() == 200 => {
             let h = res.headers();
@@ -160,15 +167,31 @@ fn bar(mp: &MultiProgress, name: &str, n: usize) -> ProgressBar {
     )
 }
 
+/// A Prometheus text page.
+async fn scrape(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Option<String> {
+    let req = Request::get(url).body(Full::new(Bytes::new())).ok()?;
+    let res = client.request(req).await.ok()?;
+    let body = res.into_body().collect().await.ok()?.to_bytes();
+    String::from_utf8(body.to_vec()).ok()
+}
+
+/// The sum of a counter over its labels in a Prometheus text page.
+fn metric_total(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 fn quota_floor(s: &Stats, rpm: u64, tpm: u64) -> Duration {
     tollgate_testkit::workload::quota_floor(s, rpm, tpm, Duration::from_secs(60))
 }
 
 #[tokio::main]
 async fn main() -> Result<ExitCode, BoxError> {
-    // Totals only: a counting recorder, not an exporter.
-    let counters = tollgate_testkit::counters::Counters::install();
-
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tollgate.yaml");
     let mut policy = Policy::from_path(path)?;
     let (primary, fallback) = providers().await?;
@@ -177,8 +200,23 @@ async fn main() -> Result<ExitCode, BoxError> {
     if let Some(f) = policy.fallbacks.first_mut() {
         f.url = fallback.url();
     }
-    let client: Client<HttpConnector, BoxBody> = Client::builder(TokioExecutor::new()).build_http();
-    let stack = policy.build(client)?;
+    // The gateway, in process, on a free port: the burst goes to it over HTTP.
+    let gateway = Gateway::new(Config::open(
+        [("gpt-4o-mini".to_owned(), policy)].into_iter().collect(),
+    ))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let gateway_addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn({
+        let gateway = gateway.clone();
+        async move {
+            gateway
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+    });
 
     let calls = Burst {
         requests: 600,
@@ -193,9 +231,12 @@ async fn main() -> Result<ExitCode, BoxError> {
         "against a primary allowing {PRIMARY_RPM} RPM and {PRIMARY_TPM} TPM with a few 503s and a"
     );
     println!(
-        "{}-second outage at {} s, and a fallback; the policy is examples/tollgate.yaml.\n",
+        "{}-second outage at {} s, and a fallback; the policy is examples/tollgate.yaml.",
         OUTAGE_FOR.as_secs(),
         OUTAGE_AT.as_secs()
+    );
+    println!(
+        "The gateway serves it at http://{gateway_addr}/v1 while the demo runs: metrics at http://{gateway_addr}/metrics.\n"
     );
 
     let mp = MultiProgress::new();
@@ -204,15 +245,22 @@ async fn main() -> Result<ExitCode, BoxError> {
     let started = Instant::now();
 
     let mut tasks = tokio::task::JoinSet::new();
+    let tg_client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let tg_url = format!("http://{gateway_addr}/v1/chat/completions");
     let naive_client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let naive_url = format!("{}/v1/chat/completions", naive_primary.url());
     for call in calls {
         let at = (started + call.at).into();
-        let (svc, tally, b) = (stack.clone(), Arc::clone(&tg), tg_bar.clone());
+        let (client, url, tally, b) = (
+            tg_client.clone(),
+            tg_url.clone(),
+            Arc::clone(&tg),
+            tg_bar.clone(),
+        );
         let c = call.clone();
         tasks.spawn(async move {
             tokio::time::sleep_until(at).await;
-            through_tollgate(svc, c, tally).await;
+            through_tollgate(client, url, c, tally).await;
             b.inc(1);
         });
         let (client, url, tally, b) = (
@@ -260,6 +308,13 @@ async fn main() -> Result<ExitCode, BoxError> {
     tg_bar.finish();
     naive_bar.finish();
 
+    // The retries, as the gateway's /metrics reports them.
+    let retries = match scrape(&tg_client, &format!("http://{gateway_addr}/metrics")).await {
+        Some(text) => metric_total(&text, "tollgate_retry_retries_total").to_string(),
+        None => "?".to_owned(),
+    };
+    let _ = stop.send(());
+    let _ = serving.await;
     let (p, f, np) = (primary.stats(), fallback.stats(), naive_primary.stats());
     let get = |t: &Tally, f: fn(&Tally) -> &AtomicU64| f(t).load(Ordering::Relaxed);
     let secs = |d: Option<Duration>| {
@@ -301,11 +356,7 @@ async fn main() -> Result<ExitCode, BoxError> {
         get(&tg, |t| &t.cache_hits).to_string(),
         "0".into(),
     );
-    row(
-        "retries",
-        counters.total("tollgate_retry_retries_total").to_string(),
-        get(&naive, |t| &t.retries).to_string(),
-    );
+    row("retries", retries, get(&naive, |t| &t.retries).to_string());
     row(
         "answered by the fallback",
         get(&tg, |t| &t.fallback).to_string(),

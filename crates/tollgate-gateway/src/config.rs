@@ -122,6 +122,25 @@ fn refuse() -> LimitMode {
 pub const DEFAULT_BODY_LIMIT: u64 = 1024 * 1024;
 
 impl Config {
+    /// A gateway without keys (`open: true`) serving `models`, every other setting at its
+    /// default: for a gateway embedded in a program (a demo, a test) that builds its
+    /// policies in code.
+    pub fn open(models: BTreeMap<String, Policy>) -> Self {
+        Self {
+            listen: default_listen(),
+            body_limit: None,
+            timeouts: Timeouts::default(),
+            shutdown_grace: None,
+            models,
+            aliases: BTreeMap::new(),
+            tenants: BTreeMap::new(),
+            open: true,
+            tenant_header: None,
+            store: Store::Memory,
+            admin_key_env: None,
+        }
+    }
+
     /// Reads a config from YAML.
     pub fn from_yaml(text: &str) -> Result<Self, PolicyError> {
         policy::parse_yaml::<Config>(text)?.checked()

@@ -64,8 +64,15 @@ fn check_prints_each_models_stack_and_a_bad_file_fails_with_field_and_line() {
 
     // The annotated reference reads.
     let reference = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/gateway.yaml");
-    let out = Command::new(BIN).args(["check", "--config", reference]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["check", "--config", reference])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = Command::new(BIN).arg("--version").output().unwrap();
     assert!(out.status.success());
