@@ -39,6 +39,13 @@
 //!   over a client that answers at once: ns per request, and with `--features
 //!   count-allocs` (a counting global allocator, kept out of the other scenarios)
 //!   allocations and bytes per request. Under callgrind it gives instructions per request.
+//! - `gateway`: the `tollgate` binary (built beside this one) as its own process, full
+//!   policy and a keyed tenant, in front of the simulated provider, against the provider
+//!   direct and a minimal hyper pass-through proxy (this binary again, as its own
+//!   process) in one run, 1 KB chat requests, all misses, concurrency 1 and 64: CPU per
+//!   request of the gateway and the proxy from `/proc/<pid>/stat`, and latency added
+//!   (goal: `cpu_ratio ≤ 2.0`, `p99_added_us ≤ 1000`). `--target URL --target-pid PID`
+//!   measures another gateway in front of the same kind of provider.
 //! - `redis`: rate-limit decisions against the local Redis (`REDIS_URL`, or
 //!   127.0.0.1:6379) at concurrency 64, plain (one script call each) and pooled: decisions
 //!   per second, p99 latency, Redis calls per decision from `INFO commandstats`, and
@@ -56,6 +63,7 @@ mod blind;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod cache;
 mod failover;
+mod gateway;
 mod goodput;
 mod load;
 mod overhead;
@@ -93,6 +101,22 @@ struct Args {
     /// headers), beside a policy that states it.
     #[arg(long)]
     blind: bool,
+    /// `gateway`: measure the gateway at this base URL (`http://127.0.0.1:4000`) instead
+    /// of starting the `tollgate` binary.
+    #[arg(long)]
+    target: Option<String>,
+    /// `gateway`: the process id of the `--target` gateway, for its CPU per request.
+    #[arg(long)]
+    target_pid: Option<u32>,
+    /// `gateway`: the `tollgate` binary to start (by default the one beside this one).
+    #[arg(long)]
+    gateway_bin: Option<std::path::PathBuf>,
+    /// `proxy` (started by `gateway`): the address to listen on.
+    #[arg(long, hide = true)]
+    listen: Option<String>,
+    /// `proxy` (started by `gateway`): the upstream base URL.
+    #[arg(long, hide = true)]
+    upstream: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -118,6 +142,11 @@ enum Scenario {
     /// The whole stack in process over a client that answers at once: ns (and, with
     /// `--features count-allocs`, allocations) per request.
     StackCost,
+    /// The gateway binary against a hyper pass-through proxy and the provider direct.
+    Gateway,
+    /// The pass-through proxy `gateway` starts as its own process.
+    #[value(hide = true)]
+    Proxy,
 }
 
 fn main() -> ExitCode {
@@ -145,6 +174,8 @@ fn main() -> ExitCode {
             Scenario::Goodput => goodput::run(&args).await,
             Scenario::Redis => redis::run_scenario(&args).await,
             Scenario::StackCost => stack_cost::run(&args).await,
+            Scenario::Gateway => gateway::run(&args).await,
+            Scenario::Proxy => gateway::proxy(&args).await,
         }
     });
     match result {

@@ -488,6 +488,9 @@ async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Res
     for h in STRIPPED_REQUEST {
         parts.headers.remove(*h);
     }
+    // The caller's HTTP version is its hop's: the provider's connection speaks what it
+    // negotiated (an HTTP/2 request sent as such to an HTTP/1.1 provider fails).
+    let inbound_version = std::mem::replace(&mut parts.version, http::Version::HTTP_11);
     if let Ok(v) = HeaderValue::from_str(id) {
         parts.headers.insert(REQUEST_ID.clone(), v);
     }
@@ -514,6 +517,7 @@ async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Res
         }
     };
     let (mut parts, body) = res.into_parts();
+    parts.version = inbound_version;
     for h in STRIPPED_RESPONSE {
         parts.headers.remove(*h);
     }

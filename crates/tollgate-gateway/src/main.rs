@@ -7,6 +7,10 @@ use clap::{Parser, Subcommand};
 use tollgate_gateway::{describe, shutdown_signal, Config, Gateway};
 use tracing_subscriber::EnvFilter;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// An OpenAI-compatible gateway in front of every provider quota a team shares.
 #[derive(Parser, Debug)]
 #[command(name = "tollgate", version, about)]

@@ -714,3 +714,50 @@ models:
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn h2c_clients_are_served_on_the_same_port() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let gw = start(Gateway::new(config(&keyed(""), &provider.url())).unwrap()).await;
+    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let req = Request::post(gw.url("/v1/chat/completions"))
+        .header("authorization", "Bearer vk-acme")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(chat("over h2").to_string())))
+        .unwrap();
+    let res = h2.request(req).await.unwrap();
+    assert_eq!(res.version(), http::Version::HTTP_2);
+    assert_eq!(res.status(), 200);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 16);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_client_slow_to_send_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = Provider::builder().spawn().await.unwrap();
+    let yaml = keyed("").replace(
+        "shutdown_grace: 10s",
+        "shutdown_grace: 1s\ntimeouts: { header_read: 5s }",
+    );
+    let gw = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    // The rest of the headers never come: on the paused clock, the 5 s pass at once.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), conn.read_to_end(&mut buf)).await;
+    let read = read.expect("the gateway closes the connection");
+    assert!(
+        read.is_ok_and(|_| buf.is_empty() || buf.starts_with(b"HTTP/1.1 408")),
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    gw.shutdown().await;
+}
