@@ -9,6 +9,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tollgate_core::body::Watcher;
 use tollgate_core::usage::{UsageReport, UsageScanner};
 use tollgate_core::usage_chunk::UsageChunkFilter;
+use tollgate_core::wait::WaitReport;
 
 use crate::upstream::Trace;
 
@@ -27,6 +28,8 @@ pub(crate) struct Entry {
     pub(crate) trace: Arc<Trace>,
     /// The usage the model's token budget settled with, when one did.
     pub(crate) report: Arc<UsageReport>,
+    /// The time it waited in the limiters' queues (the tenant's and the model's).
+    pub(crate) waits: Arc<WaitReport>,
 }
 
 /// Watches an answer's body to its end: counts its usage, times its first chunk, holds the
@@ -49,8 +52,12 @@ impl AccessLog {
         strip_usage: bool,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Self {
-        // The head's time is the gateway's whole share: what it did, minus the providers'.
-        let overhead = entry.head.saturating_sub(entry.trace.upstream());
+        // The gateway's own share of the time to the head: what it did, without the
+        // providers' time to their heads and the waits for quota.
+        let overhead = entry
+            .head
+            .saturating_sub(entry.trace.upstream())
+            .saturating_sub(entry.waits.total());
         metrics::histogram!("tollgate_gateway_overhead_seconds", "model" => entry.model.clone())
             .record(overhead.as_secs_f64());
         Self {
@@ -88,6 +95,7 @@ impl AccessLog {
             attempts,
             retries = attempts.saturating_sub(1),
             upstream_ms = e.trace.upstream().as_millis() as u64,
+            queue_ms = e.waits.total().as_millis() as u64,
             input_tokens = input,
             output_tokens = output,
             status = e.status,

@@ -20,6 +20,7 @@ use tollgate_core::body::Watched;
 use tollgate_core::facts::{buffer_with_facts, ApiKind, ReplayBody};
 use tollgate_core::response::{error_response, openai_error};
 use tollgate_core::usage::{UsageReport, UsageScanner};
+use tollgate_core::wait::WaitReport;
 use tollgate_core::BoxError;
 use tower::{Layer, ServiceExt};
 
@@ -505,6 +506,8 @@ async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Res
     parts.extensions.insert(Arc::clone(&trace));
     let report = Arc::new(UsageReport::default());
     parts.extensions.insert(Arc::clone(&report));
+    let waits = Arc::new(WaitReport::default());
+    parts.extensions.insert(Arc::clone(&waits));
     let req = Request::from_parts(parts, body);
     drop(facts);
     let answer = through_tenant(&tenant, &route, req).await;
@@ -541,6 +544,7 @@ async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Res
         head,
         trace,
         report,
+        waits,
     };
     let strip = asked_usage && tollgate_core::headers::is_event_stream(&parts.headers);
     if strip {

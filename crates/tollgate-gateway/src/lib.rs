@@ -44,7 +44,7 @@
 //!   `gen_ai_client_operation_duration_seconds`,
 //!   `gen_ai_server_time_to_first_token_seconds`), `tollgate_gateway_requests_total` and
 //!   `tollgate_gateway_overhead_seconds` (time to the answer's head minus the providers'
-//!   time to theirs).
+//!   time to theirs and the time spent waiting for quota in the limiters' queues).
 //! - `GET /healthz` (alive), `GET /readyz` (config loaded, every Redis store answering).
 //! - `POST /admin/reload` with the admin key: reads the config file again.
 //!
@@ -58,8 +58,8 @@
 //! One JSON line per request on the `tollgate::access` target, written when the answer's
 //! body has ended (or was cut): request id (`x-request-id` taken when sane, else made;
 //! returned to the caller and forwarded to the provider), tenant, model, backend, cache
-//! result, attempts and retries, time upstream, tokens, status, bytes, time to first
-//! byte, latency, and how it ended. Keys are never logged.
+//! result, attempts and retries, time upstream, time queued for quota, tokens, status,
+//! bytes, time to first byte, latency, and how it ended. Keys are never logged.
 //!
 //! # Reloads and shutdown
 //!

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use http::Response;
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tollgate_core::clock::Clock;
 use tollgate_core::headers::RateLimitInfo;
@@ -18,7 +18,7 @@ use tollgate_core::wait::Acquire;
 use crate::limit::Answer;
 use crate::shared::{Keys, Limits, Shared};
 use tollgate_core::meter::{Asked, RateAsk};
-use tollgate_core::wait::{Admission, Admit, Priority};
+use tollgate_core::wait::{Admission, Admit, Priority, WaitReport};
 
 pin_project! {
     /// The response future of [`RateLimit`](crate::RateLimit): waits for a cell when it
@@ -57,6 +57,8 @@ struct Waiting<S, Req> {
     acquire: Acquire<Limits>,
     svc: Option<S>,
     req: Option<Req>,
+    /// When it began to wait (on the limit's clock), for the request's [`WaitReport`].
+    since: tokio::time::Instant,
 }
 
 /// A request asking the shared store for its cells (core's guarded store call), with the
@@ -98,6 +100,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
                     acquire,
                     svc: Some(svc),
                     req: Some(req),
+                    since: shared.clock().now(),
                 }),
             },
             shared: Some(shared),
@@ -130,9 +133,9 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     }
 }
 
-impl<S, Req, ResB> Future for ResponseFuture<S, Req>
+impl<S, B, ResB> Future for ResponseFuture<S, Request<B>>
 where
-    S: Service<Req, Response = Response<ResB>>,
+    S: Service<Request<B>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
 {
     type Output = Result<Response<ResB>, BoxError>;
@@ -142,7 +145,12 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Waiting { waiting } => {
-                    let Waiting { acquire, svc, req } = &mut **waiting;
+                    let Waiting {
+                        acquire,
+                        svc,
+                        req,
+                        since,
+                    } = &mut **waiting;
                     if let Err(refusal) = ready!(Pin::new(acquire).poll(cx)) {
                         return Poll::Ready(Err(refusal.into()));
                     }
@@ -154,6 +162,10 @@ where
                             Err("rate limit future polled after completion".into()),
                         );
                     };
+                    if let Some(shared) = this.shared.as_ref() {
+                        let waited = shared.clock().now().saturating_duration_since(*since);
+                        WaitReport::note(&req, waited);
+                    }
                     // `svc` was made ready by `poll_ready` before the request was accepted.
                     let fut = svc.call(req);
                     this.state.set(State::Called { fut });
@@ -196,6 +208,7 @@ where
                                         acquire,
                                         svc: Some(svc),
                                         req: Some(req),
+                                        since: shared.clock().now(),
                                     }),
                                 });
                             }

@@ -32,8 +32,14 @@ async fn waiters_are_admitted_at_the_quotas_pace() {
     for _ in 0..20 {
         let mut svc = svc.clone();
         tasks.push(tokio::spawn(async move {
-            svc.ready().await.unwrap().call(req("a")).await.unwrap();
-            Instant::now() - start
+            let mut r = req("a");
+            let waits = Arc::new(tollgate_core::wait::WaitReport::default());
+            r.extensions_mut().insert(Arc::clone(&waits));
+            svc.ready().await.unwrap().call(r).await.unwrap();
+            let t = Instant::now() - start;
+            // Each request's own wait is reported to whoever asked (a gateway's overhead).
+            assert_eq!(waits.total(), t);
+            t
         }));
     }
     let mut times = Vec::new();

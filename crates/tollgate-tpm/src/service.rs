@@ -221,7 +221,10 @@ async fn reserve(
         match shared.queue.admit(ticket.clone(), priority) {
             Admission::Now => {}
             Admission::Wait(acquire) => {
+                let since = shared.queue.clock().now();
                 acquire.await?;
+                let waited = shared.queue.clock().now().saturating_duration_since(since);
+                tollgate_core::wait::WaitReport::note(req, waited);
             }
             Admission::Refused(r) => return Err(r.into()),
         }

@@ -50,7 +50,11 @@ async fn wait_mode_waits_for_the_tokens_to_refill() {
     let svc = layer.layer(fake_provider());
     let start = Instant::now();
     for i in 0..8u64 {
-        let res = svc.clone().oneshot(chat(10, 83, cost)).await.unwrap();
+        let mut req = chat(10, 83, cost);
+        let waits = std::sync::Arc::new(tollgate_core::wait::WaitReport::default());
+        req.extensions_mut().insert(std::sync::Arc::clone(&waits));
+        let before = Instant::now();
+        let res = svc.clone().oneshot(req).await.unwrap();
         drain(res.into_body());
         let t = Instant::now() - start;
         // Six fit in the first minute's bucket; then one every 10 s.
@@ -59,6 +63,8 @@ async fn wait_mode_waits_for_the_tokens_to_refill() {
             t >= want && t <= want + Duration::from_millis(5),
             "request {i} at {t:?}"
         );
+        // The request's own wait is reported to whoever asked (a gateway's overhead).
+        assert_eq!(waits.total(), Instant::now() - before, "request {i}");
     }
 }
 

@@ -28,9 +28,39 @@ pub use priority::{
 };
 pub use queue::{Acquire, Admission, WaitQueue};
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::refusal::{Reason, Refusal};
+
+/// How long one request waited for capacity, summed over every limit it passed. Put an
+/// `Arc<WaitReport>` in a request's extensions and the rate limiter and the token budget
+/// add the time it spent in their wait queues: a gateway takes it from its own time when
+/// it reports its overhead.
+#[derive(Debug, Default)]
+pub struct WaitReport {
+    nanos: AtomicU64,
+}
+
+impl WaitReport {
+    /// Adds a wait.
+    pub fn add(&self, waited: Duration) {
+        let ns = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// The waits so far.
+    pub fn total(&self) -> Duration {
+        Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
+    }
+
+    /// Adds `waited` to the report `req` carries, if it carries one.
+    pub fn note<B>(req: &http::Request<B>, waited: Duration) {
+        if let Some(r) = req.extensions().get::<std::sync::Arc<WaitReport>>() {
+            r.add(waited);
+        }
+    }
+}
 
 /// Refuse at once, or wait up to a bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
