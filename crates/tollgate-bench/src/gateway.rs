@@ -29,26 +29,16 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The key of the one tenant the bench's gateway knows.
 const KEY: &str = "sk-bench-tenant";
 
-/// The full policy (every layer, limits far above the load) behind a keyed tenant.
-fn config(listen: &str, provider: &str) -> String {
+/// The model's policy: `overhead`'s (every layer, limits far above the load), or the
+/// `--policy` file's; `http://placeholder` stands for the provider's URL.
+fn config(listen: &str, provider: &str, policy: &str) -> String {
     use std::fmt::Write;
     let digest = sha256_hex(KEY);
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"
-listen: {listen}
-models:
-  gpt-4o-mini:
-    primary:   {{ url: "{provider}", headers: {{ authorization: "Bearer sk-provider" }} }}
-    fallbacks: [ {{ name: fallback, url: "{provider}" }} ]
-    rate_limit: {{ requests: 100M/min, tokens: 100000M/min, mode: wait, max_wait: 30s }}
-    retry:      {{ max_retries: 3 }}
-    cache:      {{ ttl: 10m, max_size: 64MiB }}
-tenants:
-  bench: {{ key_sha256: "{digest}" }}
-"#
-    );
+    let mut s = format!("listen: {listen}\nmodels:\n  gpt-4o-mini:\n");
+    for line in policy.replace("http://placeholder", provider).lines() {
+        let _ = writeln!(s, "    {line}");
+    }
+    let _ = write!(s, "tenants:\n  bench: {{ key_sha256: \"{digest}\" }}\n");
     s
 }
 
@@ -264,7 +254,11 @@ pub(crate) async fn run(args: &Args) -> Result<(), BoxError> {
                 std::env::temp_dir().join(format!("tollgate-bench-gw-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
             let path = dir.join("gateway.yaml");
-            std::fs::write(&path, config(&addr.to_string(), &provider.url()))?;
+            let policy = match &args.policy {
+                Some(p) => std::fs::read_to_string(p)?,
+                None => crate::overhead::POLICY.to_owned(),
+            };
+            std::fs::write(&path, config(&addr.to_string(), &provider.url(), &policy))?;
             let mut child = Proc(
                 Command::new(gateway_bin(args)?)
                     .args(["serve", "--config"])
