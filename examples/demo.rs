@@ -236,7 +236,7 @@ async fn main() -> Result<ExitCode, BoxError> {
         OUTAGE_AT.as_secs()
     );
     println!(
-        "The gateway serves it at http://{gateway_addr}/v1 while the demo runs: metrics at http://{gateway_addr}/metrics.\n"
+        "The gateway serves it at http://{gateway_addr}/v1 while the demo runs: the live dashboard at\nhttp://{gateway_addr}/dashboard, metrics at http://{gateway_addr}/metrics.\n"
     );
 
     let mp = MultiProgress::new();

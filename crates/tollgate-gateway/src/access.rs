@@ -11,6 +11,7 @@ use tollgate_core::usage::{UsageReport, UsageScanner};
 use tollgate_core::usage_chunk::UsageChunkFilter;
 use tollgate_core::wait::WaitReport;
 
+use crate::stats::{Counts, Ended, Recent, Stats};
 use crate::upstream::Trace;
 
 /// What is known of a request when its answer's head goes out.
@@ -30,6 +31,11 @@ pub(crate) struct Entry {
     pub(crate) report: Arc<UsageReport>,
     /// The time it waited in the limiters' queues (the tenant's and the model's).
     pub(crate) waits: Arc<WaitReport>,
+    pub(crate) stats: Stats,
+    /// The model's primary backend, to tell a failover.
+    pub(crate) primary: String,
+    /// The `models` entry serving it (the request may have named an alias).
+    pub(crate) route: String,
 }
 
 /// Watches an answer's body to its end: counts its usage, times its first chunk, holds the
@@ -106,6 +112,43 @@ impl AccessLog {
             outcome,
             "request"
         );
+        let hit = e.cache.as_deref() == Some("hit");
+        let (provider_requests, provider_tokens) = e.trace.provider_quota();
+        let tokens = usage.map_or(0, |u| u.total_tokens);
+        e.stats.ended(Ended {
+            recent: Recent {
+                at_ms: Stats::now_ms(),
+                request_id: e.request_id.clone(),
+                tenant: e.tenant.to_string(),
+                model: e.route.clone(),
+                backend: e.backend.clone(),
+                cache: e.cache.clone(),
+                retries: attempts.saturating_sub(1),
+                input_tokens: input,
+                output_tokens: output,
+                status: e.status,
+                latency_ms: latency.as_millis() as u64,
+                outcome,
+            },
+            counts: Counts {
+                requests: 1,
+                tokens,
+                input_tokens: input.unwrap_or(0),
+                output_tokens: output.unwrap_or(0),
+                provider_429: u64::from(e.trace.provider_429()),
+                waited: u64::from(!e.waits.total().is_zero()),
+                refused: 0,
+                cache_hits: u64::from(hit),
+                tokens_saved: if hit { tokens } else { 0 },
+                retries: u64::from(attempts.saturating_sub(1)),
+                failovers: u64::from(e.backend.as_ref().is_some_and(|b| *b != e.primary) && !hit),
+                errors: u64::from(e.status >= 500),
+                max_wait_ms: e.waits.total().as_millis() as u64,
+            },
+            waited: e.waits.total(),
+            provider_requests,
+            provider_tokens,
+        });
         let model = e.model.clone();
         let tenant = e.tenant.to_string();
         metrics::counter!(

@@ -26,6 +26,7 @@ use tower::{Layer, ServiceExt};
 
 use crate::access::{AccessLog, Entry};
 use crate::config::Config;
+use crate::stats::{Recent, Stats};
 use crate::tenants::{bearer, sha256, Denied, Shared, Tenant, Tenants};
 use crate::upstream::{Trace, Upstream, UpstreamTimeout};
 
@@ -165,8 +166,16 @@ pub(crate) fn resolved(model: &str, policy: &Policy, config: &Config) -> Policy 
     p
 }
 
+/// The name a model's primary backend has in the gateway (see [`resolved`]).
+pub(crate) fn primary_name(model: &str, policy: Option<&Policy>) -> String {
+    policy
+        .and_then(|p| p.primary.name.clone())
+        .unwrap_or_else(|| model.to_owned())
+}
+
 /// The gateway's shared state.
 pub(crate) struct Shared0 {
+    pub(crate) stats: Stats,
     pub(crate) loaded: ArcSwap<Loaded>,
     pub(crate) path: Option<PathBuf>,
     pub(crate) metrics: PrometheusHandle,
@@ -189,6 +198,9 @@ pub(crate) fn router(state: Arc<Shared0>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/admin/reload", post(reload))
+        .route("/dashboard", get(dashboard))
+        .route("/api/stats", get(api_stats))
+        .route("/api/stats/stream", get(api_stats_stream))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -336,6 +348,100 @@ async fn reload(State(s): St, headers: HeaderMap) -> Response<Body> {
     }
 }
 
+/// The dashboard and its data are behind the admin key when one is configured: as a
+/// bearer token, or as the password of HTTP Basic auth (what a browser asks for and then
+/// sends with every request of the page, its event stream included).
+fn admin_guard(loaded: &Loaded, headers: &HeaderMap) -> Option<Response<Body>> {
+    use base64::Engine;
+    use subtle::ConstantTimeEq;
+    let admin = loaded.admin_key?;
+    let auth = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let given = match auth.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("basic") => {
+            base64::engine::general_purpose::STANDARD
+                .decode(rest.trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|s| s.split_once(':').map(|(_, p)| p.to_owned()))
+        }
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => {
+            Some(rest.trim().to_owned())
+        }
+        _ => None,
+    };
+    if given.is_some_and(|k| bool::from(sha256(k.as_bytes()).ct_eq(&admin))) {
+        return None;
+    }
+    let mut res = error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_request_error",
+        "invalid_api_key",
+        "the dashboard needs the admin key",
+    );
+    res.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"tollgate\", charset=\"UTF-8\""),
+    );
+    Some(res)
+}
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// `GET /dashboard`: the live page (HTML, CSS and JS in one file, no build step).
+async fn dashboard(State(s): St, headers: HeaderMap) -> Response<Body> {
+    if let Some(res) = admin_guard(&s.loaded.load(), &headers) {
+        return res;
+    }
+    let mut res = Response::new(Body::from(DASHBOARD));
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    res.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    res
+}
+
+fn stats_json(s: &Shared0) -> serde_json::Value {
+    let loaded = s.loaded.load_full();
+    s.stats.snapshot(&loaded.config, &s.metrics.render())
+}
+
+/// `GET /api/stats`: what the page shows, as JSON.
+async fn api_stats(State(s): St, headers: HeaderMap) -> Response<Body> {
+    if let Some(res) = admin_guard(&s.loaded.load(), &headers) {
+        return res;
+    }
+    json(StatusCode::OK, stats_json(&s))
+}
+
+/// `GET /api/stats/stream`: the same, as server-sent events once a second.
+async fn api_stats_stream(State(s): St, headers: HeaderMap) -> Response<Body> {
+    if let Some(res) = admin_guard(&s.loaded.load(), &headers) {
+        return res;
+    }
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let events = futures_util::stream::unfold((s, tick), |(s, mut tick)| async move {
+        tick.tick().await;
+        let event = format!("event: stats\ndata: {}\n\n", stats_json(&s));
+        Some((Ok::<_, std::convert::Infallible>(event), (s, tick)))
+    });
+    let mut res = Response::new(Body::from_stream(events));
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    res.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    res
+}
+
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static TENANT: HeaderName = HeaderName::from_static("x-tenant-id");
 
@@ -399,21 +505,26 @@ async fn proxy(State(s): St, req: Request<Body>) -> Response<Body> {
     res
 }
 
-/// A response the gateway gives itself, logged as such.
+/// A response the gateway gives itself, logged and counted as such. `started`: the
+/// request had entered the model's stack (and counts as in flight until now).
 fn refused(
+    s: &Shared0,
     res: Response<Body>,
-    tenant: &str,
-    model: &str,
+    who: (&str, &str),
     id: &str,
     start: Instant,
+    started: bool,
 ) -> Response<Body> {
+    let (tenant, model) = who;
+    let status = res.status().as_u16();
+    let latency_ms = start.elapsed().as_millis() as u64;
     tracing::info!(
         target: "tollgate::access",
         request_id = %id,
         tenant,
         model,
-        status = res.status().as_u16(),
-        latency_ms = start.elapsed().as_millis() as u64,
+        status,
+        latency_ms,
         outcome = "refused",
         "request"
     );
@@ -421,9 +532,24 @@ fn refused(
         "tollgate_gateway_requests_total",
         "model" => model.to_owned(),
         "tenant" => tenant.to_owned(),
-        "status" => res.status().as_u16().to_string()
+        "status" => status.to_string()
     )
     .increment(1);
+    let recent = Recent {
+        at_ms: Stats::now_ms(),
+        request_id: id.to_owned(),
+        tenant: tenant.to_owned(),
+        model: model.to_owned(),
+        backend: None,
+        cache: None,
+        retries: 0,
+        input_tokens: None,
+        output_tokens: None,
+        status,
+        latency_ms,
+        outcome: "refused",
+    };
+    s.stats.refused(recent, status == 429, started);
     res
 }
 
@@ -431,11 +557,20 @@ async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Res
     let loaded = s.loaded.load_full();
     let tenant = match loaded.tenants.identify(req.headers()) {
         Ok(t) => t,
-        Err(d) => return refused(denied(d), "-", "-", id, start),
+        Err(d) => return refused(s, denied(d), ("-", "-"), id, start, false),
     };
     let (req, facts) = match buffer_with_facts(req, loaded.config.body_limit()).await {
         Ok(r) => r,
-        Err(e) => return refused(e.to_response::<Body>(), &tenant.name, "-", id, start),
+        Err(e) => {
+            return refused(
+                s,
+                e.to_response::<Body>(),
+                (&tenant.name, "-"),
+                id,
+                start,
+                false,
+            )
+        }
     };
     let Some(model) = facts.model().map(str::to_owned) else {
         let res = error(
@@ -444,10 +579,17 @@ async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Res
             "missing_model",
             "you must provide a model parameter",
         );
-        return refused(res, &tenant.name, "-", id, start);
+        return refused(s, res, (&tenant.name, "-"), id, start, false);
     };
     let Some(route) = loaded.routes.get(&model).cloned() else {
-        return refused(no_model(&model), &tenant.name, &model, id, start);
+        return refused(
+            s,
+            no_model(&model),
+            (&tenant.name, &model),
+            id,
+            start,
+            false,
+        );
     };
     if !tenant.may_use(&route.name) {
         let res = error(
@@ -456,7 +598,7 @@ async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Res
             "model_not_allowed",
             &format!("this key may not use the model `{model}`"),
         );
-        return refused(res, &tenant.name, &model, id, start);
+        return refused(s, res, (&tenant.name, &model), id, start, false);
     }
     let permit = match tenant.try_enter() {
         Ok(p) => p,
@@ -469,7 +611,7 @@ async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Res
             );
             res.headers_mut()
                 .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return refused(res, &tenant.name, &model, id, start);
+            return refused(s, res, (&tenant.name, &model), id, start, false);
         }
     };
     // Every answer's tokens are counted (the access log, the GenAI metrics): a stream
@@ -482,6 +624,7 @@ async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Res
         }
         None => (req, false),
     };
+    s.stats.started(&route.name);
     let trace = Arc::new(Trace::default());
     let stream = facts.is_stream();
     let op = operation(facts.kind());
@@ -516,7 +659,7 @@ async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Res
         Ok(res) => res,
         Err(e) => {
             let res = error_response::<Body>(&*e).unwrap_or_else(|| upstream_error(&*e));
-            return refused(res, &tenant.name, &model, id, start);
+            return refused(s, res, (&tenant.name, &model), id, start, true);
         }
     };
     let (mut parts, body) = res.into_parts();
@@ -545,6 +688,9 @@ async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Res
         trace,
         report,
         waits,
+        stats: s.stats.clone(),
+        primary: primary_name(&route.name, Some(&route.policy)),
+        route: route.name.clone(),
     };
     let strip = asked_usage && tollgate_core::headers::is_event_stream(&parts.headers);
     if strip {

@@ -55,6 +55,102 @@ pub struct Config {
     /// Without it the admin endpoint is off.
     #[serde(default)]
     pub admin_key_env: Option<String>,
+    /// Alert rules and where their events go.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+}
+
+/// Alert rules, and the sinks every rule's events go to.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// The rules.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+    /// Where events go: webhooks.
+    #[serde(default)]
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// What a rule watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleKind {
+    /// A model has been limited — its providers answered 429, or its requests waited
+    /// past `wait_over` or were refused — in every 10-second interval for `for`.
+    LimitedFor,
+    /// A backend was put aside (a cooldown began); resolved when none began for its
+    /// cooldown.
+    Cooling,
+    /// A model or a tenant used over `over_percent` of a limit in every 10-second
+    /// interval for `for`.
+    QuotaUsed,
+    /// More than `over_percent` of a model's answers were 5xx over `window`.
+    ErrorRate,
+}
+
+/// One alert rule.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Its name in events (the kind and subject by default).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What it watches.
+    pub when: RuleKind,
+    /// The model it watches (every model when left out).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// `quota_used`: the tenant it watches instead of a model.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// `cooling`: the backend it watches (every backend when left out).
+    #[serde(default)]
+    pub backend: Option<String>,
+    /// How long the condition must hold (`limited_for`, `quota_used`; 5 minutes by
+    /// default).
+    #[serde(default, rename = "for")]
+    pub for_: Option<Dur>,
+    /// `limited_for`: a wait longer than this counts as limited (1 s by default).
+    #[serde(default)]
+    pub wait_over: Option<Dur>,
+    /// `quota_used` (90 by default), `error_rate` (5 by default): the threshold, in percent.
+    #[serde(default)]
+    pub over_percent: Option<f64>,
+    /// `error_rate`: the window (5 minutes by default).
+    #[serde(default)]
+    pub window: Option<Dur>,
+}
+
+/// The body an alert is sent as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkFormat {
+    /// The event as JSON, signed per Standard Webhooks when a secret is given.
+    #[default]
+    Json,
+    /// Slack's incoming webhook: `{"text": …}`.
+    Slack,
+    /// DingTalk's robot: `{"msgtype": "text", "text": {"content": …}}`.
+    Dingtalk,
+    /// WeCom's (WeChat Work) robot: the same shape as DingTalk's.
+    Wecom,
+}
+
+/// One webhook.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Where to POST.
+    pub url: String,
+    /// The body's shape.
+    #[serde(default)]
+    pub format: SinkFormat,
+    /// The environment variable holding the Standard Webhooks secret (`whsec_…`, or any
+    /// string): each request is signed (`webhook-id`, `webhook-timestamp`,
+    /// `webhook-signature`).
+    #[serde(default)]
+    pub secret_env: Option<String>,
 }
 
 /// Timeouts.
@@ -138,6 +234,7 @@ impl Config {
             tenant_header: None,
             store: Store::Memory,
             admin_key_env: None,
+            alerts: AlertsConfig::default(),
         }
     }
 
@@ -253,6 +350,39 @@ impl Config {
                         "{at}.models: `{m}` is not a model of `models` or `aliases`"
                     )));
                 }
+            }
+        }
+        for (i, r) in self.alerts.rules.iter().enumerate() {
+            let at = format!("alerts.rules[{i}]");
+            if let Some(m) = &r.model {
+                if self.route(m).is_none() {
+                    return Err(PolicyError::new(format!(
+                        "{at}.model: `{m}` is not a model of `models`"
+                    )));
+                }
+            }
+            if let Some(t) = &r.tenant {
+                if !self.tenants.contains_key(t) {
+                    return Err(PolicyError::new(format!(
+                        "{at}.tenant: `{t}` is not a tenant"
+                    )));
+                }
+            }
+            if r.over_percent.is_some_and(|p| !(p.is_finite() && p > 0.0)) {
+                return Err(PolicyError::new(format!(
+                    "{at}.over_percent: a percentage above 0"
+                )));
+            }
+        }
+        for (i, sink) in self.alerts.sinks.iter().enumerate() {
+            let ok = sink.url.parse::<http::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http") | Some("https")) && u.host().is_some()
+            });
+            if !ok {
+                return Err(PolicyError::new(format!(
+                    "alerts.sinks[{i}].url: `{}` must be an http:// or https:// URL",
+                    sink.url
+                )));
             }
         }
         if let Some(h) = &self.tenant_header {

@@ -47,6 +47,23 @@
 //!   time to theirs and the time spent waiting for quota in the limiters' queues).
 //! - `GET /healthz` (alive), `GET /readyz` (config loaded, every Redis store answering).
 //! - `POST /admin/reload` with the admin key: reads the config file again.
+//! - `GET /dashboard`: the live page — per model, requests and tokens per minute over the
+//!   last 15 minutes with each limit drawn, the quota left, provider 429s against waits and
+//!   refusals, cache hits, retries, failovers, wait percentiles; per tenant, usage against
+//!   its limits; the last 100 requests, filterable. Fed by `GET /api/stats` (JSON) and
+//!   `GET /api/stats/stream` (server-sent events, once a second). Behind the admin key when
+//!   one is configured (as a bearer token, or as HTTP Basic's password, which a browser
+//!   asks for). No key or prompt text is on it.
+//!
+//! # Alerts
+//!
+//! `alerts.rules` in the config watch the same statistics — `limited_for` (a model has
+//! been rate-limited for N: 429s from its providers, waits past a threshold, or
+//! refusals, in every 10-second interval), `cooling`, `quota_used`, `error_rate` — and
+//! send `alert.firing` once and `alert.resolved` once to every sink of `alerts.sinks`: a
+//! JSON webhook signed per Standard Webhooks, or a Slack, DingTalk or WeCom text payload.
+//! Deliveries are retried with backoff, off the request path, through a bounded queue
+//! (`tollgate_alerts_dropped_total` counts what a full queue drops).
 //!
 //! Every error a client sees is in OpenAI's shape: 401 for a missing or unknown key, 403
 //! for a model the key may not use, 404 for an unknown model or path, 413 for a body over
@@ -77,8 +94,10 @@
 #![deny(missing_docs)]
 
 mod access;
+mod alerts;
 mod app;
 pub mod config;
+mod stats;
 mod tenants;
 mod upstream;
 
@@ -178,6 +197,7 @@ impl Gateway {
         let loaded = Loaded::build(config, None)?;
         Ok(Self {
             shared: Arc::new(Shared0 {
+                stats: stats::Stats::new(),
                 loaded: ArcSwap::from_pointee(loaded),
                 path,
                 metrics,
@@ -242,6 +262,7 @@ impl Gateway {
         let graceful = GracefulShutdown::new();
         let router = self.router();
         let hangups = self.watch_hangups();
+        let alerting = self.start_alerts();
         tracing::info!(addr = %listener.local_addr()?, "tollgate is serving");
         tokio::pin!(shutdown);
         loop {
@@ -275,6 +296,9 @@ impl Gateway {
         if let Some(h) = hangups {
             h.abort();
         }
+        for task in alerting {
+            task.abort();
+        }
         let grace = config.shutdown_grace();
         tracing::info!(
             grace_s = grace.as_secs_f64(),
@@ -285,6 +309,39 @@ impl Gateway {
             Err(_) => tracing::warn!("shutdown grace over with connections still open"),
         }
         Ok(())
+    }
+
+    /// The alert rules' evaluation, once a second, and the deliveries of their events.
+    fn start_alerts(&self) -> [tokio::task::JoinHandle<()>; 2] {
+        let (notifier, rx) = alerts::Notifier::new();
+        let shared = Arc::clone(&self.shared);
+        let deliveries = tokio::spawn(alerts::run_deliveries(rx, move || {
+            shared.loaded.load().config.alerts.sinks.clone()
+        }));
+        let shared = Arc::clone(&self.shared);
+        let evaluating = tokio::spawn(async move {
+            let mut evaluator = alerts::Evaluator::default();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                let loaded = shared.loaded.load_full();
+                let rules = &loaded.config.alerts.rules;
+                if rules.is_empty() {
+                    continue;
+                }
+                // Only the cooling rule reads the layers' metrics.
+                let metrics = if rules.iter().any(|r| r.when == config::RuleKind::Cooling) {
+                    shared.metrics.render()
+                } else {
+                    String::new()
+                };
+                for event in evaluator.evaluate(&loaded.config, &shared.stats, &metrics) {
+                    notifier.send(event);
+                }
+            }
+        });
+        [deliveries, evaluating]
     }
 
     #[cfg(unix)]

@@ -26,9 +26,39 @@ use tower::Service;
 pub(crate) struct Trace {
     attempts: AtomicU32,
     upstream_ns: AtomicU64,
+    /// Attempts a provider answered 429.
+    provider_429: AtomicU32,
+    /// The provider's quota as its last answer stated it.
+    quota: std::sync::Mutex<ProviderQuota>,
 }
 
+/// A provider's (remaining, limit) of requests and of tokens, as an answer stated them.
+pub(crate) type ProviderQuota = (Option<(u64, u64)>, Option<(u64, u64)>);
+
 impl Trace {
+    pub(crate) fn provider_429(&self) -> u32 {
+        self.provider_429.load(Ordering::Relaxed)
+    }
+
+    /// (requests, tokens) as (remaining, limit), when the last answer stated them.
+    pub(crate) fn provider_quota(&self) -> ProviderQuota {
+        self.quota.lock().map_or((None, None), |q| *q)
+    }
+
+    fn saw(&self, headers: &http::HeaderMap) {
+        let info = tollgate_core::headers::RateLimitInfo::from_headers(
+            headers,
+            std::time::SystemTime::now(),
+        );
+        let pair = |s: &tollgate_core::headers::LimitState| s.remaining.zip(s.limit);
+        let (r, t) = (pair(&info.requests), pair(&info.tokens));
+        if r.is_some() || t.is_some() {
+            if let Ok(mut q) = self.quota.lock() {
+                *q = (r.or(q.0), t.or(q.1));
+            }
+        }
+    }
+
     pub(crate) fn attempts(&self) -> u32 {
         self.attempts.load(Ordering::Relaxed)
     }
@@ -116,7 +146,15 @@ impl Service<Request<BoxBody>> for Upstream {
                 t.upstream_ns.fetch_add(ns, Ordering::Relaxed);
             }
             match answer {
-                Ok(Ok(res)) => Ok(res),
+                Ok(Ok(res)) => {
+                    if let Some(t) = &trace {
+                        if res.status() == http::StatusCode::TOO_MANY_REQUESTS {
+                            t.provider_429.fetch_add(1, Ordering::Relaxed);
+                        }
+                        t.saw(res.headers());
+                    }
+                    Ok(res)
+                }
                 Ok(Err(e)) => Err(Box::new(e) as BoxError),
                 Err(_) => Err(Box::new(UpstreamTimeout(timeout)) as BoxError),
             }
