@@ -66,6 +66,13 @@ impl AccessLog {
             .saturating_sub(entry.waits.total());
         metrics::histogram!("tollgate_gateway_overhead_seconds", "model" => entry.model.clone())
             .record(overhead.as_secs_f64());
+        let waited = entry.waits.total();
+        if !waited.is_zero() {
+            // It waited for quota until its head: the model was limited that long.
+            let now = tokio::time::Instant::now();
+            let from = now.checked_sub(waited).unwrap_or(now);
+            entry.stats.limited(&entry.route, from, now, Some(waited));
+        }
         Self {
             entry,
             usage,

@@ -147,14 +147,22 @@ impl Evaluator {
                 if now < k {
                     return Vec::new();
                 }
+                let spans = stats.limited_buckets(now - k, now, Duration::from_millis(wait_over));
                 stats
                     .buckets(now - k, now)
                     .models
                     .into_iter()
                     .filter(|(m, _)| model_wanted(m))
                     .map(|(m, b)| {
-                        let on = b.iter().all(limited);
-                        let off = b.last().is_some_and(|c| !limited(c));
+                        // Limited in a bucket: a 429, a refusal or a long wait counted in
+                        // it, or a span of limitation (a Retry-After, a wait) over it.
+                        let flags: Vec<bool> = b
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| limited(c) || spans.get(&m).and_then(|s| s.get(i)).copied().unwrap_or(false))
+                            .collect();
+                        let on = flags.iter().all(|f| *f);
+                        let off = flags.last().is_some_and(|f| !*f);
                         let t: u64 = b.iter().map(|c| c.provider_429).sum();
                         let r: u64 = b.iter().map(|c| c.refused).sum();
                         let summary = format!(

@@ -549,6 +549,13 @@ fn refused(
         latency_ms,
         outcome: "refused",
     };
+    if started && status == 429 {
+        // The model's own limits refused it: limited until the time it gave.
+        let wait = tollgate_core::headers::retry_after(res.headers(), std::time::SystemTime::now())
+            .unwrap_or(std::time::Duration::from_secs(1));
+        let now = tokio::time::Instant::now();
+        s.stats.limited(&recent.model, now, now + wait, None);
+    }
     s.stats.refused(recent, status == 429, started);
     res
 }
@@ -625,7 +632,7 @@ async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Res
         None => (req, false),
     };
     s.stats.started(&route.name);
-    let trace = Arc::new(Trace::default());
+    let trace = Arc::new(Trace::for_model(s.stats.clone(), route.name.clone()));
     let stream = facts.is_stream();
     let op = operation(facts.kind());
     let (mut parts, body) = req.into_parts();

@@ -153,7 +153,22 @@ struct ModelState {
     provider_tokens: Option<(u64, u64)>,
     /// Requests served, by backend.
     backends: BTreeMap<String, u64>,
+    /// When the model was limited: a provider's 429 until its Retry-After, a refusal
+    /// until its retry time, a wait for quota over its length. Newest last.
+    limited: VecDeque<Span>,
 }
+
+/// A stretch of time a model was limited.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    from: Instant,
+    to: Instant,
+    /// For a wait: how long it was (a rule counts only waits past its threshold).
+    wait: Option<Duration>,
+}
+
+/// Spans kept per model.
+const SPANS: usize = 4096;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -282,6 +297,50 @@ impl Stats {
                 i.recent.pop_front();
             }
         });
+    }
+
+    /// The model was limited from `from` to `to` (`wait`: a wait of that length).
+    pub(crate) fn limited(&self, model: &str, from: Instant, to: Instant, wait: Option<Duration>) {
+        let oldest = Instant::now().checked_sub(BUCKET * BUCKETS as u32);
+        self.with(|i| {
+            let m = i.models.entry(model.to_owned()).or_default();
+            m.limited.push_back(Span { from, to, wait });
+            while m.limited.len() > SPANS
+                || m.limited
+                    .front()
+                    .is_some_and(|s| oldest.is_some_and(|o| s.to < o))
+            {
+                m.limited.pop_front();
+            }
+        });
+    }
+
+    /// Per model, for buckets `from..to`: whether the model was limited at some time in
+    /// each (waits count when longer than `wait_over`).
+    pub(crate) fn limited_buckets(
+        &self,
+        from: u64,
+        to: u64,
+        wait_over: Duration,
+    ) -> HashMap<String, Vec<bool>> {
+        let start = |b: u64| self.started + BUCKET * u32::try_from(b).unwrap_or(u32::MAX);
+        self.with(|i| {
+            i.models
+                .iter()
+                .map(|(name, m)| {
+                    let flags = (from..to)
+                        .map(|b| {
+                            let (lo, hi) = (start(b), start(b + 1));
+                            m.limited.iter().any(|s| {
+                                s.from < hi && s.to >= lo && s.wait.is_none_or(|w| w > wait_over)
+                            })
+                        })
+                        .collect();
+                    (name.clone(), flags)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
     }
 
     /// The bucket being filled now.

@@ -30,12 +30,22 @@ pub(crate) struct Trace {
     provider_429: AtomicU32,
     /// The provider's quota as its last answer stated it.
     quota: std::sync::Mutex<ProviderQuota>,
+    /// Where a provider's 429 is reported as it comes, and for which model.
+    limits: Option<(crate::stats::Stats, String)>,
 }
 
 /// A provider's (remaining, limit) of requests and of tokens, as an answer stated them.
 pub(crate) type ProviderQuota = (Option<(u64, u64)>, Option<(u64, u64)>);
 
 impl Trace {
+    /// A record that reports the provider's 429s for `model` to `stats` as they come.
+    pub(crate) fn for_model(stats: crate::stats::Stats, model: String) -> Self {
+        Self {
+            limits: Some((stats, model)),
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn provider_429(&self) -> u32 {
         self.provider_429.load(Ordering::Relaxed)
     }
@@ -150,6 +160,16 @@ impl Service<Request<BoxBody>> for Upstream {
                     if let Some(t) = &trace {
                         if res.status() == http::StatusCode::TOO_MANY_REQUESTS {
                             t.provider_429.fetch_add(1, Ordering::Relaxed);
+                            // Limited until the provider's Retry-After (a second without).
+                            if let Some((stats, model)) = &t.limits {
+                                let wait = tollgate_core::headers::server_hint(
+                                    res.headers(),
+                                    std::time::SystemTime::now(),
+                                )
+                                .unwrap_or(Duration::from_secs(1));
+                                let now = tokio::time::Instant::now();
+                                stats.limited(model, now, now + wait, None);
+                            }
                         }
                         t.saw(res.headers());
                     }

@@ -761,3 +761,90 @@ async fn a_client_slow_to_send_its_headers_is_cut_off() {
     );
     gw.shutdown().await;
 }
+
+/// A local webhook receiver: every body it was sent.
+async fn alert_receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
+    type Got = Arc<Mutex<Vec<serde_json::Value>>>;
+    let got: Got = Arc::default();
+    async fn hook(
+        axum::extract::State(got): axum::extract::State<Got>,
+        body: Bytes,
+    ) -> &'static str {
+        got.lock()
+            .unwrap()
+            .push(serde_json::from_slice(&body).unwrap_or_default());
+        "ok"
+    }
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .with_state(Arc::clone(&got));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/hook"), got)
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_backend_answering_429s_for_the_rules_time_fires_once_and_resolves_once() {
+    // The provider allows two requests a minute; the model's own limit is far above, so
+    // the provider's 429s come back (no retries): the model is limited.
+    let provider = Provider::builder().rpm(2).burst(2).spawn().await.unwrap();
+    let (hook, got) = alert_receiver().await;
+    let yaml = format!(
+        r#"
+open: true
+timeouts: {{ header_read: 1h }}
+models:
+  gpt-4o:
+    primary: {{ url: "{{provider}}", headers: {{ authorization: "Bearer sk-alerts" }} }}
+    rate_limit: {{ requests: 1000/min, learn: false, mode: refuse }}
+alerts:
+  rules: [ {{ name: gpt-4o-limited, when: limited_for, model: gpt-4o, for: 30s }} ]
+  sinks: [ {{ url: "{hook}" }} ]
+"#
+    );
+    let gw = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let http = client();
+    let url = gw.url("/v1/chat/completions");
+    let mut statuses = Vec::new();
+    // One request a second, 80 of them: the provider lets two a minute through.
+    for i in 0..80 {
+        let a = post(&http, &url, "k", &chat(&format!("q{i}")), &[])
+            .await
+            .unwrap();
+        statuses.push(a.status.as_u16());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // The gateway waits out each 429 (the backend is back at its Retry-After), so no
+    // caller sees one; the provider answered them all the same, and the model is limited.
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(
+        provider.key_stats("sk-alerts").rate_limited > 40,
+        "{:?}",
+        provider.stats()
+    );
+    let kinds = |got: &Arc<Mutex<Vec<serde_json::Value>>>| -> Vec<String> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .map(|v| v["type"].as_str().unwrap_or("?").to_owned())
+            .collect()
+    };
+    assert_eq!(kinds(&got), ["alert.firing"], "fired once while limited");
+    assert_eq!(got.lock().unwrap()[0]["data"]["rule"], "gpt-4o-limited");
+    // Quiet for a minute and a half (the provider's bucket refills), then fine again.
+    tokio::time::sleep(Duration::from_secs(90)).await;
+    for i in 0..2 {
+        let a = post(&http, &url, "k", &chat(&format!("after {i}")), &[])
+            .await
+            .unwrap();
+        assert_eq!(a.status, 200);
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        kinds(&got),
+        ["alert.firing", "alert.resolved"],
+        "resolved once"
+    );
+    gw.shutdown().await;
+}
