@@ -33,7 +33,9 @@
 //!   stream that breaks later ends with an `event: error` the caller can read.
 //! - The answer says who served it: `x-tollgate-backend` and the [`ServedBy`] extension.
 //!   Metrics: `tollgate_failover_attempts_total{backend}`,
-//!   `tollgate_failover_moved_on_total{backend,why}`, `tollgate_failover_cooldowns_total`.
+//!   `tollgate_failover_moved_on_total{backend,why}`, `tollgate_failover_cooldowns_total`,
+//!   and the gauge `tollgate_failover_cooling_until_seconds{backend}`: when the backend's
+//!   latest cooldown ends, in Unix seconds (in the past once it is back).
 //!
 //! # Example
 //!

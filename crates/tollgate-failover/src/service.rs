@@ -493,6 +493,15 @@ where
                                 health.failure(shared.clock.now(), hint, limited, &shared.cooldown);
                             if let Some(d) = entered {
                                 count(backend, "tollgate_failover_cooldowns_total", None);
+                                // When it is back, on the wall clock, for dashboards.
+                                let back = std::time::SystemTime::now() + d;
+                                let secs = back
+                                    .duration_since(std::time::UNIX_EPOCH)
+                                    .map_or(0.0, |t| t.as_secs_f64());
+                                let label =
+                                    metrics::SharedString::from_shared(Arc::clone(&backend.name));
+                                metrics::gauge!("tollgate_failover_cooling_until_seconds", "backend" => label)
+                                    .set(secs);
                                 tracing::info!(backend = %backend.name, cooldown_ms = d.as_millis() as u64, "backend set aside");
                             }
                             // When it said when it could take the request (a server's

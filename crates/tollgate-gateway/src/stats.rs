@@ -383,6 +383,12 @@ impl Stats {
         let per_min = 60.0 / BUCKET.as_secs_f64();
         let learned = learned_limits(metrics);
         let cooldowns = labelled(metrics, "tollgate_failover_cooldowns_total", "backend");
+        let cooling_until = labelled(
+            metrics,
+            "tollgate_failover_cooling_until_seconds",
+            "backend",
+        );
+        let now_s = Self::now_ms() as f64 / 1000.0;
         let data = self.with(|i| {
             let mut names: Vec<&String> = config.models.keys().collect();
             for k in i.models.keys() {
@@ -435,7 +441,14 @@ impl Stats {
                     let backends: Vec<_> = m
                         .backends
                         .iter()
-                        .map(|(b, n)| json!({"name": b, "served": n, "cooldowns": cooldowns.get(b).copied().unwrap_or(0.0)}))
+                        .map(|(b, n)| {
+                            // Cooling now: when it is back (Unix ms).
+                            let back = cooling_until
+                                .get(b)
+                                .filter(|t| **t > now_s)
+                                .map(|t| (*t * 1000.0) as u64);
+                            json!({"name": b, "served": n, "cooldowns": cooldowns.get(b).copied().unwrap_or(0.0), "cooling_until_ms": back})
+                        })
                         .collect();
                     json!({
                         "name": name,
@@ -592,6 +605,11 @@ mod tests {
         assert_eq!(m["totals"]["requests"], 3, "totals never age");
         assert_eq!(m["quota_left"]["requests"]["share"], 40.0 / 60.0);
         assert_eq!(m["quota_left"]["requests"]["source"], "provider");
+        assert!(m["backends"][0]["cooling_until_ms"].is_null(), "not cooling");
+        let back = Stats::now_ms() / 1000 + 60;
+        let text = format!("tollgate_failover_cooling_until_seconds{{backend=\"m\"}} {back}\n");
+        let snap = s.snapshot(&cfg, &text);
+        assert_eq!(snap["models"][0]["backends"][0]["cooling_until_ms"], back * 1000, "cooling, and when it is back");
     }
 
     #[test]
