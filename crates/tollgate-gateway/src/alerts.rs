@@ -450,7 +450,6 @@ pub(crate) async fn run_deliveries(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::{Ended, Recent};
 
     fn config(rules: &str) -> Config {
         Config::from_yaml(&format!(
@@ -461,26 +460,7 @@ mod tests {
 
     fn request(stats: &Stats, c: Counts) {
         stats.started("m");
-        stats.ended(Ended {
-            recent: Recent {
-                at_ms: 0,
-                request_id: "r".into(),
-                tenant: "t".into(),
-                model: "m".into(),
-                backend: Some("m".into()),
-                cache: None,
-                retries: 0,
-                input_tokens: None,
-                output_tokens: None,
-                status: 200,
-                latency_ms: 1,
-                outcome: "complete",
-            },
-            counts: Counts { requests: 1, ..c },
-            waited: Duration::ZERO,
-            provider_requests: None,
-            provider_tokens: None,
-        });
+        stats.ended(crate::stats::ended("m", "t", Counts { requests: 1, ..c }));
     }
 
     /// Runs the evaluator once a second for `secs`, feeding one request a second made

@@ -62,13 +62,11 @@ pub struct Config {
 
 /// Alert rules, and the sinks every rule's events go to.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct AlertsConfig {
     /// The rules.
-    #[serde(default)]
     pub rules: Vec<RuleConfig>,
     /// Where events go: webhooks.
-    #[serde(default)]
     pub sinks: Vec<SinkConfig>,
 }
 
@@ -155,63 +153,65 @@ pub struct SinkConfig {
 
 /// Timeouts.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Timeouts {
     /// How long a client may take to send a request's headers, and how long an idle
     /// HTTP/1.1 connection waits for its next request (10 s by default).
-    #[serde(default)]
     pub header_read: Option<Dur>,
     /// How long an idle HTTP/2 connection is kept: pinged after this long with nothing
     /// sent, closed when the ping is not answered within it (60 s by default).
-    #[serde(default)]
     pub idle: Option<Dur>,
     /// How long a provider may take to start its answer, per attempt (300 s by default;
     /// a stream may then run as long as it keeps sending).
-    #[serde(default)]
     pub upstream: Option<Dur>,
 }
 
-/// One tenant: how it proves who it is, what it may use and how much.
+/// One tenant: how it proves who it is, what it may use and how much. Every field may be
+/// left out.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TenantConfig {
     /// The SHA-256 of its virtual key, in hex (`printf %s "$KEY" | sha256sum`): the file
     /// never holds the key itself.
-    #[serde(default)]
     pub key_sha256: Option<String>,
     /// Or: the environment variable holding its key.
-    #[serde(default)]
     pub key_env: Option<String>,
     /// Its requests per window (`600/min`), across all models.
-    #[serde(default)]
     pub requests: Option<Rate>,
     /// Its tokens per window (`100k/min`), estimated before and settled after, across
     /// all models.
-    #[serde(default)]
     pub tokens: Option<Rate>,
     /// How many of its requests (and streams) may be in flight at once.
-    #[serde(default)]
     pub concurrency: Option<u32>,
     /// Its place in the models' wait queues, 0–255, higher first (0 by default).
-    #[serde(default)]
     pub priority: Option<u8>,
     /// The models (names or aliases) it may use; all when left out.
-    #[serde(default)]
     pub models: Option<Vec<String>>,
     /// `refuse` (the default: a 429 with `Retry-After` at once) or `wait` over its limits.
-    #[serde(default = "refuse")]
     pub mode: LimitMode,
     /// In `wait` mode, the longest a request waits for the tenant's limits (30 s).
-    #[serde(default)]
     pub max_wait: Option<Dur>,
+}
+
+impl Default for TenantConfig {
+    /// No key, no limits, every model, priority 0, refusing over its limits.
+    fn default() -> Self {
+        Self {
+            key_sha256: None,
+            key_env: None,
+            requests: None,
+            tokens: None,
+            concurrency: None,
+            priority: None,
+            models: None,
+            mode: LimitMode::Refuse,
+            max_wait: None,
+        }
+    }
 }
 
 fn default_listen() -> String {
     "127.0.0.1:4000".to_owned()
-}
-
-fn refuse() -> LimitMode {
-    LimitMode::Refuse
 }
 
 /// The default request body cap.

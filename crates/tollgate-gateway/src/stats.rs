@@ -541,32 +541,34 @@ pub(crate) fn labelled(metrics: &str, name: &str, label: &str) -> HashMap<String
     out
 }
 
+/// A request that ended, for tests: `counts` for `model` from `tenant`.
+#[cfg(test)]
+pub(crate) fn ended(model: &str, tenant: &str, counts: Counts) -> Ended {
+    Ended {
+        recent: Recent {
+            at_ms: 0,
+            request_id: "r".into(),
+            tenant: tenant.into(),
+            model: model.into(),
+            backend: Some(model.into()),
+            cache: None,
+            retries: 0,
+            input_tokens: None,
+            output_tokens: None,
+            status: 200,
+            latency_ms: 1,
+            outcome: "complete",
+        },
+        counts,
+        waited: Duration::ZERO,
+        provider_requests: Some((40, 60)),
+        provider_tokens: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ended(model: &str, tenant: &str, c: Counts) -> Ended {
-        Ended {
-            recent: Recent {
-                at_ms: 0,
-                request_id: "r".into(),
-                tenant: tenant.into(),
-                model: model.into(),
-                backend: Some(model.into()),
-                cache: None,
-                retries: 0,
-                input_tokens: None,
-                output_tokens: None,
-                status: 200,
-                latency_ms: 1,
-                outcome: "complete",
-            },
-            counts: c,
-            waited: Duration::ZERO,
-            provider_requests: Some((40, 60)),
-            provider_tokens: None,
-        }
-    }
 
     #[tokio::test(start_paused = true)]
     async fn buckets_roll_over_and_the_window_keeps_fifteen_minutes() {
@@ -605,11 +607,18 @@ mod tests {
         assert_eq!(m["totals"]["requests"], 3, "totals never age");
         assert_eq!(m["quota_left"]["requests"]["share"], 40.0 / 60.0);
         assert_eq!(m["quota_left"]["requests"]["source"], "provider");
-        assert!(m["backends"][0]["cooling_until_ms"].is_null(), "not cooling");
+        assert!(
+            m["backends"][0]["cooling_until_ms"].is_null(),
+            "not cooling"
+        );
         let back = Stats::now_ms() / 1000 + 60;
         let text = format!("tollgate_failover_cooling_until_seconds{{backend=\"m\"}} {back}\n");
         let snap = s.snapshot(&cfg, &text);
-        assert_eq!(snap["models"][0]["backends"][0]["cooling_until_ms"], back * 1000, "cooling, and when it is back");
+        assert_eq!(
+            snap["models"][0]["backends"][0]["cooling_until_ms"],
+            back * 1000,
+            "cooling, and when it is back"
+        );
     }
 
     #[test]

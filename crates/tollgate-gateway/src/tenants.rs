@@ -141,26 +141,13 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn open(store: &tollgate::policy::Store) -> Result<Option<Self>, PolicyError> {
-        use tollgate::policy::{FailureMode, Store};
-        use tollgate_core::store::OnStoreFailure;
-        let Store::Redis(r) = store else {
-            return Ok(None);
-        };
-        let mut redis = tollgate_redis::RedisStore::open(&r.url)
-            .map_err(|e| PolicyError::new(format!("store `{}`: {e}", r.url)))?;
-        if let Some(ns) = &r.namespace {
-            redis = redis.namespace(ns);
+        match store {
+            tollgate::policy::Store::Redis(r) => {
+                let (redis, on_failure) = r.open()?;
+                Ok(Some(Self { redis, on_failure }))
+            }
+            _ => Ok(None),
         }
-        if let Some(t) = r.timeout {
-            redis = redis.timeout(t.0);
-        }
-        let on_failure = match r.on_failure {
-            FailureMode::Closed => OnStoreFailure::Closed,
-            FailureMode::Open => OnStoreFailure::Open {
-                instances: r.instances.unwrap_or(1),
-            },
-        };
-        Ok(Some(Self { redis, on_failure }))
     }
 }
 
@@ -214,17 +201,7 @@ impl Tenants {
             .unwrap_or(HeaderName::from_static("x-tenant-id"));
         let anonymous = Arc::new(Tenant {
             name: Arc::from("anonymous"),
-            config: TenantConfig {
-                key_sha256: None,
-                key_env: None,
-                requests: None,
-                tokens: None,
-                concurrency: None,
-                priority: None,
-                models: None,
-                mode: LimitMode::Refuse,
-                max_wait: None,
-            },
+            config: TenantConfig::default(),
             key_hash: None,
             priority: Priority(0),
             models: None,

@@ -381,25 +381,43 @@ impl SharedStore {
 }
 
 #[cfg(feature = "redis")]
+impl super::RedisConfig {
+    /// The Redis store this section names (its namespace and timeout set), and what a
+    /// layer does when it cannot answer. Connects lazily, on the first call.
+    pub fn open(
+        &self,
+    ) -> Result<
+        (
+            tollgate_redis::RedisStore,
+            tollgate_core::store::OnStoreFailure,
+        ),
+        PolicyError,
+    > {
+        use tollgate_core::store::OnStoreFailure;
+        let mut redis = tollgate_redis::RedisStore::open(&self.url)
+            .map_err(|e| PolicyError::new(format!("store `{}`: {e}", self.url)))?;
+        if let Some(ns) = &self.namespace {
+            redis = redis.namespace(ns);
+        }
+        if let Some(t) = self.timeout {
+            redis = redis.timeout(t.0);
+        }
+        let on_failure = match self.on_failure {
+            super::FailureMode::Closed => OnStoreFailure::Closed,
+            super::FailureMode::Open => OnStoreFailure::Open {
+                instances: self.instances.unwrap_or(1),
+            },
+        };
+        Ok((redis, on_failure))
+    }
+}
+
+#[cfg(feature = "redis")]
 fn shared_store(store: &Store) -> Result<Option<SharedStore>, PolicyError> {
-    use tollgate_core::store::OnStoreFailure;
     let Store::Redis(r) = store else {
         return Ok(None);
     };
-    let mut redis = tollgate_redis::RedisStore::open(&r.url)
-        .map_err(|e| PolicyError::new(format!("store `{}`: {e}", r.url)))?;
-    if let Some(ns) = &r.namespace {
-        redis = redis.namespace(ns);
-    }
-    if let Some(t) = r.timeout {
-        redis = redis.timeout(t.0);
-    }
-    let on_failure = match r.on_failure {
-        super::FailureMode::Closed => OnStoreFailure::Closed,
-        super::FailureMode::Open => OnStoreFailure::Open {
-            instances: r.instances.unwrap_or(1),
-        },
-    };
+    let (redis, on_failure) = r.open()?;
     let pooled = r
         .pooled
         .then(|| tollgate_redis::PooledStore::new(redis.clone()));
