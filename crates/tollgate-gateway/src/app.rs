@@ -176,6 +176,9 @@ pub(crate) fn primary_name(model: &str, policy: Option<&Policy>) -> String {
 /// The gateway's shared state.
 pub(crate) struct Shared0 {
     pub(crate) stats: Stats,
+    /// Becomes true when a shutdown begins: endless answers (the stats stream) end then,
+    /// so that they do not hold the drain to its grace.
+    pub(crate) stopping: tokio::sync::watch::Sender<bool>,
     pub(crate) loaded: ArcSwap<Loaded>,
     pub(crate) path: Option<PathBuf>,
     pub(crate) metrics: PrometheusHandle,
@@ -427,11 +430,24 @@ async fn api_stats_stream(State(s): St, headers: HeaderMap) -> Response<Body> {
     }
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let events = futures_util::stream::unfold((s, tick), |(s, mut tick)| async move {
-        tick.tick().await;
-        let event = format!("event: stats\ndata: {}\n\n", stats_json(&s));
-        Some((Ok::<_, std::convert::Infallible>(event), (s, tick)))
-    });
+    let stopping = s.stopping.subscribe();
+    let events = futures_util::stream::unfold(
+        (s, tick, stopping),
+        |(s, mut tick, mut stopping)| async move {
+            if *stopping.borrow() {
+                return None;
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stopping.changed() => return None,
+            }
+            let event = format!("event: stats\ndata: {}\n\n", stats_json(&s));
+            Some((
+                Ok::<_, std::convert::Infallible>(event),
+                (s, tick, stopping),
+            ))
+        },
+    );
     let mut res = Response::new(Body::from_stream(events));
     res.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

@@ -198,6 +198,7 @@ impl Gateway {
         Ok(Self {
             shared: Arc::new(Shared0 {
                 stats: stats::Stats::new(),
+                stopping: tokio::sync::watch::Sender::new(false),
                 loaded: ArcSwap::from_pointee(loaded),
                 path,
                 metrics,
@@ -293,6 +294,7 @@ impl Gateway {
             }
         }
         drop(listener);
+        self.shared.stopping.send_replace(true);
         if let Some(h) = hangups {
             h.abort();
         }

@@ -848,3 +848,28 @@ alerts:
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_open_stats_stream_ends_at_shutdown_instead_of_holding_the_drain() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let yaml = keyed("").replace("shutdown_grace: 10s", "shutdown_grace: 1h");
+    let gw = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let http = client();
+    let req = Request::get(gw.url("/api/stats/stream"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = http.request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.starts_with(b"event: stats\ndata: {"), "{first:?}");
+    let drained = tokio::spawn(gw.shutdown());
+    // The stream ends, and with it the drain — long before the hour of grace.
+    let rest = tokio::time::timeout(Duration::from_secs(60), body.collect()).await;
+    assert!(rest.expect("the stream ended").is_ok());
+    tokio::time::timeout(Duration::from_secs(60), drained)
+        .await
+        .expect("the drain ended")
+        .unwrap();
+}
