@@ -143,6 +143,9 @@ impl Service<Request<BoxBody>> for Upstream {
 
     fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
         let trace = req.extensions_mut().remove::<Arc<Trace>>();
+        // The tenant's name is for the gateway's own layers (the cache's partition, keyed
+        // limits); a provider has no use for it.
+        req.headers_mut().remove("x-tenant-id");
         let call = self.client.request(req);
         let timeout = self.timeout;
         Box::pin(async move {

@@ -439,7 +439,7 @@ models:
         &gw.url("/v1/completions"),
         "caller-key",
         &json!({"model": "gpt-4o", "prompt": "Say hi"}),
-        &[],
+        &[("x-tenant-id", "team-a")],
     )
     .await
     .unwrap();
@@ -484,6 +484,10 @@ models:
     assert!(
         seen.iter().all(|(_, h, _)| h.contains_key("x-request-id")),
         "the id is forwarded"
+    );
+    assert!(
+        seen.iter().all(|(_, h, _)| !h.contains_key("x-tenant-id")),
+        "the tenant's name stays in the gateway"
     );
     assert_eq!(seen[0].2["prompt"], "Say hi", "the body arrives as sent");
     gw.shutdown().await;
