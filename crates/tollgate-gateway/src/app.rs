@@ -570,7 +570,8 @@ fn refused(
         let wait = tollgate_core::headers::retry_after(res.headers(), std::time::SystemTime::now())
             .unwrap_or(std::time::Duration::from_secs(1));
         let now = tokio::time::Instant::now();
-        s.stats.limited(&recent.model, now, now + wait, None);
+        s.stats
+            .limited(&recent.model, now, crate::stats::until(now, wait), None);
     }
     s.stats.refused(recent, status == 429, started);
     res

@@ -167,6 +167,13 @@ struct Span {
     wait: Option<Duration>,
 }
 
+/// `now + wait`, with the wait capped at a day: a provider's `Retry-After` is outside
+/// input, and an `Instant` overflowed panics.
+pub(crate) fn until(now: Instant, wait: Duration) -> Instant {
+    let wait = wait.min(Duration::from_secs(86_400));
+    now.checked_add(wait).unwrap_or(now)
+}
+
 /// Spans kept per model.
 const SPANS: usize = 4096;
 
@@ -619,6 +626,12 @@ mod tests {
             back * 1000,
             "cooling, and when it is back"
         );
+    }
+
+    #[test]
+    fn an_absurd_retry_after_is_capped_not_a_panic() {
+        let now = Instant::now();
+        assert_eq!(until(now, Duration::MAX), now + Duration::from_secs(86_400));
     }
 
     #[test]

@@ -171,7 +171,7 @@ impl Service<Request<BoxBody>> for Upstream {
                                 )
                                 .unwrap_or(Duration::from_secs(1));
                                 let now = tokio::time::Instant::now();
-                                stats.limited(model, now, now + wait, None);
+                                stats.limited(model, now, crate::stats::until(now, wait), None);
                             }
                         }
                         t.saw(res.headers());
