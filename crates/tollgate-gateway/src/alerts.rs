@@ -64,8 +64,8 @@ fn spans(d: Duration) -> u64 {
 /// Which rules fire, and the cooldown counts seen.
 #[derive(Debug, Default)]
 pub(crate) struct Evaluator {
-    /// (rule, subject) → since (unix ms).
-    firing: HashMap<(String, String), u64>,
+    /// (rule, subject) → (since (unix ms), what it said).
+    firing: HashMap<(String, String), (u64, String)>,
     /// backend → (cooldowns seen, bucket of the last new one).
     cooldowns: HashMap<String, (f64, Option<u64>)>,
 }
@@ -91,9 +91,9 @@ impl Evaluator {
                     .unwrap_or_else(|| format!("{}:{subject}", kind_name(rule.when)));
                 let key = (name.clone(), subject.clone());
                 let at_ms = Stats::now_ms();
-                match (self.firing.get(&key).copied(), on, off) {
+                match (self.firing.get(&key).map(|f| f.0), on, off) {
                     (None, true, _) => {
-                        self.firing.insert(key, at_ms);
+                        self.firing.insert(key, (at_ms, summary.clone()));
                         events.push(Event {
                             kind: "alert.firing",
                             rule: name,
@@ -121,6 +121,19 @@ impl Evaluator {
             }
         }
         events
+    }
+
+    /// The alerts firing now, oldest first: for the dashboard.
+    pub(crate) fn firing(&self) -> Vec<serde_json::Value> {
+        let mut all: Vec<_> = self
+            .firing
+            .iter()
+            .map(|((rule, subject), (since, summary))| {
+                serde_json::json!({"rule": rule, "subject": subject, "since_ms": since, "summary": summary})
+            })
+            .collect();
+        all.sort_by_key(|v| v["since_ms"].as_u64());
+        all
     }
 
     /// Per subject: (fires, resolves, summary).

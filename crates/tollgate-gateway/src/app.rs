@@ -179,6 +179,8 @@ pub(crate) struct Shared0 {
     /// Becomes true when a shutdown begins: endless answers (the stats stream) end then,
     /// so that they do not hold the drain to its grace.
     pub(crate) stopping: tokio::sync::watch::Sender<bool>,
+    /// The alerts firing now, as the evaluator last saw them.
+    pub(crate) firing: std::sync::Mutex<Vec<serde_json::Value>>,
     pub(crate) loaded: ArcSwap<Loaded>,
     pub(crate) path: Option<PathBuf>,
     pub(crate) metrics: PrometheusHandle,
@@ -412,7 +414,12 @@ async fn dashboard(State(s): St, headers: HeaderMap) -> Response<Body> {
 
 fn stats_json(s: &Shared0) -> serde_json::Value {
     let loaded = s.loaded.load_full();
-    s.stats.snapshot(&loaded.config, &s.metrics.render())
+    let mut v = s.stats.snapshot(&loaded.config, &s.metrics.render());
+    let firing = s.firing.lock().map(|f| f.clone()).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("alerts".into(), serde_json::Value::Array(firing));
+    }
+    v
 }
 
 /// `GET /api/stats`: what the page shows, as JSON.

@@ -199,6 +199,7 @@ impl Gateway {
             shared: Arc::new(Shared0 {
                 stats: stats::Stats::new(),
                 stopping: tokio::sync::watch::Sender::new(false),
+                firing: std::sync::Mutex::new(Vec::new()),
                 loaded: ArcSwap::from_pointee(loaded),
                 path,
                 metrics,
@@ -340,6 +341,9 @@ impl Gateway {
                 };
                 for event in evaluator.evaluate(&loaded.config, &shared.stats, &metrics) {
                     notifier.send(event);
+                }
+                if let Ok(mut f) = shared.firing.lock() {
+                    *f = evaluator.firing();
                 }
             }
         });

@@ -836,6 +836,9 @@ alerts:
     };
     assert_eq!(kinds(&got), ["alert.firing"], "fired once while limited");
     assert_eq!(got.lock().unwrap()[0]["data"]["rule"], "gpt-4o-limited");
+    // The dashboard's data says so too.
+    let firing = get(&http, &gw.url("/api/stats"), None).await.json()["alerts"].clone();
+    assert_eq!(firing[0]["rule"], "gpt-4o-limited", "{firing}");
     // Quiet for a minute and a half (the provider's bucket refills), then fine again.
     tokio::time::sleep(Duration::from_secs(90)).await;
     for i in 0..2 {
@@ -850,6 +853,8 @@ alerts:
         ["alert.firing", "alert.resolved"],
         "resolved once"
     );
+    let firing = get(&http, &gw.url("/api/stats"), None).await.json()["alerts"].clone();
+    assert_eq!(firing, json!([]), "nothing firing any more");
     gw.shutdown().await;
 }
 
