@@ -36,6 +36,8 @@ struct Route {
     name: String,
     policy: Policy,
     svc: PolicyService<ReplayBody>,
+    /// Each backend's limiter and budget, for the dashboard.
+    layers: Vec<tollgate::policy::BackendLayers>,
 }
 
 /// A config, built.
@@ -80,13 +82,14 @@ impl Loaded {
             let route = match reused {
                 Some(r) => Arc::clone(r),
                 None => {
-                    let svc = policy
-                        .build::<_, _, ReplayBody>(upstream.clone())
+                    let (svc, layers) = policy
+                        .build_observed::<_, _, ReplayBody>(upstream.clone())
                         .map_err(|e| e.context(&format!("models.{name}")))?;
                     Arc::new(Route {
                         name: name.clone(),
                         policy,
                         svc,
+                        layers,
                     })
                 }
             };
@@ -414,7 +417,15 @@ async fn dashboard(State(s): St, headers: HeaderMap) -> Response<Body> {
 
 fn stats_json(s: &Shared0) -> serde_json::Value {
     let loaded = s.loaded.load_full();
-    let mut v = s.stats.snapshot(&loaded.config, &s.metrics.render());
+    let layers: HashMap<String, Vec<tollgate::policy::BackendLayers>> = loaded
+        .config
+        .models
+        .keys()
+        .filter_map(|m| loaded.routes.get(m).map(|r| (m.clone(), r.layers.clone())))
+        .collect();
+    let mut v = s
+        .stats
+        .snapshot(&loaded.config, &s.metrics.render(), &layers);
     let firing = s.firing.lock().map(|f| f.clone()).unwrap_or_default();
     if let Some(o) = v.as_object_mut() {
         o.insert("alerts".into(), serde_json::Value::Array(firing));

@@ -12,6 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::time::Instant;
 
+use tollgate::policy::BackendLayers;
+
 use crate::config::Config;
 
 /// The width of one bucket.
@@ -384,11 +386,15 @@ impl Stats {
     }
 
     /// What `GET /api/stats` answers.
-    pub(crate) fn snapshot(&self, config: &Config, metrics: &str) -> serde_json::Value {
+    pub(crate) fn snapshot(
+        &self,
+        config: &Config,
+        metrics: &str,
+        layers: &HashMap<String, Vec<BackendLayers>>,
+    ) -> serde_json::Value {
         use serde_json::json;
         let now = self.bucket(Instant::now());
         let per_min = 60.0 / BUCKET.as_secs_f64();
-        let learned = learned_limits(metrics);
         let cooldowns = labelled(metrics, "tollgate_failover_cooldowns_total", "backend");
         let cooling_until = labelled(
             metrics,
@@ -416,9 +422,17 @@ impl Stats {
                     let tpm = limits
                         .and_then(|l| l.tokens)
                         .map(|r| r.count as f64 * 60.0 / r.per.as_secs_f64());
+                    // Each backend's quota in force (stated, or learned from its provider)
+                    // and requests waiting, from the layers themselves.
+                    let observed: Vec<(String, Option<f64>, Option<f64>, usize)> = layers
+                        .get(name)
+                        .map(|ls| ls.iter().map(observe).collect())
+                        .unwrap_or_default();
                     let primary = crate::app::primary_name(name, policy);
-                    let learned_rpm = learned.get(&format!("{primary}:requests")).copied();
-                    let learned_tpm = learned.get(&format!("{primary}:tokens")).copied();
+                    let first = observed.iter().find(|o| o.0 == primary);
+                    let learned_rpm = first.and_then(|o| o.1);
+                    let learned_tpm = first.and_then(|o| o.2);
+                    let queue: usize = observed.iter().map(|o| o.3).sum();
                     let series: Vec<_> = m
                         .series
                         .window(now)
@@ -445,16 +459,24 @@ impl Stats {
                     };
                     let t = m.series.totals;
                     let served = t.requests.saturating_sub(t.refused);
-                    let backends: Vec<_> = m
-                        .backends
-                        .iter()
-                        .map(|(b, n)| {
+                    let mut names: Vec<&String> = observed.iter().map(|o| &o.0).collect();
+                    for b in m.backends.keys() {
+                        if !names.contains(&b) {
+                            names.push(b);
+                        }
+                    }
+                    let backends: Vec<_> = names
+                        .into_iter()
+                        .map(|b| {
                             // Cooling now: when it is back (Unix ms).
                             let back = cooling_until
                                 .get(b)
                                 .filter(|t| **t > now_s)
                                 .map(|t| (*t * 1000.0) as u64);
-                            json!({"name": b, "served": n, "cooldowns": cooldowns.get(b).copied().unwrap_or(0.0), "cooling_until_ms": back})
+                            let o = observed.iter().find(|o| &o.0 == b);
+                            json!({"name": b, "served": m.backends.get(b).copied().unwrap_or(0),
+                                   "rpm": o.and_then(|o| o.1), "tpm": o.and_then(|o| o.2), "waiting": o.map_or(0, |o| o.3),
+                                   "cooldowns": cooldowns.get(b).copied().unwrap_or(0.0), "cooling_until_ms": back})
                         })
                         .collect();
                     json!({
@@ -467,6 +489,7 @@ impl Stats {
                         "quota_left": {"requests": left(rpm.or(learned_rpm), minute.requests, m.provider_requests),
                                        "tokens": left(tpm.or(learned_tpm), minute.tokens, m.provider_tokens)},
                         "in_flight": m.in_flight,
+                        "queue": queue,
                         "wait_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99), "count": m.waits_ms.len()},
                         "cache_hit_rate": if served > 0 { t.cache_hits as f64 / served as f64 } else { 0.0 },
                         "backends": backends,
@@ -512,13 +535,22 @@ impl Stats {
     }
 }
 
-/// The learned quotas the layers export (`tollgate_ratelimit_learned_limit`,
-/// `tollgate_tpm_learned_limit`), per minute, by limit name.
-fn learned_limits(metrics: &str) -> HashMap<String, f64> {
-    let mut out = labelled(metrics, "tollgate_ratelimit_learned_limit", "limit");
-    out.extend(labelled(metrics, "tollgate_tpm_learned_limit", "budget"));
-    out.extend(labelled(metrics, "tollgate_tpm_learned_limit", "limit"));
-    out
+/// A backend's (name, requests per minute, tokens per minute, requests waiting), as its
+/// layers hold them now.
+fn observe(l: &BackendLayers) -> (String, Option<f64>, Option<f64>, usize) {
+    let rpm = l.rate_limit.as_ref().and_then(|r| {
+        r.quota(&format!("{}:requests", l.name))
+            .filter(|q| !q.is_closed() && !q.interval().is_zero())
+            .map(|q| 60.0 / q.interval().as_secs_f64())
+    });
+    let tpm = l.tokens.as_ref().and_then(|t| {
+        t.quota(&format!("{}:tokens", l.name))
+            .filter(|q| !q.window().is_zero())
+            .map(|q| q.capacity() as f64 * 60.0 / q.window().as_secs_f64())
+    });
+    let waiting = l.rate_limit.as_ref().map_or(0, |r| r.waiting())
+        + l.tokens.as_ref().map_or(0, |t| t.waiting());
+    (l.name.clone(), rpm, tpm, waiting)
 }
 
 /// The values of metric `name` in Prometheus text, by the value of its label `label`
@@ -608,7 +640,7 @@ mod tests {
         let cfg =
             Config::from_yaml("open: true\nmodels:\n  m: { primary: { url: \"http://h\" } }\n")
                 .unwrap();
-        let snap = s.snapshot(&cfg, "");
+        let snap = s.snapshot(&cfg, "", &HashMap::new());
         let m = &snap["models"][0];
         assert_eq!(m["series"].as_array().unwrap().len(), BUCKETS);
         assert_eq!(m["totals"]["requests"], 3, "totals never age");
@@ -620,7 +652,7 @@ mod tests {
         );
         let back = Stats::now_ms() / 1000 + 60;
         let text = format!("tollgate_failover_cooling_until_seconds{{backend=\"m\"}} {back}\n");
-        let snap = s.snapshot(&cfg, &text);
+        let snap = s.snapshot(&cfg, &text, &HashMap::new());
         assert_eq!(
             snap["models"][0]["backends"][0]["cooling_until_ms"],
             back * 1000,

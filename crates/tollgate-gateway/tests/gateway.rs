@@ -882,3 +882,57 @@ async fn an_open_stats_stream_ends_at_shutdown_instead_of_holding_the_drain() {
         .expect("the drain ended")
         .unwrap();
 }
+
+#[tokio::test]
+async fn the_dashboard_data_shows_requests_waiting_for_quota_and_the_quota_in_force() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let yaml = r#"
+open: true
+shutdown_grace: 1s
+models:
+  gpt-4o:
+    primary: { url: "{provider}" }
+    rate_limit: { requests: 1/min, burst: 1, mode: wait, max_wait: 5m, learn: false }
+"#;
+    let gw = start(Gateway::new(config(yaml, &provider.url())).unwrap()).await;
+    let http = client();
+    let url = gw.url("/v1/chat/completions");
+    assert_eq!(
+        post(&http, &url, "k", &chat("first"), &[])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    // The second waits a minute for its cell.
+    let waiting = {
+        let (http, url) = (http.clone(), url.clone());
+        tokio::spawn(async move { post(&http, &url, "k", &chat("second"), &[]).await })
+    };
+    let model = |v: &serde_json::Value| v["models"][0].clone();
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..200 {
+        seen = model(&get(&http, &gw.url("/api/stats"), None).await.json());
+        if seen["queue"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen["queue"], 1, "one waiting: {seen}");
+    assert_eq!(seen["backends"][0]["waiting"], 1);
+    assert_eq!(
+        seen["backends"][0]["rpm"], 1.0,
+        "the quota in force, from the layer"
+    );
+    // The caller gives up: it leaves the queue.
+    waiting.abort();
+    for _ in 0..200 {
+        seen = model(&get(&http, &gw.url("/api/stats"), None).await.json());
+        if seen["queue"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen["queue"], 0, "{seen}");
+    gw.shutdown().await;
+}

@@ -79,6 +79,24 @@ impl Policy {
         ResB: AnswerBody,
         B: AnswerBody,
     {
+        self.build_observed(client).map(|(svc, _)| svc)
+    }
+
+    /// [`build`](Self::build), also handing back each backend's limiter and budget (the
+    /// very layers in the stack: clones share their state), so that a program can show
+    /// what they hold — requests waiting, the quota in force, learned or stated.
+    pub fn build_observed<C, ResB, B>(
+        &self,
+        client: C,
+    ) -> Result<(PolicyService<B>, Vec<BackendLayers>), PolicyError>
+    where
+        C: Service<Request<BoxBody>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
+        C::Future: Send + 'static,
+        C::Error: Into<BoxError>,
+        ResB: AnswerBody,
+        B: AnswerBody,
+    {
+        let mut observed = Vec::new();
         let shared = shared_store(&self.store)?;
         let body_limit = self.body_limit.map_or(DEFAULT_BODY_LIMIT, |s| {
             usize::try_from(s.0).unwrap_or(usize::MAX)
@@ -86,7 +104,9 @@ impl Policy {
         let mut failover = Failover::builder().body_limit(body_limit);
         for (i, b) in self.backends() {
             let name = b.name_or(i);
-            let svc = self.backend_stack(&name, b, client.clone(), body_limit, shared.as_ref())?;
+            let (svc, layers) =
+                self.backend_stack(&name, b, client.clone(), body_limit, shared.as_ref())?;
+            observed.push(layers);
             let mut backend = Backend::new(name.clone(), svc)
                 .priority(b.priority.unwrap_or(i as u32).max(u32::from(i > 0)));
             if let Some(m) = &b.model {
@@ -136,7 +156,7 @@ impl Policy {
             );
         let failover = failover.build();
 
-        Ok(match &self.cache {
+        let svc = match &self.cache {
             Some(c) => BoxCloneSyncService::new(MapResponse::new(
                 cache_layer(c, body_limit, shared.as_ref()).layer(failover),
                 box_response::<CacheBody<FailoverBody<BoxBody>>>,
@@ -145,7 +165,8 @@ impl Policy {
                 failover,
                 box_response::<FailoverBody<BoxBody>>,
             )),
-        })
+        };
+        Ok((svc, observed))
     }
 
     /// One backend's stack, retry → rate limit → token budget → base URL → `client`, as
@@ -160,15 +181,18 @@ impl Policy {
         body_limit: usize,
         shared: Option<&SharedStore>,
     ) -> Result<
-        impl Service<
-                Request<ReplayBody>,
-                Response = Response<BoxBody>,
-                Error = BoxError,
-                Future: Send + 'static,
-            > + Clone
-            + Send
-            + Sync
-            + 'static,
+        (
+            impl Service<
+                    Request<ReplayBody>,
+                    Response = Response<BoxBody>,
+                    Error = BoxError,
+                    Future: Send + 'static,
+                > + Clone
+                + Send
+                + Sync
+                + 'static,
+            BackendLayers,
+        ),
         PolicyError,
     >
     where
@@ -189,11 +213,20 @@ impl Policy {
             .as_ref()
             .or(self.rate_limit.as_ref())
             .unwrap_or(&learned);
+        let mut layers = BackendLayers {
+            name: name.to_owned(),
+            rate_limit: None,
+            tokens: None,
+        };
         let svc = match (limits.tokens.is_some() || limits.learns())
             .then(|| tpm_layer(name, limits, body_limit, shared))
         {
             Some(tpm) => Either::Left(MapResponse::new(
-                tpm.layer(MapRequest::new(svc, box_request::<ReplayBody>)),
+                {
+                    layers.tokens = Some(tpm.clone());
+                    tpm
+                }
+                .layer(MapRequest::new(svc, box_request::<ReplayBody>)),
                 box_response::<TpmBody<BoxBody>>,
             )),
             None => Either::Right(svc),
@@ -201,7 +234,10 @@ impl Policy {
         let svc = match (limits.requests.is_some() || limits.learns())
             .then(|| rate_limit_layer(name, limits, shared))
         {
-            Some(limit) => Either::Left(limit.layer(svc)),
+            Some(limit) => {
+                layers.rate_limit = Some(limit.clone());
+                Either::Left(limit.layer(svc))
+            }
             None => Either::Right(svc),
         };
         let svc = match self.retry.as_ref().map(|r| retry_layer(r, body_limit)) {
@@ -211,8 +247,20 @@ impl Policy {
             )),
             None => Either::Right(svc),
         };
-        Ok(MapRequest::new(svc, box_request::<ReplayBody>))
+        Ok((MapRequest::new(svc, box_request::<ReplayBody>), layers))
     }
+}
+
+/// One backend's limiter and budget as a policy built them (see
+/// [`Policy::build_observed`]): clones of the layers in the stack, sharing their state.
+#[derive(Clone, Debug)]
+pub struct BackendLayers {
+    /// The backend's name.
+    pub name: String,
+    /// Its requests limiter, when it has one (stated or learned).
+    pub rate_limit: Option<RateLimitLayer>,
+    /// Its token budget, when it has one (stated or learned).
+    pub tokens: Option<TpmLayer>,
 }
 
 fn header(backend: &str, k: &str, v: &str) -> Result<(HeaderName, HeaderValue), PolicyError> {

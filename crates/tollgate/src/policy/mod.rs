@@ -54,7 +54,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub use build::{BoxBody, PolicyService};
+pub use build::{BackendLayers, BoxBody, PolicyService};
 pub use units::{Dur, KeySpec, Rate, Size};
 
 /// A whole strategy: backends, limits, retries, cache, failover and store.
