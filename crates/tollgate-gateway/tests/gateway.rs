@@ -936,3 +936,53 @@ models:
     assert_eq!(seen["queue"], 0, "{seen}");
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_tenant_of_higher_priority_goes_first_in_the_models_queue() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let yaml = format!(
+        r#"
+timeouts: {{ header_read: 1h }}
+models:
+  gpt-4o:
+    primary: {{ url: "{{provider}}" }}
+    rate_limit: {{ requests: 1/min, burst: 1, mode: wait, max_wait: 10m, learn: false }}
+tenants:
+  batch: {{ key_sha256: "{}", priority: 0 }}
+  live:  {{ key_sha256: "{}", priority: 10 }}
+"#,
+        hash("vk-batch"),
+        hash("vk-live")
+    );
+    let gw = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let http = client();
+    let url = gw.url("/v1/chat/completions");
+    assert_eq!(
+        post(&http, &url, "vk-batch", &chat("first"), &[])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let send = |key: &'static str, q: &'static str| {
+        let (http, url, order) = (http.clone(), url.clone(), Arc::clone(&order));
+        tokio::spawn(async move {
+            let a = post(&http, &url, key, &chat(q), &[]).await.unwrap();
+            assert_eq!(a.status, 200);
+            order.lock().unwrap().push(key);
+        })
+    };
+    // The batch tenant queues first, the live one after it.
+    let batch = send("vk-batch", "queued first");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let live = send("vk-live", "queued second");
+    batch.await.unwrap();
+    live.await.unwrap();
+    assert_eq!(
+        *order.lock().unwrap(),
+        ["vk-live", "vk-batch"],
+        "priority before arrival"
+    );
+    gw.shutdown().await;
+}
