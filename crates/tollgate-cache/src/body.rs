@@ -90,14 +90,16 @@ impl Recording {
         });
         // Write it now when the store can (the in-memory one always can), so the very next
         // request hits; a remote store's write that must wait finishes on its own task.
-        let store = Arc::clone(&self.store);
-        let (key, ttl, value) = (self.key, self.ttl, Arc::clone(&stored));
-        let mut write: Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
-            Box::pin(async move { store.put(key, value, ttl).await });
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        if write.as_mut().poll(&mut cx).is_pending() {
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(write);
+        if !self.store.put_now(self.key, &stored, self.ttl) {
+            let store = Arc::clone(&self.store);
+            let (key, ttl, value) = (self.key, self.ttl, Arc::clone(&stored));
+            let mut write: Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                Box::pin(async move { store.put(key, value, ttl).await });
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if write.as_mut().poll(&mut cx).is_pending() {
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(write);
+                }
             }
         }
         if let Some(l) = leader {

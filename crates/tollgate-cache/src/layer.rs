@@ -372,7 +372,11 @@ where
             let key = config
                 .rules
                 .key(req.method(), req.uri().path(), &partition, &facts);
-            if let Some(hit) = config.store.get(&key).await {
+            let cached = match config.store.get_now(&key) {
+                Some(now) => now,
+                None => config.store.get(&key).await,
+            };
+            if let Some(hit) = cached {
                 return Ok(replay(&hit));
             }
             let leader = match config.flights.join(key).await {
@@ -380,7 +384,11 @@ where
                 Joined::Leader(leader) => leader,
             };
             // A flight may have landed between the lookup and the join.
-            if let Some(hit) = config.store.get(&key).await {
+            let cached = match config.store.get_now(&key) {
+                Some(now) => now,
+                None => config.store.get(&key).await,
+            };
+            if let Some(hit) = cached {
                 leader.complete(Arc::clone(&hit));
                 return Ok(replay(&hit));
             }

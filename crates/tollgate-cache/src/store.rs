@@ -111,6 +111,15 @@ impl MemoryStore {
 
 impl CacheStore for MemoryStore {
     fn get(&self, key: &CacheKey) -> StoreFuture<Option<Arc<Stored>>> {
+        Box::pin(std::future::ready(self.get_now(key).flatten()))
+    }
+
+    fn put(&self, key: CacheKey, value: Arc<Stored>, ttl: Duration) -> StoreFuture<()> {
+        self.put_now(key, &value, ttl);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn get_now(&self, key: &CacheKey) -> Option<Option<Arc<Stored>>> {
         let found = self.cache.get(key).and_then(|e| {
             if self.clock.now() < e.expires {
                 Some(e.value)
@@ -119,13 +128,19 @@ impl CacheStore for MemoryStore {
                 None
             }
         });
-        Box::pin(std::future::ready(found))
+        Some(found)
     }
 
-    fn put(&self, key: CacheKey, value: Arc<Stored>, ttl: Duration) -> StoreFuture<()> {
+    fn put_now(&self, key: CacheKey, value: &Arc<Stored>, ttl: Duration) -> bool {
         let expires = later(self.clock.now(), ttl);
         metrics::counter!("tollgate_cache_stored_bytes_total").increment(value.size() as u64);
-        self.cache.insert(key, Entry { value, expires });
-        Box::pin(std::future::ready(()))
+        self.cache.insert(
+            key,
+            Entry {
+                value: Arc::clone(value),
+                expires,
+            },
+        );
+        true
     }
 }

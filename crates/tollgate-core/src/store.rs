@@ -261,4 +261,17 @@ pub trait CacheStore: Send + Sync + 'static {
     fn get(&self, key: &CacheKey) -> StoreFuture<Option<Arc<Stored>>>;
     /// Stores `value` under `key` for `ttl`.
     fn put(&self, key: CacheKey, value: Arc<Stored>, ttl: Duration) -> StoreFuture<()>;
+
+    /// [`get`](Self::get) without a future, for a store that answers at once (in
+    /// memory): `Some(answer)`, or `None` for "ask with `get`" (the default). The cache
+    /// tries it first, and spares a boxed future per lookup.
+    fn get_now(&self, _key: &CacheKey) -> Option<Option<Arc<Stored>>> {
+        None
+    }
+
+    /// [`put`](Self::put) without a future, for a store that writes at once: `true` when
+    /// it stored the value, `false` (the default) for "write with `put`".
+    fn put_now(&self, _key: CacheKey, _value: &Arc<Stored>, _ttl: Duration) -> bool {
+        false
+    }
 }

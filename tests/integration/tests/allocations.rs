@@ -31,7 +31,8 @@ const ANSWER: &[u8] = br#"{"choices":[{"index":0,"message":{"role":"assistant","
 /// backend stacks stopped boxing each layer (a boxed service allocates on every clone,
 /// and every layer clones its inner service per call); at 85 once `Content-Length` and
 /// the facts were written only where they changed and failover cloned only the backend
-/// it tries. The ceiling leaves room for the allocator's and the maps' own growth, not for
+/// it tries; at 81 once the in-memory cache store answered without a boxed future. The
+/// ceiling leaves room for the allocator's and the maps' own growth, not for
 /// a new allocation on every request.
 const CEILING: f64 = 100.0;
 
