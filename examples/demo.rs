@@ -10,7 +10,9 @@
 //! retry loop most programs write by hand: sleep for `Retry-After`, try again.
 //!
 //! It ends with a report side by side, and exits non-zero if a request through Tollgate
-//! failed or the provider had to refuse more than 1% of them.
+//! failed or the provider had to refuse more than 1% of them. With `--keep-serving`
+//! (`cargo run --release --example demo -- --keep-serving`) the gateway stays up after
+//! the report, its dashboard showing the burst, until ctrl-c.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -313,8 +315,6 @@ async fn main() -> Result<ExitCode, BoxError> {
         Some(text) => metric_total(&text, "tollgate_retry_retries_total").to_string(),
         None => "?".to_owned(),
     };
-    let _ = stop.send(());
-    let _ = serving.await;
     let (p, f, np) = (primary.stats(), fallback.stats(), naive_primary.stats());
     let get = |t: &Tally, f: fn(&Tally) -> &AtomicU64| f(t).load(Ordering::Relaxed);
     let secs = |d: Option<Duration>| {
@@ -397,6 +397,14 @@ async fn main() -> Result<ExitCode, BoxError> {
             "the providers refused {tg_429} requests sent through Tollgate"
         ));
     }
+    // `--keep-serving`: the gateway stays up (its dashboard showing the burst) until
+    // ctrl-c, before the verdict.
+    if std::env::args().any(|a| a == "--keep-serving") {
+        println!("\nThe gateway keeps serving: http://{gateway_addr}/dashboard (ctrl-c to stop).");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    let _ = stop.send(());
+    let _ = serving.await;
     if bad.is_empty() {
         println!("\nOK: every request through Tollgate succeeded.");
         Ok(ExitCode::SUCCESS)
