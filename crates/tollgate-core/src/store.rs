@@ -4,7 +4,8 @@
 //! The in-process limiter, budget and cache keep their own state. A shared store (Redis,
 //! in `tollgate-redis`, which depends on this crate alone) implements these traits so that
 //! every instance draws on one quota and reads one cache: [`RateStore`] for the rate
-//! limiter, [`TokenStore`] for the token budget, [`CacheStore`] for the response cache.
+//! limiter, [`TokenStore`] for the token budget, [`CacheStore`] for the response cache,
+//! [`JobStore`] for a gateway's jobs (durable work run later through the same quotas).
 //! The limits call theirs once per decision and fall back on a stated policy when it
 //! cannot answer ([`OnStoreFailure`]); a cache that cannot reach its store misses.
 
@@ -274,4 +275,89 @@ pub trait CacheStore: Send + Sync + 'static {
     fn put_now(&self, _key: CacheKey, _value: &Arc<Stored>, _ttl: Duration) -> bool {
         false
     }
+}
+
+/// Where a job stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum JobState {
+    /// Waiting for a worker.
+    Queued,
+    /// Claimed by a worker, whose lease has not run out.
+    InProgress,
+    /// Answered; the answer is kept.
+    Completed,
+    /// Could not be answered (the answer, an error, is kept).
+    Failed,
+    /// Cancelled before it was answered.
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job is over (completed, failed or cancelled).
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// A model request to run later: what the caller sent, and what came of it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Job {
+    /// Its id (`job_…`).
+    pub id: String,
+    /// Who submitted it: only they may read or cancel it.
+    pub tenant: String,
+    /// The request's path (`/v1/chat/completions`).
+    pub path: String,
+    /// The request's JSON body, as sent.
+    pub body: String,
+    /// Where it stands.
+    pub state: JobState,
+    /// The answer's status, once answered.
+    pub status: Option<u16>,
+    /// The answer's body, once answered.
+    pub response: Option<String>,
+    /// When it was submitted, started and ended (Unix milliseconds).
+    pub created_ms: u64,
+    /// When a worker last claimed it.
+    pub started_ms: Option<u64>,
+    /// When it ended.
+    pub finished_ms: Option<u64>,
+    /// How many times a worker claimed it (more than once only after a worker died).
+    pub claims: u32,
+    /// Until when the current claim holds (Unix milliseconds); past it, another worker
+    /// may take the job over.
+    pub lease_until_ms: Option<u64>,
+}
+
+/// The durable home of jobs and their queue, behind which a single gateway keeps its work
+/// across restarts (an embedded file) or many gateways share it.
+///
+/// The rules every store keeps: a job is claimed by one worker at a time (a claim holds
+/// until its lease runs out, and a job whose lease ran out may be claimed again — the
+/// worker died); its answer is recorded once (`finish` succeeds only for the claim in
+/// force); a final job never changes again.
+pub trait JobStore: Send + Sync + 'static {
+    /// Adds a queued job.
+    fn enqueue(&self, job: Job) -> StoreFuture<Result<(), StoreError>>;
+    /// The oldest job a worker may take now (queued, or in progress with its lease run
+    /// out), claimed for `lease` from `now_ms`: in progress, its claim count raised.
+    fn claim(&self, now_ms: u64, lease: Duration) -> StoreFuture<Result<Option<Job>, StoreError>>;
+    /// Records the answer of the claim numbered `claim` (the job's `claims` when it was
+    /// claimed): `false` when that claim is no longer in force (the job was taken over,
+    /// cancelled, or is over) and nothing was recorded.
+    fn finish(
+        &self,
+        id: &str,
+        claim: u32,
+        state: JobState,
+        status: u16,
+        response: String,
+        now_ms: u64,
+    ) -> StoreFuture<Result<bool, StoreError>>;
+    /// The job, if there is one of that id.
+    fn get(&self, id: &str) -> StoreFuture<Result<Option<Job>, StoreError>>;
+    /// Cancels a job that is not over; the job as it now stands.
+    fn cancel(&self, id: &str, now_ms: u64) -> StoreFuture<Result<Option<Job>, StoreError>>;
 }

@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::stats::{Recent, Stats};
 use crate::tenants::{bearer, sha256, Denied, Shared, Tenant, Tenants};
 use crate::upstream::{Trace, Upstream, UpstreamTimeout};
+use tollgate_core::store::JobStore as _;
 
 /// One model's stack.
 struct Route {
@@ -43,7 +44,7 @@ struct Route {
 /// A config, built.
 pub(crate) struct Loaded {
     pub(crate) config: Config,
-    tenants: Tenants,
+    pub(crate) tenants: Tenants,
     /// By every name a client may send: models and aliases.
     routes: HashMap<String, Arc<Route>>,
     upstream: Upstream,
@@ -51,6 +52,8 @@ pub(crate) struct Loaded {
     /// The Redis stores to ask for readiness.
     stores: Vec<tollgate_redis::RedisStore>,
     created: u64,
+    /// Background jobs, when configured.
+    pub(crate) jobs: Option<Arc<crate::jobs::Jobs>>,
 }
 
 impl Loaded {
@@ -122,6 +125,13 @@ impl Loaded {
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        // One store per file: a reload that keeps the path keeps the open store (a file
+        // is opened once per process).
+        let jobs = match (&config.jobs, old.and_then(|o| o.jobs.as_ref())) {
+            (None, _) => None,
+            (Some(j), Some(old)) if old.path == j.path => Some(Arc::clone(old)),
+            (Some(j), _) => Some(Arc::new(crate::jobs::Jobs::open(j)?)),
+        };
         Ok(Self {
             config,
             tenants,
@@ -130,6 +140,7 @@ impl Loaded {
             admin_key,
             stores,
             created,
+            jobs,
         })
     }
 
@@ -206,6 +217,8 @@ pub(crate) fn router(state: Arc<Shared0>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/admin/reload", post(reload))
+        .route("/v1/jobs/{id}", get(job))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/dashboard", get(dashboard))
         .route("/api/stats", get(api_stats))
         .route("/api/stats/stream", get(api_stats_stream))
@@ -532,7 +545,7 @@ fn operation(kind: ApiKind) -> &'static str {
 async fn proxy(State(s): St, req: Request<Body>) -> Response<Body> {
     let start = Instant::now();
     let id = request_id(req.headers());
-    let mut res = serve(&s, req, start, &id).await;
+    let mut res = serve(&s, req, start, &id, Caller::Live).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert(REQUEST_ID.clone(), v);
     }
@@ -595,11 +608,28 @@ fn refused(
     res
 }
 
-async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Response<Body> {
+/// Who a request comes from.
+pub(crate) enum Caller {
+    /// A client: who it is, its key says.
+    Live,
+    /// A background job of this tenant, run by a worker.
+    Job(Arc<Tenant>),
+}
+
+pub(crate) async fn serve(
+    s: &Shared0,
+    req: Request<Body>,
+    start: Instant,
+    id: &str,
+    caller: Caller,
+) -> Response<Body> {
     let loaded = s.loaded.load_full();
-    let tenant = match loaded.tenants.identify(req.headers()) {
-        Ok(t) => t,
-        Err(d) => return refused(s, denied(d), ("-", "-"), id, start, false),
+    let (tenant, job) = match caller {
+        Caller::Job(t) => (t, true),
+        Caller::Live => match loaded.tenants.identify(req.headers()) {
+            Ok(t) => (t, false),
+            Err(d) => return refused(s, denied(d), ("-", "-"), id, start, false),
+        },
     };
     let (req, facts) = match buffer_with_facts(req, loaded.config.body_limit()).await {
         Ok(r) => r,
@@ -641,6 +671,11 @@ async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Res
             &format!("this key may not use the model `{model}`"),
         );
         return refused(s, res, (&tenant.name, &model), id, start, false);
+    }
+    if !job && crate::jobs::prefers_async(req.headers()) {
+        if let Some(jobs) = &loaded.jobs {
+            return submit(jobs, &tenant, req.uri().path(), facts.body()).await;
+        }
     }
     let permit = match tenant.try_enter() {
         Ok(p) => p,
@@ -687,7 +722,12 @@ async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Res
     if let (true, Ok(v)) = (named, HeaderValue::from_str(&tenant.name)) {
         parts.headers.insert(TENANT.clone(), v);
     }
-    parts.extensions.insert(tenant.priority);
+    // Background work waits behind every live request.
+    parts.extensions.insert(if job {
+        tollgate_core::wait::Priority(0)
+    } else {
+        tenant.priority
+    });
     parts.extensions.insert(Arc::clone(&trace));
     let report = Arc::new(UsageReport::default());
     parts.extensions.insert(Arc::clone(&report));
@@ -745,6 +785,95 @@ async fn serve(s: &Shared0, req: Request<Body>, start: Instant, id: &str) -> Res
         permit,
     );
     Response::from_parts(parts, Body::new(Watched::new(body, Some(log))))
+}
+
+/// `202 Accepted`: the request is stored, to be answered at `Location`.
+async fn submit(
+    jobs: &crate::jobs::Jobs,
+    tenant: &Tenant,
+    path: &str,
+    body: &bytes::Bytes,
+) -> Response<Body> {
+    match jobs.submit(&tenant.name, path, body).await {
+        Ok(job) => {
+            let mut res = json(StatusCode::ACCEPTED, crate::jobs::to_json(&job));
+            if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
+                res.headers_mut().insert(http::header::LOCATION, v);
+            }
+            res.headers_mut().insert(
+                "preference-applied",
+                HeaderValue::from_static("respond-async"),
+            );
+            res
+        }
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "job_store_unavailable",
+            &format!("the job could not be stored: {e}"),
+        ),
+    }
+}
+
+/// The caller's job of that id, or the response to give instead.
+async fn caller_job(
+    s: &Shared0,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<(Arc<crate::jobs::Jobs>, tollgate_core::store::Job), Response<Body>> {
+    let loaded = s.loaded.load_full();
+    let tenant = loaded.tenants.identify(headers).map_err(denied)?;
+    let not_found = || {
+        error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "job_not_found",
+            &format!("No job found with id `{id}`."),
+        )
+    };
+    let jobs = loaded.jobs.clone().ok_or_else(not_found)?;
+    match jobs.store.get(id).await {
+        // Another tenant's job does not exist for this one.
+        Ok(Some(job)) if job.tenant == *tenant.name => Ok((jobs, job)),
+        Ok(_) => Err(not_found()),
+        Err(e) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "job_store_unavailable",
+            &e.to_string(),
+        )),
+    }
+}
+
+/// `GET /v1/jobs/{id}`.
+async fn job(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Response<Body> {
+    match caller_job(&s, &headers, &id).await {
+        Ok((_, job)) => json(StatusCode::OK, crate::jobs::to_json(&job)),
+        Err(res) => res,
+    }
+}
+
+/// `POST /v1/jobs/{id}/cancel`.
+async fn cancel_job(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Response<Body> {
+    let (jobs, _) = match caller_job(&s, &headers, &id).await {
+        Ok(j) => j,
+        Err(res) => return res,
+    };
+    match jobs.store.cancel(&id, Stats::now_ms()).await {
+        Ok(Some(job)) => json(StatusCode::OK, crate::jobs::to_json(&job)),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "job_not_found",
+            "no such job",
+        ),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "job_store_unavailable",
+            &e.to_string(),
+        ),
+    }
 }
 
 /// An error from the model's stack that is not Tollgate's: the provider could not be

@@ -58,6 +58,25 @@ pub struct Config {
     /// Alert rules and where their events go.
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// Background jobs (`Prefer: respond-async`): where they are kept, and how many run
+    /// at once. Without it, the preference is ignored and requests are answered at once.
+    #[serde(default)]
+    pub jobs: Option<JobsConfig>,
+}
+
+/// Background jobs: model requests answered later, kept on disk until they are.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// The embedded store's file (created when missing).
+    pub path: String,
+    /// Jobs run at once (4 by default).
+    #[serde(default)]
+    pub workers: Option<u32>,
+    /// How long a worker's claim on a job holds (5 min by default): a job whose gateway
+    /// died mid-call is taken over once it runs out.
+    #[serde(default)]
+    pub lease: Option<Dur>,
 }
 
 /// Alert rules, and the sinks every rule's events go to.
@@ -183,7 +202,8 @@ pub struct TenantConfig {
     pub tokens: Option<Rate>,
     /// How many of its requests (and streams) may be in flight at once.
     pub concurrency: Option<u32>,
-    /// Its place in the models' wait queues, 0–255, higher first (0 by default).
+    /// Its place in the models' wait queues, 0–255, higher first (1 by default; background
+    /// jobs wait at 0, behind every live request of a higher priority).
     pub priority: Option<u8>,
     /// The models (names or aliases) it may use; all when left out.
     pub models: Option<Vec<String>>,
@@ -194,7 +214,7 @@ pub struct TenantConfig {
 }
 
 impl Default for TenantConfig {
-    /// No key, no limits, every model, priority 0, refusing over its limits.
+    /// No key, no limits, every model, the default priority, refusing over its limits.
     fn default() -> Self {
         Self {
             key_sha256: None,
@@ -235,6 +255,7 @@ impl Config {
             store: Store::Memory,
             admin_key_env: None,
             alerts: AlertsConfig::default(),
+            jobs: None,
         }
     }
 

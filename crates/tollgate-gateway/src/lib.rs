@@ -47,6 +47,14 @@
 //!   time to theirs and the time spent waiting for quota in the limiters' queues).
 //! - `GET /healthz` (alive), `GET /readyz` (config loaded, every Redis store answering).
 //! - `POST /admin/reload` with the admin key: reads the config file again.
+//! - `GET /v1/jobs/{id}`, `POST /v1/jobs/{id}/cancel`: background jobs. With `jobs:` in
+//!   the config, a model request sent with `Prefer: respond-async` is stored on disk
+//!   (redb, through `tollgate-jobs`) and answered `202 Accepted` with `Location:
+//!   /v1/jobs/{id}`; workers run it through the same path as a live request — the
+//!   tenant's limits, the model's stack — at priority 0, behind every live request
+//!   (default priority 1), so jobs take the quota live traffic leaves. A job whose gateway
+//!   died mid-call is taken over after its lease, and its answer is recorded once. Only
+//!   the tenant that submitted a job sees it.
 //! - `GET /dashboard`: the live page — per model, requests and tokens per minute over the
 //!   last 15 minutes with each limit drawn, the quota left, provider 429s against waits and
 //!   refusals, cache hits, retries, failovers, wait percentiles; per tenant, usage against
@@ -97,6 +105,7 @@ mod access;
 mod alerts;
 mod app;
 pub mod config;
+mod jobs;
 mod stats;
 mod tenants;
 mod upstream;
@@ -265,6 +274,12 @@ impl Gateway {
         let router = self.router();
         let hangups = self.watch_hangups();
         let alerting = self.start_alerts();
+        let workers: Vec<_> = (0..config
+            .jobs
+            .as_ref()
+            .map_or(0, |j| j.workers.unwrap_or(4).max(1)))
+            .map(|_| tokio::spawn(jobs::work(Arc::clone(&self.shared))))
+            .collect();
         tracing::info!(addr = %listener.local_addr()?, "tollgate is serving");
         tokio::pin!(shutdown);
         loop {
@@ -301,6 +316,11 @@ impl Gateway {
         }
         for task in alerting {
             task.abort();
+        }
+        // A job a worker is running is left in progress: it is taken over, once its lease
+        // runs out, by the next gateway on the same store.
+        for w in workers {
+            w.abort();
         }
         let grace = config.shutdown_grace();
         tracing::info!(
@@ -464,7 +484,7 @@ pub fn describe(config: &Config) -> String {
             limit(t.requests),
             limit(t.tokens),
             t.concurrency.map_or("-".to_owned(), |c| c.to_string()),
-            t.priority.unwrap_or(0),
+            t.priority.unwrap_or(tenants::LIVE_PRIORITY),
             t.models.as_ref().map_or("all".to_owned(), |m| m.join(", ")),
         );
     }

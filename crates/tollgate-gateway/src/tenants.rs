@@ -16,6 +16,9 @@ use tollgate_core::wait::{Mode, Priority};
 
 use crate::config::{parse_hash, Config, TenantConfig};
 
+/// A live request's priority when its tenant names none; background jobs wait at 0.
+pub(crate) const LIVE_PRIORITY: u8 = 1;
+
 /// One tenant, ready to serve.
 pub(crate) struct Tenant {
     pub(crate) name: Arc<str>,
@@ -120,7 +123,7 @@ impl Tenant {
             name: Arc::from(name),
             config: t.clone(),
             key_hash,
-            priority: Priority(t.priority.unwrap_or(0)),
+            priority: Priority(t.priority.unwrap_or(LIVE_PRIORITY)),
             models,
             rate,
             tokens,
@@ -203,7 +206,7 @@ impl Tenants {
             name: Arc::from("anonymous"),
             config: TenantConfig::default(),
             key_hash: None,
-            priority: Priority(0),
+            priority: Priority(LIVE_PRIORITY),
             models: None,
             rate: None,
             tokens: None,
@@ -238,6 +241,15 @@ impl Tenants {
         match tenant.key_hash {
             Some(h) if bool::from(h.ct_eq(&hash)) => Ok(Arc::clone(tenant)),
             _ => Err(Denied::Unknown),
+        }
+    }
+
+    /// The tenant of that name (an open gateway's unnamed callers are `anonymous`).
+    pub(crate) fn by_name(&self, name: &str) -> Option<Arc<Tenant>> {
+        match self.by_name.get(name) {
+            Some(t) => Some(Arc::clone(t)),
+            None if self.open && name == "anonymous" => Some(Arc::clone(&self.anonymous)),
+            None => None,
         }
     }
 

@@ -208,3 +208,109 @@ async fn serve_reloads_on_sighup_and_drains_a_stream_on_sigterm() {
     assert!(lines.iter().any(|l| l.contains("config reloaded")));
     assert!(lines.iter().any(|l| l.contains("every connection drained")));
 }
+
+/// A gateway process, killed when dropped (a failing test leaves none behind).
+struct Gw(std::process::Child);
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `tollgate serve --config path` and waits until it listens on `port`.
+async fn serve_binary(path: &std::path::Path, port: u16) -> Gw {
+    let child = Gw(Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(path)
+        .env("TOLLGATE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    child
+}
+
+#[tokio::test]
+async fn a_job_running_when_the_gateway_is_killed_completes_after_the_restart_recorded_once() {
+    // A slow provider: the job is mid-call when the gateway dies.
+    let provider = Provider::builder()
+        .latency(Duration::from_millis(1500))
+        .spawn()
+        .await
+        .unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}-jobs", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let yaml = format!(
+        "listen: 127.0.0.1:{port}\nopen: true\njobs: {{ path: \"{}\", workers: 1, lease: 1s }}\nmodels:\n  gpt-4o:\n    primary: {{ url: \"{}\" }}\n",
+        dir.join("jobs.redb").display(),
+        provider.url()
+    );
+    let path = temp_file("jobs.yaml", &yaml);
+    let mut first = serve_binary(&path, port).await;
+    let http = client();
+    let base = format!("http://127.0.0.1:{port}");
+    let a = post(
+        &http,
+        &format!("{base}/v1/chat/completions"),
+        "k",
+        &chat("survive this"),
+        &[("prefer", "respond-async")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 202);
+    let id = a.json()["id"].as_str().unwrap().to_owned();
+    let status = |http: tollgate_integration_tests::HttpClient, url: String| async move {
+        let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+        let res = http.request(req).await.unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+    };
+    let job_url = format!("{base}/v1/jobs/{id}");
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..200 {
+        seen = status(http.clone(), job_url.clone()).await;
+        if seen["status"] == "in_progress" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen["status"], "in_progress", "{seen}");
+    // SIGKILL mid-call: nothing of the gateway's survives but its job file.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let mut second = serve_binary(&path, port).await;
+    let http = client();
+    for _ in 0..400 {
+        seen = status(http.clone(), job_url.clone()).await;
+        if seen["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(seen["status"], "completed", "{seen}");
+    assert_eq!(seen["attempts"], 2, "taken over once its lease ran out");
+    assert_eq!(seen["response"]["status_code"], 200);
+    // At most twice at the provider, and only because a gateway died mid-call (the
+    // simulated provider counts a request after its latency, so the cut one may not show).
+    let seen_by_provider = provider.stats().requests;
+    assert!((1..=2).contains(&seen_by_provider), "{seen_by_provider}");
+    kill(second.0.id(), "TERM");
+    assert!(second.0.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -986,3 +986,106 @@ tenants:
     );
     gw.shutdown().await;
 }
+
+async fn post_async(http: &HttpClient, url: &str, key: &str, body: &serde_json::Value) -> Answer {
+    post(http, url, key, body, &[("prefer", "respond-async")])
+        .await
+        .unwrap()
+}
+
+/// Polls the job until it is over (or 200 tries).
+async fn job_done(http: &HttpClient, gw: &Running, id: &str, key: &str) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    for _ in 0..200 {
+        last = get(http, &gw.url(&format!("/v1/jobs/{id}")), Some(key))
+            .await
+            .json();
+        if matches!(
+            last["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        ) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    last
+}
+
+#[tokio::test]
+async fn a_request_preferring_async_is_kept_answered_later_and_shown_to_its_tenant_alone() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let dir = std::env::temp_dir().join(format!("tollgate-jobs-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let yaml = keyed(&format!(
+        "  other: {{ key_sha256: \"{}\" }}",
+        hash("vk-other")
+    )) + &format!(
+        "jobs: {{ path: \"{}\", workers: 2 }}\n",
+        dir.join("jobs.redb").display()
+    );
+    let gw = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let http = client();
+    let url = gw.url("/v1/chat/completions");
+    let a = post_async(&http, &url, "vk-acme", &chat("later, please")).await;
+    assert_eq!(a.status, 202, "{:?}", a.body);
+    assert_eq!(a.header("preference-applied"), Some("respond-async"));
+    let id = a.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(a.header("location").unwrap(), format!("/v1/jobs/{id}"));
+    assert_eq!(a.json()["status"], "queued");
+    let done = job_done(&http, &gw, &id, "vk-acme").await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["response"]["status_code"], 200);
+    assert_eq!(done["response"]["body"]["usage"]["completion_tokens"], 16);
+    assert_eq!(done["attempts"], 1);
+    // Another tenant does not see it, and cannot cancel it.
+    assert_eq!(
+        get(&http, &gw.url(&format!("/v1/jobs/{id}")), Some("vk-other"))
+            .await
+            .status,
+        404
+    );
+    let cancel = |key: &'static str, id: String| {
+        let req = Request::post(gw.url(&format!("/v1/jobs/{id}/cancel")))
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        http.request(req)
+    };
+    assert_eq!(cancel("vk-other", id.clone()).await.unwrap().status(), 404);
+    let res = cancel("vk-acme", id.clone()).await.unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(
+        body["status"], "completed",
+        "an answered job stays answered"
+    );
+    // A job's request still passes every check: a bad one is refused at once, not stored.
+    let mut bad = chat("x");
+    bad["model"] = json!("gpt-9");
+    assert_eq!(post_async(&http, &url, "vk-acme", &bad).await.status, 404);
+    assert_eq!(
+        get(&http, &gw.url("/v1/jobs/job_nope"), Some("vk-acme"))
+            .await
+            .status,
+        404
+    );
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn without_a_job_store_the_preference_is_ignored_and_answered_at_once() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let gw = start(Gateway::new(config(&keyed(""), &provider.url())).unwrap()).await;
+    let http = client();
+    let a = post_async(
+        &http,
+        &gw.url("/v1/chat/completions"),
+        "vk-acme",
+        &chat("now"),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert!(a.header("preference-applied").is_none());
+    gw.shutdown().await;
+}

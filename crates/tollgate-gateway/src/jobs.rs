@@ -1,0 +1,238 @@
+//! Background jobs: `Prefer: respond-async` on a model request stores it (durably, in
+//! the embedded [`FileStore`]) and answers `202 Accepted` with `Location: /v1/jobs/{id}`;
+//! workers run the stored requests through the very path a live request takes — the
+//! tenant's limits, the model's stack, the access log — at priority 0, behind every live
+//! request (whose default priority is 1), so job work takes the quota live traffic
+//! leaves. `GET /v1/jobs/{id}` tells where a job stands and, once answered, gives the
+//! answer; `POST /v1/jobs/{id}/cancel` cancels one not yet answered.
+//!
+//! A job whose gateway died mid-call is claimed again once its lease runs out: it may
+//! reach the provider twice then, and only then; its answer is recorded once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use tollgate::policy::PolicyError;
+use tollgate_core::store::{Job, JobState, JobStore};
+use tollgate_jobs::FileStore;
+
+use crate::app::{Caller, Shared0};
+use crate::config::JobsConfig;
+use crate::stats::Stats;
+
+/// The largest answer a job keeps.
+const MAX_ANSWER: usize = 32 * 1024 * 1024;
+
+/// The jobs of a gateway: the store and its workers' settings.
+pub(crate) struct Jobs {
+    pub(crate) store: FileStore,
+    pub(crate) path: String,
+    pub(crate) lease: Duration,
+    /// Wakes an idle worker when a job is submitted.
+    pub(crate) submitted: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jobs")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Jobs {
+    pub(crate) fn open(cfg: &JobsConfig) -> Result<Self, PolicyError> {
+        let store =
+            FileStore::open(&cfg.path).map_err(|e| PolicyError::new(format!("jobs.path: {e}")))?;
+        Ok(Self {
+            store,
+            path: cfg.path.clone(),
+            lease: cfg.lease.map_or(Duration::from_secs(300), |d| d.0),
+            submitted: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Stores a request to run later.
+    pub(crate) async fn submit(
+        &self,
+        tenant: &str,
+        path: &str,
+        body: &Bytes,
+    ) -> Result<Job, String> {
+        let job = Job {
+            id: format!("job_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+            tenant: tenant.to_owned(),
+            path: path.to_owned(),
+            body: String::from_utf8_lossy(body).into_owned(),
+            state: JobState::Queued,
+            status: None,
+            response: None,
+            created_ms: Stats::now_ms(),
+            started_ms: None,
+            finished_ms: None,
+            claims: 0,
+            lease_until_ms: None,
+        };
+        self.store
+            .enqueue(job.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.submitted.notify_one();
+        Ok(job)
+    }
+}
+
+/// Whether the request prefers an asynchronous answer (RFC 7240 `Prefer: respond-async`).
+pub(crate) fn prefers_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| {
+            p.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("respond-async"))
+        })
+}
+
+/// A job as the API shows it.
+pub(crate) fn to_json(job: &Job) -> serde_json::Value {
+    let secs = |ms: Option<u64>| ms.map(|m| m / 1000);
+    let state = match job.state {
+        JobState::Queued => "queued",
+        JobState::InProgress => "in_progress",
+        JobState::Completed => "completed",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+        _ => "unknown",
+    };
+    let response = match (job.status, &job.response) {
+        (Some(status), Some(body)) => serde_json::json!({
+            "status_code": status,
+            // JSON when it is (an answer), else the text (a stream's events).
+            "body": serde_json::from_str::<serde_json::Value>(body)
+                .unwrap_or_else(|_| serde_json::Value::String(body.clone())),
+        }),
+        _ => serde_json::Value::Null,
+    };
+    serde_json::json!({
+        "id": job.id,
+        "object": "job",
+        "status": state,
+        "endpoint": job.path,
+        "created_at": job.created_ms / 1000,
+        "started_at": secs(job.started_ms),
+        "completed_at": secs(job.finished_ms),
+        "attempts": job.claims,
+        "response": response,
+    })
+}
+
+/// One worker: claims a job, runs it, records its answer; waits when there is none.
+pub(crate) async fn work(shared: Arc<Shared0>) {
+    loop {
+        let loaded = shared.loaded.load_full();
+        let Some(jobs) = loaded.jobs.clone() else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        match jobs.store.claim(Stats::now_ms(), jobs.lease).await {
+            Ok(Some(job)) => run(&shared, &jobs, job).await,
+            Ok(None) => {
+                tokio::select! {
+                    () = jobs.submitted.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the job store could not be read");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn run(shared: &Shared0, jobs: &Jobs, job: Job) {
+    let loaded = shared.loaded.load_full();
+    let finish = |state, status: u16, body: String| {
+        let (id, claim) = (job.id.clone(), job.claims);
+        async move {
+            match jobs
+                .store
+                .finish(&id, claim, state, status, body, Stats::now_ms())
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(job = %id, "the job was cancelled or taken over: its answer is not recorded")
+                }
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "a job's answer could not be recorded; it will run again")
+                }
+            }
+        }
+    };
+    let Some(tenant) = loaded.tenants.by_name(&job.tenant) else {
+        let body = serde_json::json!({"error": {"message": format!("the tenant `{}` is no longer configured", job.tenant), "type": "invalid_request_error", "code": "tenant_gone"}});
+        return finish(JobState::Failed, 403, body.to_string()).await;
+    };
+    // A refusal for a limit is waited out within the lease, then tried again.
+    let patience = jobs.lease / 2;
+    let started = tokio::time::Instant::now();
+    loop {
+        let req = Request::post(job.path.as_str())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Body::from(job.body.clone()));
+        let Ok(req) = req else {
+            return finish(
+                JobState::Failed,
+                400,
+                "the stored request does not build".into(),
+            )
+            .await;
+        };
+        let res = crate::app::serve(
+            shared,
+            req,
+            std::time::Instant::now(),
+            &job.id,
+            Caller::Job(Arc::clone(&tenant)),
+        )
+        .await;
+        let status = res.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let wait =
+                tollgate_core::headers::retry_after(res.headers(), std::time::SystemTime::now())
+                    .unwrap_or(Duration::from_secs(1))
+                    .max(Duration::from_millis(100));
+            if started.elapsed() + wait < patience {
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+        }
+        let body = match Limited::new(res.into_body(), MAX_ANSWER).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                // The answer broke off: run it again, as after a crash.
+                tracing::warn!(job = %job.id, error = %e, "a job's answer broke off");
+                return;
+            }
+        };
+        let state = if status.is_success() {
+            JobState::Completed
+        } else {
+            JobState::Failed
+        };
+        return finish(
+            state,
+            status.as_u16(),
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+        .await;
+    }
+}
