@@ -217,6 +217,11 @@ pub(crate) fn router(state: Arc<Shared0>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/admin/reload", post(reload))
+        .route("/v1/responses/{id}", get(background_response))
+        .route(
+            "/v1/responses/{id}/cancel",
+            post(cancel_background_response),
+        )
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/dashboard", get(dashboard))
@@ -672,9 +677,34 @@ pub(crate) async fn serve(
         );
         return refused(s, res, (&tenant.name, &model), id, start, false);
     }
-    if !job && crate::jobs::prefers_async(req.headers()) {
+    if !job {
         if let Some(jobs) = &loaded.jobs {
-            return submit(jobs, &tenant, req.uri().path(), facts.body()).await;
+            // The Responses API's own way: `background: true`. The gateway runs it in the
+            // background itself, so the provider is asked without it.
+            let background = facts.kind() == ApiKind::Responses
+                && facts
+                    .json()
+                    .and_then(|v| v.get("background"))
+                    .and_then(serde_json::Value::as_bool)
+                    == Some(true);
+            if background {
+                let plain = facts.rewrite(|v| {
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("background");
+                    }
+                });
+                let body = plain.as_ref().map_or(facts.body(), |f| f.body());
+                return match jobs
+                    .submit("resp", &tenant.name, req.uri().path(), body)
+                    .await
+                {
+                    Ok(job) => json(StatusCode::OK, crate::jobs::to_response_json(&job)),
+                    Err(e) => job_store_down(&e),
+                };
+            }
+            if crate::jobs::prefers_async(req.headers()) {
+                return submit(jobs, &tenant, req.uri().path(), facts.body()).await;
+            }
         }
     }
     let permit = match tenant.try_enter() {
@@ -794,7 +824,7 @@ async fn submit(
     path: &str,
     body: &bytes::Bytes,
 ) -> Response<Body> {
-    match jobs.submit(&tenant.name, path, body).await {
+    match jobs.submit("job", &tenant.name, path, body).await {
         Ok(job) => {
             let mut res = json(StatusCode::ACCEPTED, crate::jobs::to_json(&job));
             if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
@@ -806,12 +836,66 @@ async fn submit(
             );
             res
         }
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "job_store_unavailable",
-            &format!("the job could not be stored: {e}"),
+        Err(e) => job_store_down(&e),
+    }
+}
+
+fn job_store_down(e: &str) -> Response<Body> {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "job_store_unavailable",
+        &format!("the job could not be stored: {e}"),
+    )
+}
+
+/// `GET /v1/responses/{id}`: a background response.
+async fn background_response(
+    State(s): St,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response<Body> {
+    match caller_job(&s, &headers, &id).await {
+        Ok((_, job)) if job.id.starts_with("resp_") => {
+            json(StatusCode::OK, crate::jobs::to_response_json(&job))
+        }
+        Ok(_) => error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "response_not_found",
+            &format!("No response found with id `{id}`."),
         ),
+        Err(res) => res,
+    }
+}
+
+/// `POST /v1/responses/{id}/cancel`.
+async fn cancel_background_response(
+    State(s): St,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response<Body> {
+    let jobs = match caller_job(&s, &headers, &id).await {
+        Ok((jobs, job)) if job.id.starts_with("resp_") => jobs,
+        Ok(_) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "response_not_found",
+                &format!("No response found with id `{id}`."),
+            )
+        }
+        Err(res) => return res,
+    };
+    match jobs.store.cancel(&id, Stats::now_ms()).await {
+        Ok(Some(job)) => json(StatusCode::OK, crate::jobs::to_response_json(&job)),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "response_not_found",
+            "no such response",
+        ),
+        Err(e) => job_store_down(&e.to_string()),
     }
 }
 

@@ -56,15 +56,21 @@ impl Jobs {
         })
     }
 
-    /// Stores a request to run later.
+    /// Stores a request to run later; its id starts with `prefix` (`job`, or `resp` for
+    /// a background response).
     pub(crate) async fn submit(
         &self,
+        prefix: &str,
         tenant: &str,
         path: &str,
         body: &Bytes,
     ) -> Result<Job, String> {
         let job = Job {
-            id: format!("job_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+            id: format!(
+                "{prefix}_{:016x}{:016x}",
+                fastrand::u64(..),
+                fastrand::u64(..)
+            ),
             tenant: tenant.to_owned(),
             path: path.to_owned(),
             body: String::from_utf8_lossy(body).into_owned(),
@@ -131,6 +137,46 @@ pub(crate) fn to_json(job: &Job) -> serde_json::Value {
         "attempts": job.claims,
         "response": response,
     })
+}
+
+/// A background response (`POST /v1/responses` with `background: true`) as OpenAI shows
+/// one: `queued` → `in_progress` → `completed` (the provider's response, under the id
+/// the gateway gave), `failed` (with the provider's error) or `cancelled`.
+pub(crate) fn to_response_json(job: &Job) -> serde_json::Value {
+    let model = serde_json::from_str::<serde_json::Value>(&job.body)
+        .ok()
+        .and_then(|v| v.get("model").cloned())
+        .unwrap_or(serde_json::Value::Null);
+    let base = |status: &str| {
+        serde_json::json!({
+            "id": job.id, "object": "response", "status": status, "background": true,
+            "model": model, "created_at": job.created_ms / 1000,
+        })
+    };
+    let answer = job
+        .response
+        .as_deref()
+        .and_then(|b| serde_json::from_str::<serde_json::Value>(b).ok());
+    match job.state {
+        JobState::Queued => base("queued"),
+        JobState::InProgress => base("in_progress"),
+        JobState::Cancelled => base("cancelled"),
+        JobState::Completed => match answer {
+            Some(serde_json::Value::Object(mut o)) => {
+                o.insert("id".into(), serde_json::Value::String(job.id.clone()));
+                o.insert("background".into(), serde_json::Value::Bool(true));
+                serde_json::Value::Object(o)
+            }
+            _ => base("completed"),
+        },
+        _ => {
+            let mut v = base("failed");
+            v["error"] = answer.and_then(|a| a.get("error").cloned()).unwrap_or(
+                serde_json::json!({"message": "the request failed", "code": job.status}),
+            );
+            v
+        }
+    }
 }
 
 /// One worker: claims a job, runs it, records its answer; waits when there is none.

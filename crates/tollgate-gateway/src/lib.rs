@@ -54,7 +54,9 @@
 //!   tenant's limits, the model's stack — at priority 0, behind every live request
 //!   (default priority 1), so jobs take the quota live traffic leaves. A job whose gateway
 //!   died mid-call is taken over after its lease, and its answer is recorded once. Only
-//!   the tenant that submitted a job sees it.
+//!   the tenant that submitted a job sees it. `POST /v1/responses` with `background:
+//!   true` is the Responses API's own way to ask the same: a `queued` response object
+//!   comes back, and `GET /v1/responses/{id}` (and `…/cancel`) follow it.
 //! - `GET /dashboard`: the live page — per model, requests and tokens per minute over the
 //!   last 15 minutes with each limit drawn, the quota left, provider 429s against waits and
 //!   refusals, cache hits, retries, failovers, wait percentiles; per tenant, usage against

@@ -1089,3 +1089,67 @@ async fn without_a_job_store_the_preference_is_ignored_and_answered_at_once() {
     assert!(a.header("preference-applied").is_none());
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_background_response_is_queued_run_and_read_back_under_its_id() {
+    let (url, seen) = recorder().await;
+    let dir = std::env::temp_dir().join(format!("tollgate-resp-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let yaml = format!(
+        "open: true\njobs: {{ path: \"{}\" }}\nmodels:\n  gpt-4o:\n    primary: {{ url: \"{{provider}}\" }}\n",
+        dir.join("jobs.redb").display()
+    );
+    let gw = start(Gateway::new(config(&yaml, &url)).unwrap()).await;
+    let http = client();
+    let a = post(
+        &http,
+        &gw.url("/v1/responses"),
+        "k",
+        &json!({"model": "gpt-4o", "input": "Say hi", "background": true}),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let created = a.json();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("resp_"), "{created}");
+    assert_eq!(
+        (created["object"].as_str(), created["status"].as_str()),
+        (Some("response"), Some("queued"))
+    );
+    assert_eq!(created["background"], true);
+    let mut done = serde_json::Value::Null;
+    for _ in 0..200 {
+        done = get(&http, &gw.url(&format!("/v1/responses/{id}")), Some("k"))
+            .await
+            .json();
+        if !matches!(done["status"].as_str(), Some("queued" | "in_progress")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        done["id"],
+        id.as_str(),
+        "the provider's answer, under the id given: {done}"
+    );
+    assert_eq!(done["output_text"], "hi");
+    assert_eq!(done["background"], true);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].0, "/v1/responses");
+    assert!(
+        seen[0].2.get("background").is_none(),
+        "the provider is asked without it: {:?}",
+        seen[0].2
+    );
+    assert_eq!(
+        get(&http, &gw.url("/v1/responses/resp_nope"), Some("k"))
+            .await
+            .status,
+        404
+    );
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
