@@ -74,6 +74,7 @@ models:
     retry: {{ max_retries: 3 }}
   text-embedding-3-small:
     primary: {{ url: "http://127.0.0.1:{provider_port}", headers: {{ authorization: "Bearer sk-provider" }} }}
+jobs: {{ path: "{os.path.join(tempfile.mkdtemp(prefix="tollgate-sdk-jobs-"), "jobs.redb")}", workers: 4 }}
 tenants:
   acme: {{ key_sha256: "{sha(KEY)}" }}
   tight: {{ key_sha256: "{sha(TIGHT_KEY)}", requests: 2/min }}
@@ -162,6 +163,35 @@ class Sdk(unittest.TestCase):
     def test_an_unknown_model_is_not_found(self):
         with self.assertRaises(openai.NotFoundError):
             client().chat.completions.create(model="gpt-9", messages=MESSAGES)
+
+    def test_a_batch_round_trip_files_batches_and_the_output_file(self):
+        import io
+        import json
+        c = client()
+        lines = [json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+                             "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"batch {i}"}]}})
+                 for i in range(5)]
+        lines.append("{not json")
+        f = c.files.create(file=("input.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
+        self.assertEqual(f.purpose, "batch")
+        self.assertEqual(c.files.retrieve(f.id).id, f.id)
+        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                             metadata={"job": "sdk-test"})
+        self.assertEqual(b.status, "in_progress")
+        deadline = time.monotonic() + 60
+        while b.status not in ("completed", "failed", "cancelled", "expired") and time.monotonic() < deadline:
+            time.sleep(0.1)
+            b = c.batches.retrieve(b.id)
+        self.assertEqual(b.status, "completed")
+        self.assertEqual((b.request_counts.total, b.request_counts.completed, b.request_counts.failed), (6, 5, 1))
+        out = [json.loads(l) for l in c.files.content(b.output_file_id).text.splitlines()]
+        self.assertEqual(sorted(o["custom_id"] for o in out), [f"req-{i}" for i in range(5)])
+        self.assertTrue(all(o["response"]["status_code"] == 200 for o in out))
+        self.assertTrue(all(o["response"]["body"]["usage"]["completion_tokens"] == 16 for o in out))
+        errors = c.files.content(b.error_file_id).text.splitlines()
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn(b.id, [x.id for x in c.batches.list()])
+        self.assertTrue(c.files.delete(f.id).deleted)
 
     def test_a_burst_past_the_providers_burst_has_no_visible_failure(self):
         # 60 at once against a provider whose bucket holds 20: the gateway learns the

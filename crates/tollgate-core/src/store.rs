@@ -360,4 +360,8 @@ pub trait JobStore: Send + Sync + 'static {
     fn get(&self, id: &str) -> StoreFuture<Result<Option<Job>, StoreError>>;
     /// Cancels a job that is not over; the job as it now stands.
     fn cancel(&self, id: &str, now_ms: u64) -> StoreFuture<Result<Option<Job>, StoreError>>;
+    /// Adds many queued jobs at once (a batch's lines): all or none.
+    fn enqueue_many(&self, jobs: Vec<Job>) -> StoreFuture<Result<(), StoreError>>;
+    /// Every job whose id starts with `prefix` (a batch's lines), in id order.
+    fn list(&self, prefix: &str) -> StoreFuture<Result<Vec<Job>, StoreError>>;
 }

@@ -217,6 +217,17 @@ pub(crate) fn router(state: Arc<Shared0>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/admin/reload", post(reload))
+        .route(
+            "/v1/files",
+            post(upload_file).layer(axum::extract::DefaultBodyLimit::max(
+                usize::try_from(crate::batches::MAX_FILE).unwrap_or(usize::MAX) + 64 * 1024,
+            )),
+        )
+        .route("/v1/files/{id}", get(get_file).delete(delete_file))
+        .route("/v1/files/{id}/content", get(file_content))
+        .route("/v1/batches", post(create_batch).get(list_batches))
+        .route("/v1/batches/{id}", get(get_batch))
+        .route("/v1/batches/{id}/cancel", post(cancel_batch))
         .route("/v1/responses/{id}", get(background_response))
         .route(
             "/v1/responses/{id}/cancel",
@@ -837,6 +848,135 @@ async fn submit(
             res
         }
         Err(e) => job_store_down(&e),
+    }
+}
+
+/// Who calls the Batch API, and the gateway's jobs.
+type BatchCaller = (Arc<Loaded>, Arc<Tenant>, Arc<crate::jobs::Jobs>);
+
+/// The caller and the gateway's jobs, for the Batch API; or the response to give.
+// The error is the response itself, handed straight back by the handler: boxing it would
+// only add an allocation to every refused call.
+#[allow(clippy::result_large_err)]
+fn batch_caller(s: &Shared0, headers: &HeaderMap) -> Result<BatchCaller, Response<Body>> {
+    let loaded = s.loaded.load_full();
+    let tenant = loaded.tenants.identify(headers).map_err(denied)?;
+    let jobs = loaded.jobs.clone().ok_or_else(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "batches_off",
+            "this gateway keeps no jobs: batches need `jobs:` in its config",
+        )
+    })?;
+    Ok((loaded, tenant, jobs))
+}
+
+fn answered(r: Result<serde_json::Value, Response<Body>>) -> Response<Body> {
+    match r {
+        Ok(v) => json(StatusCode::OK, v),
+        Err(res) => res,
+    }
+}
+
+async fn upload_file(
+    State(s): St,
+    headers: HeaderMap,
+    form: axum::extract::Multipart,
+) -> Response<Body> {
+    match batch_caller(&s, &headers) {
+        Ok((_, tenant, jobs)) => answered(crate::batches::upload(&jobs, &tenant.name, form).await),
+        Err(res) => res,
+    }
+}
+
+async fn get_file(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Response<Body> {
+    match batch_caller(&s, &headers) {
+        Ok((_, tenant, jobs)) => answered(
+            crate::batches::file(&jobs, &tenant.name, &id)
+                .await
+                .map(|(meta, _)| {
+                    let mut m = meta;
+                    if let Some(o) = m.as_object_mut() {
+                        o.remove("tenant");
+                    }
+                    m
+                }),
+        ),
+        Err(res) => res,
+    }
+}
+
+async fn file_content(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Response<Body> {
+    let (_, tenant, jobs) = match batch_caller(&s, &headers) {
+        Ok(c) => c,
+        Err(res) => return res,
+    };
+    match crate::batches::file(&jobs, &tenant.name, &id).await {
+        Ok((_, path)) => crate::batches::content(&path).await.unwrap_or_else(|r| r),
+        Err(res) => res,
+    }
+}
+
+async fn delete_file(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Response<Body> {
+    match batch_caller(&s, &headers) {
+        Ok((_, tenant, jobs)) => answered(crate::batches::delete(&jobs, &tenant.name, &id).await),
+        Err(res) => res,
+    }
+}
+
+async fn create_batch(State(s): St, headers: HeaderMap, body: bytes::Bytes) -> Response<Body> {
+    let (loaded, tenant, jobs) = match batch_caller(&s, &headers) {
+        Ok(c) => c,
+        Err(res) => return res,
+    };
+    let Ok(req) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_json",
+            "the body is not JSON",
+        );
+    };
+    answered(crate::batches::create(&jobs, &tenant, &loaded.config, &req).await)
+}
+
+async fn get_batch(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Response<Body> {
+    match batch_caller(&s, &headers) {
+        Ok((_, tenant, jobs)) => answered(crate::batches::retrieve(&jobs, &tenant.name, &id).await),
+        Err(res) => res,
+    }
+}
+
+async fn cancel_batch(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Response<Body> {
+    match batch_caller(&s, &headers) {
+        Ok((_, tenant, jobs)) => answered(crate::batches::cancel(&jobs, &tenant.name, &id).await),
+        Err(res) => res,
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Page {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+async fn list_batches(
+    State(s): St,
+    headers: HeaderMap,
+    axum::extract::Query(page): axum::extract::Query<Page>,
+) -> Response<Body> {
+    match batch_caller(&s, &headers) {
+        Ok((_, tenant, jobs)) => answered(
+            crate::batches::list(
+                &jobs,
+                &tenant.name,
+                page.limit.unwrap_or(20).clamp(1, 100),
+                page.after.as_deref(),
+            )
+            .await,
+        ),
+        Err(res) => res,
     }
 }
 

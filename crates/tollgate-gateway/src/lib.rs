@@ -57,6 +57,8 @@
 //!   the tenant that submitted a job sees it. `POST /v1/responses` with `background:
 //!   true` is the Responses API's own way to ask the same: a `queued` response object
 //!   comes back, and `GET /v1/responses/{id}` (and `…/cancel`) follow it.
+//! - The OpenAI Batch API on the same jobs: `/v1/files` (upload, read, content, delete)
+//!   and `/v1/batches` (create, read, list, cancel); see the `batches` module's docs.
 //! - `GET /dashboard`: the live page — per model, requests and tokens per minute over the
 //!   last 15 minutes with each limit drawn, the quota left, provider 429s against waits and
 //!   refusals, cache hits, retries, failovers, wait percentiles; per tenant, usage against
@@ -106,6 +108,7 @@
 mod access;
 mod alerts;
 mod app;
+mod batches;
 pub mod config;
 mod jobs;
 mod stats;

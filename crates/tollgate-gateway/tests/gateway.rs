@@ -1153,3 +1153,159 @@ async fn a_background_response_is_queued_run_and_read_back_under_its_id() {
     gw.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `POST /v1/files` with a multipart form, as the SDKs send it.
+async fn upload(http: &HttpClient, gw: &Running, key: &str, content: &str) -> Answer {
+    let boundary = "tollgate-test-boundary";
+    let body = format!(
+        "--{boundary}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\ncontent-type: application/jsonl\r\n\r\n{content}\r\n--{boundary}--\r\n"
+    );
+    let req = Request::post(gw.url("/v1/files"))
+        .header("authorization", format!("Bearer {key}"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let res = http.request(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+#[tokio::test]
+async fn a_batch_is_validated_whole_run_line_by_line_and_kept_to_its_tenant() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let dir = std::env::temp_dir().join(format!("tollgate-batch-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let yaml = keyed(&format!(
+        "  other: {{ key_sha256: \"{}\" }}",
+        hash("vk-other")
+    )) + &format!(
+        "jobs: {{ path: \"{}\" }}\n",
+        dir.join("jobs.redb").display()
+    );
+    let gw = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let http = client();
+    let line = |id: &str, model: &str| {
+        json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions",
+               "body": {"model": model, "messages": [{"role": "user", "content": id}]}})
+        .to_string()
+    };
+    let good = format!("{}\n{}\n", line("a", "gpt-4o"), line("b", "gpt-4o-latest"));
+    let f = upload(&http, &gw, "vk-acme", &good).await;
+    assert_eq!(f.status, 200, "{:?}", f.body);
+    let file_id = f.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(f.json()["bytes"], good.len());
+    // Another tenant sees no such file.
+    assert_eq!(
+        get(
+            &http,
+            &gw.url(&format!("/v1/files/{file_id}")),
+            Some("vk-other")
+        )
+        .await
+        .status,
+        404
+    );
+    let create = |key: &'static str, body: serde_json::Value| {
+        let url = gw.url("/v1/batches");
+        let http = http.clone();
+        async move { post(&http, &url, key, &body, &[]).await.unwrap() }
+    };
+    // An endpoint the gateway does not run fails the batch at once.
+    let bad = create(
+        "vk-acme",
+        json!({"input_file_id": file_id, "endpoint": "/v1/images", "completion_window": "24h"}),
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    // So does a model it does not know, on any line.
+    let unknown = upload(
+        &http,
+        &gw,
+        "vk-acme",
+        &format!("{}\n{}\n", line("a", "gpt-4o"), line("z", "gpt-9")),
+    )
+    .await;
+    let unknown_id = unknown.json()["id"].as_str().unwrap().to_owned();
+    let bad = create(
+        "vk-acme",
+        json!({"input_file_id": unknown_id, "endpoint": "/v1/chat/completions"}),
+    )
+    .await;
+    assert_eq!(
+        (bad.status, bad.json()["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("model_not_found"))
+    );
+    // A good batch runs; its tenant alone sees it.
+    let b = create("vk-acme", json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
+    assert_eq!(b.status, 200, "{:?}", b.body);
+    let batch_id = b.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        get(
+            &http,
+            &gw.url(&format!("/v1/batches/{batch_id}")),
+            Some("vk-other")
+        )
+        .await
+        .status,
+        404
+    );
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..400 {
+        seen = get(
+            &http,
+            &gw.url(&format!("/v1/batches/{batch_id}")),
+            Some("vk-acme"),
+        )
+        .await
+        .json();
+        if seen["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(seen["status"], "completed", "{seen}");
+    assert_eq!(
+        seen["request_counts"],
+        json!({"total": 2, "completed": 2, "failed": 0})
+    );
+    assert!(
+        seen.get("tenant").is_none() && seen.get("custom_ids").is_none(),
+        "internals stay inside: {seen}"
+    );
+    let out = get(
+        &http,
+        &gw.url(&format!(
+            "/v1/files/{}/content",
+            seen["output_file_id"].as_str().unwrap()
+        )),
+        Some("vk-acme"),
+    )
+    .await;
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.body)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["custom_id"], "a");
+    assert_eq!(lines[1]["response"]["status_code"], 200);
+    assert_eq!(provider.stats().requests, 2, "each line ran once");
+    let listed = get(&http, &gw.url("/v1/batches?limit=10"), Some("vk-acme"))
+        .await
+        .json();
+    assert_eq!(listed["data"][0]["id"], batch_id.as_str());
+    assert_eq!(
+        get(&http, &gw.url("/v1/batches"), Some("vk-other"))
+            .await
+            .json()["data"],
+        json!([])
+    );
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

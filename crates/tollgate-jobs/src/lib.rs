@@ -106,21 +106,45 @@ impl FileStore {
 
 impl JobStore for FileStore {
     fn enqueue(&self, job: Job) -> StoreFuture<Result<(), StoreError>> {
+        self.enqueue_many(vec![job])
+    }
+
+    fn enqueue_many(&self, all: Vec<Job>) -> StoreFuture<Result<(), StoreError>> {
         self.blocking(move |db| {
-            let text = encode(&job)?;
+            // One transaction, one fsync, however many lines.
             let w = db.begin_write().map_err(err)?;
             {
                 let mut jobs = w.open_table(JOBS).map_err(err)?;
-                if jobs.get(job.id.as_str()).map_err(err)?.is_some() {
-                    return Err(err(format!("a job `{}` exists already", job.id)));
-                }
-                jobs.insert(job.id.as_str(), text.as_str()).map_err(err)?;
                 let mut pending = w.open_table(PENDING).map_err(err)?;
-                pending
-                    .insert((job.created_ms, job.id.as_str()), ())
-                    .map_err(err)?;
+                for job in &all {
+                    if jobs.get(job.id.as_str()).map_err(err)?.is_some() {
+                        return Err(err(format!("a job `{}` exists already", job.id)));
+                    }
+                    jobs.insert(job.id.as_str(), encode(job)?.as_str())
+                        .map_err(err)?;
+                    pending
+                        .insert((job.created_ms, job.id.as_str()), ())
+                        .map_err(err)?;
+                }
             }
             w.commit().map_err(err)
+        })
+    }
+
+    fn list(&self, prefix: &str) -> StoreFuture<Result<Vec<Job>, StoreError>> {
+        let prefix = prefix.to_owned();
+        self.blocking(move |db| {
+            let r = db.begin_read().map_err(err)?;
+            let jobs = r.open_table(JOBS).map_err(err)?;
+            let mut out = Vec::new();
+            for entry in jobs.range(prefix.as_str()..).map_err(err)? {
+                let (k, v) = entry.map_err(err)?;
+                if !k.value().starts_with(prefix.as_str()) {
+                    break;
+                }
+                out.push(decode(v.value())?);
+            }
+            Ok(out)
         })
     }
 
@@ -319,6 +343,27 @@ mod tests {
             (JobState::Completed, Some(200), Some(20))
         );
         assert_eq!(s.pending().unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_batch_goes_in_at_once_and_is_listed_by_its_prefix() {
+        let s = FileStore::open(path("batch")).unwrap();
+        let lines: Vec<Job> = (0..100)
+            .map(|i| job(&format!("batch_1_{i:06}"), 5))
+            .collect();
+        s.enqueue_many(lines).await.unwrap();
+        s.enqueue(job("batch_2_000000", 6)).await.unwrap();
+        let listed = s.list("batch_1_").await.unwrap();
+        assert_eq!(listed.len(), 100);
+        assert_eq!(listed[0].id, "batch_1_000000");
+        assert_eq!(listed[99].id, "batch_1_000099");
+        assert!(
+            s.enqueue_many(vec![job("batch_1_000003", 7)])
+                .await
+                .is_err(),
+            "all or none"
+        );
+        assert_eq!(s.pending().unwrap(), 101);
     }
 
     #[tokio::test]
