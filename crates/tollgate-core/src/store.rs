@@ -329,6 +329,9 @@ pub struct Job {
     /// Until when the current claim holds (Unix milliseconds); past it, another worker
     /// may take the job over.
     pub lease_until_ms: Option<u64>,
+    /// Where to POST the job once it is over, if anywhere.
+    #[serde(default)]
+    pub callback: Option<String>,
 }
 
 /// The durable home of jobs and their queue, behind which a single gateway keeps its work

@@ -437,6 +437,46 @@ pub(crate) async fn deliver(client: &Sender, event: &Event, sink: &SinkConfig) -
     false
 }
 
+/// POSTs `body` (JSON) to `url`, signed per Standard Webhooks when `secret` is given,
+/// retrying with [`BACKOFF`]; `true` once a 2xx came back.
+pub(crate) async fn post_signed(url: &str, body: Bytes, secret: Option<&[u8]>) -> bool {
+    let client = sender();
+    for attempt in 0..=BACKOFF.len() {
+        if attempt > 0 {
+            tokio::time::sleep(BACKOFF[attempt - 1]).await;
+        }
+        let mut req = Request::post(url).header("content-type", "application/json");
+        if let Some(key) = secret {
+            let id = format!("msg_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            let ts = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+                .to_string();
+            req = req
+                .header("webhook-signature", sign(key, &id, &ts, &body))
+                .header("webhook-id", id)
+                .header("webhook-timestamp", ts);
+        }
+        let Ok(req) = req.body(Full::new(body.clone())) else {
+            return false;
+        };
+        match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
+            Ok(Ok(res)) if res.status().is_success() => return true,
+            Ok(Ok(res)) => tracing::warn!(
+                status = res.status().as_u16(),
+                url,
+                attempt,
+                "a callback receiver refused"
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, url, attempt, "a callback receiver is unreachable")
+            }
+            Err(_) => tracing::warn!(url, attempt, "a callback receiver did not answer"),
+        }
+    }
+    false
+}
+
 /// Reads the queue and delivers each event to every sink of the config in force, each
 /// delivery on its own task (so a slow receiver holds up no other).
 pub(crate) async fn run_deliveries(

@@ -690,6 +690,18 @@ pub(crate) async fn serve(
     }
     if !job {
         if let Some(jobs) = &loaded.jobs {
+            let callback = match crate::jobs::callback_url(req.headers()) {
+                Ok(c) => c,
+                Err(e) => {
+                    let res = error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request_error",
+                        "invalid_callback_url",
+                        &e,
+                    );
+                    return refused(s, res, (&tenant.name, "-"), id, start, false);
+                }
+            };
             // The Responses API's own way: `background: true`. The gateway runs it in the
             // background itself, so the provider is asked without it.
             let background = facts.kind() == ApiKind::Responses
@@ -706,7 +718,7 @@ pub(crate) async fn serve(
                 });
                 let body = plain.as_ref().map_or(facts.body(), |f| f.body());
                 return match jobs
-                    .submit("resp", &tenant.name, req.uri().path(), body)
+                    .submit("resp", &tenant.name, req.uri().path(), body, callback)
                     .await
                 {
                     Ok(job) => json(StatusCode::OK, crate::jobs::to_response_json(&job)),
@@ -714,7 +726,7 @@ pub(crate) async fn serve(
                 };
             }
             if crate::jobs::prefers_async(req.headers()) {
-                return submit(jobs, &tenant, req.uri().path(), facts.body()).await;
+                return submit(jobs, &tenant, req.uri().path(), facts.body(), callback).await;
             }
         }
     }
@@ -834,8 +846,9 @@ async fn submit(
     tenant: &Tenant,
     path: &str,
     body: &bytes::Bytes,
+    callback: Option<String>,
 ) -> Response<Body> {
-    match jobs.submit("job", &tenant.name, path, body).await {
+    match jobs.submit("job", &tenant.name, path, body, callback).await {
         Ok(job) => {
             let mut res = json(StatusCode::ACCEPTED, crate::jobs::to_json(&job));
             if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {

@@ -323,6 +323,7 @@ pub(crate) async fn create(
             finished_ms: None,
             claims: 0,
             lease_until_ms: None,
+            callback: None,
         });
     }
     let total = queued.len() + line_errors.len();

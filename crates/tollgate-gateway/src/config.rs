@@ -77,6 +77,10 @@ pub struct JobsConfig {
     /// died mid-call is taken over once it runs out.
     #[serde(default)]
     pub lease: Option<Dur>,
+    /// The environment variable holding the Standard Webhooks secret that job callbacks
+    /// (`x-tollgate-callback-url`) are signed with.
+    #[serde(default)]
+    pub callback_secret_env: Option<String>,
 }
 
 /// Alert rules, and the sinks every rule's events go to.

@@ -34,6 +34,8 @@ pub(crate) struct Jobs {
     pub(crate) lease: Duration,
     /// Wakes an idle worker when a job is submitted.
     pub(crate) submitted: tokio::sync::Notify,
+    /// The Standard Webhooks secret callbacks are signed with.
+    pub(crate) callback_secret: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -53,6 +55,12 @@ impl Jobs {
             path: cfg.path.clone(),
             lease: cfg.lease.map_or(Duration::from_secs(300), |d| d.0),
             submitted: tokio::sync::Notify::new(),
+            callback_secret: match &cfg.callback_secret_env {
+                Some(var) => Some(crate::alerts::secret_key(&std::env::var(var).map_err(
+                    |_| PolicyError::new(format!("jobs.callback_secret_env: `{var}` is not set")),
+                )?)),
+                None => None,
+            },
         })
     }
 
@@ -64,6 +72,7 @@ impl Jobs {
         tenant: &str,
         path: &str,
         body: &Bytes,
+        callback: Option<String>,
     ) -> Result<Job, String> {
         let job = Job {
             id: format!(
@@ -82,6 +91,7 @@ impl Jobs {
             finished_ms: None,
             claims: 0,
             lease_until_ms: None,
+            callback,
         };
         self.store
             .enqueue(job.clone())
@@ -179,6 +189,46 @@ pub(crate) fn to_response_json(job: &Job) -> serde_json::Value {
     }
 }
 
+/// The request header naming the URL a job is POSTed to once it is over.
+pub(crate) const CALLBACK_HEADER: &str = "x-tollgate-callback-url";
+
+/// The callback URL a request names, when it is an http(s) URL.
+pub(crate) fn callback_url(headers: &HeaderMap) -> Result<Option<String>, String> {
+    let Some(v) = headers.get(CALLBACK_HEADER) else {
+        return Ok(None);
+    };
+    let url = v
+        .to_str()
+        .map_err(|_| "the callback URL is not text".to_owned())?;
+    let ok = url.parse::<http::Uri>().is_ok_and(|u| {
+        matches!(u.scheme_str(), Some("http") | Some("https")) && u.host().is_some()
+    });
+    if ok {
+        Ok(Some(url.to_owned()))
+    } else {
+        Err(format!("`{url}` is not an http:// or https:// URL"))
+    }
+}
+
+/// POSTs the finished job to its callback URL, signed per Standard Webhooks when a
+/// secret is configured; off the worker's path, retried as alerts are.
+async fn callback(jobs: &Jobs, id: &str) {
+    let Ok(Some(job)) = jobs.store.get(id).await else {
+        return;
+    };
+    let Some(url) = job.callback.clone() else {
+        return;
+    };
+    let body = Bytes::from(
+        serde_json::json!({"type": "job.finished", "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(), "data": to_json(&job)})
+            .to_string(),
+    );
+    let secret = jobs.callback_secret.clone();
+    tokio::spawn(async move {
+        crate::alerts::post_signed(&url, body, secret.as_deref()).await;
+    });
+}
+
 /// One worker: claims a job, runs it, records its answer; waits when there is none.
 pub(crate) async fn work(shared: Arc<Shared0>) {
     loop {
@@ -213,7 +263,7 @@ async fn run(shared: &Shared0, jobs: &Jobs, job: Job) {
                 .finish(&id, claim, state, status, body, Stats::now_ms())
                 .await
             {
-                Ok(true) => {}
+                Ok(true) => callback(jobs, &id).await,
                 Ok(false) => {
                     tracing::info!(job = %id, "the job was cancelled or taken over: its answer is not recorded")
                 }

@@ -1309,3 +1309,96 @@ async fn a_batch_is_validated_whole_run_line_by_line_and_kept_to_its_tenant() {
     gw.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_finished_job_is_posted_to_its_callback_signed_per_standard_webhooks() {
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    let provider = Provider::builder().spawn().await.unwrap();
+    // A receiver keeping headers and bodies.
+    type Got = Arc<Mutex<Vec<(http::HeaderMap, Bytes)>>>;
+    let got: Got = Arc::default();
+    async fn hook(
+        axum::extract::State(got): axum::extract::State<Got>,
+        headers: http::HeaderMap,
+        body: Bytes,
+    ) -> &'static str {
+        got.lock().unwrap().push((headers, body));
+        "ok"
+    }
+    let app = axum::Router::new()
+        .route("/done", axum::routing::post(hook))
+        .with_state(Arc::clone(&got));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/done", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    std::env::set_var("TOLLGATE_E2E_CALLBACK_SECRET", "a-plain-secret");
+    let dir = std::env::temp_dir().join(format!("tollgate-cb-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let yaml = keyed("")
+        + &format!(
+            "jobs: {{ path: \"{}\", callback_secret_env: TOLLGATE_E2E_CALLBACK_SECRET }}\n",
+            dir.join("jobs.redb").display()
+        );
+    let gw = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let http = client();
+    let url = gw.url("/v1/chat/completions");
+    let bad = post(
+        &http,
+        &url,
+        "vk-acme",
+        &chat("x"),
+        &[
+            ("prefer", "respond-async"),
+            ("x-tollgate-callback-url", "ftp://nope"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(bad.status, 400, "a callback that is not http(s) is refused");
+    let a = post(
+        &http,
+        &url,
+        "vk-acme",
+        &chat("call me back"),
+        &[
+            ("prefer", "respond-async"),
+            ("x-tollgate-callback-url", &hook_url),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 202);
+    let id = a.json()["id"].as_str().unwrap().to_owned();
+    let mut calls = Vec::new();
+    for _ in 0..400 {
+        calls = got.lock().unwrap().clone();
+        if !calls.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(calls.len(), 1, "called once");
+    let (headers, body) = &calls[0];
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(v["type"], "job.finished");
+    assert_eq!(v["data"]["id"], id.as_str());
+    assert_eq!(v["data"]["status"], "completed");
+    assert_eq!(
+        v["data"]["response"]["body"]["usage"]["completion_tokens"],
+        16
+    );
+    // The receiver can verify it: HMAC-SHA256 over "id.timestamp.body".
+    let h = |n: &str| headers[n].to_str().unwrap().to_owned();
+    let mut mac = Hmac::<Sha256>::new_from_slice(b"a-plain-secret").unwrap();
+    mac.update(format!("{}.{}.", h("webhook-id"), h("webhook-timestamp")).as_bytes());
+    mac.update(body);
+    let want = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    assert_eq!(h("webhook-signature"), want);
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -299,6 +299,7 @@ mod tests {
             finished_ms: None,
             claims: 0,
             lease_until_ms: None,
+            callback: None,
         }
     }
 
