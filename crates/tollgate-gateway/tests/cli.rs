@@ -314,3 +314,124 @@ async fn a_job_running_when_the_gateway_is_killed_completes_after_the_restart_re
     assert!(second.0.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_batch_interrupted_by_sigkill_finishes_after_the_restart_with_every_line_once() {
+    let provider = Provider::builder()
+        .latency(Duration::from_millis(300))
+        .spawn()
+        .await
+        .unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}-batch", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let yaml = format!(
+        "listen: 127.0.0.1:{port}\nopen: true\njobs: {{ path: \"{}\", workers: 2, lease: 1s }}\nmodels:\n  gpt-4o:\n    primary: {{ url: \"{}\" }}\n",
+        dir.join("jobs.redb").display(),
+        provider.url()
+    );
+    let path = temp_file("batch.yaml", &yaml);
+    let first = serve_binary(&path, port).await;
+    let http = client();
+    let base = format!("http://127.0.0.1:{port}");
+    let lines: String = (0..20)
+        .map(|i| {
+            json!({"custom_id": format!("line-{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": format!("line {i}")}]}})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let boundary = "b0undary";
+    let form = format!(
+        "--{boundary}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\r\n{lines}\r\n--{boundary}--\r\n"
+    );
+    let req = Request::post(format!("{base}/v1/files"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(Full::new(Bytes::from(form)))
+        .unwrap();
+    let res = http.request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let file: serde_json::Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let b = post(
+        &http,
+        &format!("{base}/v1/batches"),
+        "k",
+        &json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(b.status, 200, "{:?}", b.body);
+    let batch_url = format!("{base}/v1/batches/{}", b.json()["id"].as_str().unwrap());
+    let read = |http: tollgate_integration_tests::HttpClient, url: String| async move {
+        let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+        let res = http.request(req).await.unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+    };
+    // Kill it once some lines are done and others are not.
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..400 {
+        seen = read(http.clone(), batch_url.clone()).await;
+        if seen["request_counts"]["completed"].as_u64().unwrap_or(0) >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let done_before = seen["request_counts"]["completed"].as_u64().unwrap();
+    assert!((4..20).contains(&done_before), "{seen}");
+    drop(first); // SIGKILL
+    let _second = serve_binary(&path, port).await;
+    let http = client();
+    for _ in 0..800 {
+        seen = read(http.clone(), batch_url.clone()).await;
+        if seen["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(seen["status"], "completed", "{seen}");
+    assert_eq!(
+        seen["request_counts"],
+        json!({"total": 20, "completed": 20, "failed": 0})
+    );
+    let out = read_text(
+        &http,
+        &format!(
+            "{base}/v1/files/{}/content",
+            seen["output_file_id"].as_str().unwrap()
+        ),
+    )
+    .await;
+    let mut ids: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["custom_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    ids.sort();
+    let mut want: Vec<String> = (0..20).map(|i| format!("line-{i}")).collect();
+    want.sort();
+    assert_eq!(ids, want, "every line once: none lost, none twice");
+    // Only lines in flight at the kill may have reached the provider twice (2 workers).
+    let calls = provider.stats().requests;
+    assert!((20..=22).contains(&calls), "{calls}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn read_text(http: &tollgate_integration_tests::HttpClient, url: &str) -> String {
+    let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+    let res = http.request(req).await.unwrap();
+    String::from_utf8_lossy(&res.into_body().collect().await.unwrap().to_bytes()).into_owned()
+}
