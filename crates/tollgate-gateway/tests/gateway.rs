@@ -376,6 +376,22 @@ async fn a_tenant_at_its_concurrency_is_refused_until_its_stream_ends() {
         .await
         .unwrap();
     assert_eq!(third.status, 200, "the place is free once the stream ended");
+    // That answer had a Content-Length: the server stops polling at its last byte, and
+    // the body's end must still free the place (and write the access line).
+    assert!(
+        third.header("content-length").is_some(),
+        "{:?}",
+        third.headers
+    );
+    let fourth = post(&http, &url, "vk-one", &chat("and again"), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        fourth.status, 200,
+        "a sized answer's end frees the place too"
+    );
+    let stats = get(&http, &gw.url("/api/stats"), None).await.json();
+    assert_eq!(stats["models"][0]["in_flight"], 0, "{stats}");
     gw.shutdown().await;
 }
 
