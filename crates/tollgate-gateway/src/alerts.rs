@@ -322,26 +322,29 @@ pub(crate) const BACKOFF: [Duration; 4] = [
     Duration::from_secs(8),
 ];
 
-type Sender = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub(crate) type Sender = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-fn sender() -> Sender {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(Duration::from_secs(5)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).build(https)
+/// The client every webhook (alert or job callback) goes out through: one pool, its TLS
+/// roots read once for the process.
+pub(crate) fn sender() -> Sender {
+    static SENDER: std::sync::OnceLock<Sender> = std::sync::OnceLock::new();
+    SENDER
+        .get_or_init(|| {
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            http.set_connect_timeout(Some(Duration::from_secs(5)));
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_webpki_roots()
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http);
+            Client::builder(TokioExecutor::new()).build(https)
+        })
+        .clone()
 }
 
-/// The body and headers of `event` for `sink`.
-pub(crate) fn payload(
-    event: &Event,
-    sink: &SinkConfig,
-    secret: Option<&[u8]>,
-) -> (Bytes, Vec<(&'static str, String)>) {
+/// The body of `event` for `sink`.
+pub(crate) fn payload(event: &Event, sink: &SinkConfig) -> Bytes {
     let text = match event.kind {
         "alert.firing" => format!("[tollgate] FIRING {}: {}", event.rule, event.summary),
         _ => format!("[tollgate] RESOLVED {}: {}", event.rule, event.summary),
@@ -357,19 +360,24 @@ pub(crate) fn payload(
             serde_json::json!({ "msgtype": "text", "text": { "content": text } })
         }
     };
-    let body = Bytes::from(body.to_string());
+    Bytes::from(body.to_string())
+}
+
+/// The headers of one webhook message: its content type and, with a secret, the Standard
+/// Webhooks `webhook-id`, `webhook-timestamp` and `webhook-signature`.
+pub(crate) fn signed_headers(secret: Option<&[u8]>, body: &[u8]) -> Vec<(&'static str, String)> {
     let mut headers = vec![("content-type", "application/json".to_owned())];
     if let Some(key) = secret {
-        let id = format!("msg_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        let id = format!("msg_{}", crate::app::random_hex());
         let ts = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
             .to_string();
-        headers.push(("webhook-signature", sign(key, &id, &ts, &body)));
+        headers.push(("webhook-signature", sign(key, &id, &ts, body)));
         headers.push(("webhook-id", id));
         headers.push(("webhook-timestamp", ts));
     }
-    (body, headers)
+    headers
 }
 
 /// The Standard Webhooks signature of one message.
@@ -405,73 +413,48 @@ pub(crate) async fn deliver(client: &Sender, event: &Event, sink: &SinkConfig) -
         .as_ref()
         .and_then(|v| std::env::var(v).ok())
         .map(|s| secret_key(&s));
-    for attempt in 0..=BACKOFF.len() {
-        if attempt > 0 {
-            tokio::time::sleep(BACKOFF[attempt - 1]).await;
-        }
-        let (body, headers) = payload(event, sink, secret.as_deref());
-        let mut req = Request::post(sink.url.as_str());
-        for (k, v) in &headers {
-            req = req.header(*k, v.as_str());
-        }
-        let Ok(req) = req.body(Full::new(body)) else {
-            return false;
-        };
-        let answer = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await;
-        match answer {
-            Ok(Ok(res)) if res.status().is_success() => {
-                let _ = res.into_body().collect().await;
-                metrics::counter!("tollgate_alerts_sent_total", "result" => "ok").increment(1);
-                return true;
-            }
-            Ok(Ok(res)) => {
-                tracing::warn!(status = res.status().as_u16(), url = %sink.url, attempt, "alert receiver refused")
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, url = %sink.url, attempt, "alert receiver unreachable")
-            }
-            Err(_) => tracing::warn!(url = %sink.url, attempt, "alert receiver did not answer"),
-        }
-    }
-    metrics::counter!("tollgate_alerts_sent_total", "result" => "failed").increment(1);
-    false
+    let sent = post_signed(client, &sink.url, payload(event, sink), secret.as_deref()).await;
+    let result = if sent { "ok" } else { "failed" };
+    metrics::counter!("tollgate_alerts_sent_total", "result" => result).increment(1);
+    sent
 }
 
-/// POSTs `body` (JSON) to `url`, signed per Standard Webhooks when `secret` is given,
-/// retrying with [`BACKOFF`]; `true` once a 2xx came back.
-pub(crate) async fn post_signed(url: &str, body: Bytes, secret: Option<&[u8]>) -> bool {
-    let client = sender();
+/// POSTs `body` (JSON) to `url`, signed per Standard Webhooks when `secret` is given
+/// (afresh for each attempt), retrying with [`BACKOFF`]; `true` once a 2xx came back.
+pub(crate) async fn post_signed(
+    client: &Sender,
+    url: &str,
+    body: Bytes,
+    secret: Option<&[u8]>,
+) -> bool {
     for attempt in 0..=BACKOFF.len() {
         if attempt > 0 {
             tokio::time::sleep(BACKOFF[attempt - 1]).await;
         }
-        let mut req = Request::post(url).header("content-type", "application/json");
-        if let Some(key) = secret {
-            let id = format!("msg_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-            let ts = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs())
-                .to_string();
-            req = req
-                .header("webhook-signature", sign(key, &id, &ts, &body))
-                .header("webhook-id", id)
-                .header("webhook-timestamp", ts);
+        let mut req = Request::post(url);
+        for (k, v) in signed_headers(secret, &body) {
+            req = req.header(k, v);
         }
         let Ok(req) = req.body(Full::new(body.clone())) else {
             return false;
         };
         match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
-            Ok(Ok(res)) if res.status().is_success() => return true,
-            Ok(Ok(res)) => tracing::warn!(
-                status = res.status().as_u16(),
-                url,
-                attempt,
-                "a callback receiver refused"
-            ),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, url, attempt, "a callback receiver is unreachable")
+            Ok(Ok(res)) if res.status().is_success() => {
+                let _ = res.into_body().collect().await;
+                return true;
             }
-            Err(_) => tracing::warn!(url, attempt, "a callback receiver did not answer"),
+            Ok(Ok(res)) => {
+                tracing::warn!(
+                    status = res.status().as_u16(),
+                    url,
+                    attempt,
+                    "a webhook receiver refused"
+                )
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, url, attempt, "a webhook receiver is unreachable")
+            }
+            Err(_) => tracing::warn!(url, attempt, "a webhook receiver did not answer"),
         }
     }
     false
@@ -728,14 +711,15 @@ mod tests {
             format,
             secret_env: None,
         };
-        let (slack, headers) = payload(&e, &sink(SinkFormat::Slack), None);
+        let slack = payload(&e, &sink(SinkFormat::Slack));
+        let headers = signed_headers(None, &slack);
         let v: serde_json::Value = serde_json::from_slice(&slack).unwrap();
         assert_eq!(v["text"], "[tollgate] RESOLVED r: resolved: b");
         assert!(
             headers.iter().all(|(k, _)| !k.starts_with("webhook-")),
             "unsigned without a secret"
         );
-        let (ding, _) = payload(&e, &sink(SinkFormat::Dingtalk), None);
+        let ding = payload(&e, &sink(SinkFormat::Dingtalk));
         let v: serde_json::Value = serde_json::from_slice(&ding).unwrap();
         assert_eq!(v["msgtype"], "text");
         assert!(v["text"]["content"].as_str().unwrap().contains("RESOLVED"));

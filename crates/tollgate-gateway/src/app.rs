@@ -74,10 +74,8 @@ impl Loaded {
         for (name, policy) in &config.models {
             let policy = resolved(name, policy, &config);
             if let Store::Redis(r) = &policy.store {
-                stores.push(
-                    tollgate_redis::RedisStore::open(&r.url)
-                        .map_err(|e| PolicyError::new(format!("models.{name}.store: {e}")))?,
-                );
+                let (store, _) = r.open().map_err(|e| e.context(&format!("models.{name}")))?;
+                stores.push(store);
             }
             let reused = old
                 .and_then(|o| o.routes.get(name))
@@ -104,10 +102,7 @@ impl Loaded {
             }
         }
         if let Store::Redis(r) = &config.store {
-            stores.push(
-                tollgate_redis::RedisStore::open(&r.url)
-                    .map_err(|e| PolicyError::new(format!("store: {e}")))?,
-            );
+            stores.push(r.open()?.0);
         }
         let tenants = Tenants::build(&config, old.map(|o| &o.tenants), shared.as_ref())?;
         let admin_key = match &config.admin_key_env {
@@ -508,16 +503,19 @@ async fn api_stats_stream(State(s): St, headers: HeaderMap) -> Response<Body> {
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static TENANT: HeaderName = HeaderName::from_static("x-tenant-id");
 
+/// 128 random bits in hex, for the ids the gateway makes (requests, jobs, files,
+/// webhook messages): unique, not secret.
+pub(crate) fn random_hex() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
 /// The caller's request id when it is a sane one, or a new one.
 fn request_id(headers: &HeaderMap) -> String {
     headers
         .get(&REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(
-            || format!("req_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
-            str::to_owned,
-        )
+        .map_or_else(|| format!("req_{}", random_hex()), str::to_owned)
 }
 
 /// The request headers a provider must not see: the caller's credentials (the backend's

@@ -225,7 +225,7 @@ async fn callback(jobs: &Jobs, id: &str) {
     );
     let secret = jobs.callback_secret.clone();
     tokio::spawn(async move {
-        crate::alerts::post_signed(&url, body, secret.as_deref()).await;
+        crate::alerts::post_signed(&crate::alerts::sender(), &url, body, secret.as_deref()).await;
     });
 }
 

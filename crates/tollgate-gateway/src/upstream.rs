@@ -87,20 +87,12 @@ impl std::fmt::Display for UpstreamTimeout {
         write!(
             f,
             "the provider did not answer within {}",
-            humantime_ish(self.0)
+            humantime::format_duration(self.0)
         )
     }
 }
 
 impl std::error::Error for UpstreamTimeout {}
-
-fn humantime_ish(d: Duration) -> String {
-    if d.as_millis().is_multiple_of(1000) {
-        format!("{} s", d.as_secs())
-    } else {
-        format!("{} ms", d.as_millis())
-    }
-}
 
 /// The pooled client with its timeout.
 #[derive(Clone, Debug)]

@@ -275,16 +275,10 @@ async fn a_job_running_when_the_gateway_is_killed_completes_after_the_restart_re
     .unwrap();
     assert_eq!(a.status, 202);
     let id = a.json()["id"].as_str().unwrap().to_owned();
-    let status = |http: tollgate_integration_tests::HttpClient, url: String| async move {
-        let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
-        let res = http.request(req).await.unwrap();
-        let body = res.into_body().collect().await.unwrap().to_bytes();
-        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
-    };
     let job_url = format!("{base}/v1/jobs/{id}");
     let mut seen = serde_json::Value::Null;
     for _ in 0..200 {
-        seen = status(http.clone(), job_url.clone()).await;
+        seen = get_json(&http, &job_url).await;
         if seen["status"] == "in_progress" {
             break;
         }
@@ -297,7 +291,7 @@ async fn a_job_running_when_the_gateway_is_killed_completes_after_the_restart_re
     let mut second = serve_binary(&path, port).await;
     let http = client();
     for _ in 0..400 {
-        seen = status(http.clone(), job_url.clone()).await;
+        seen = get_json(&http, &job_url).await;
         if seen["status"] == "completed" {
             break;
         }
@@ -371,16 +365,10 @@ async fn a_batch_interrupted_by_sigkill_finishes_after_the_restart_with_every_li
     .unwrap();
     assert_eq!(b.status, 200, "{:?}", b.body);
     let batch_url = format!("{base}/v1/batches/{}", b.json()["id"].as_str().unwrap());
-    let read = |http: tollgate_integration_tests::HttpClient, url: String| async move {
-        let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
-        let res = http.request(req).await.unwrap();
-        let body = res.into_body().collect().await.unwrap().to_bytes();
-        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
-    };
     // Kill it once some lines are done and others are not.
     let mut seen = serde_json::Value::Null;
     for _ in 0..400 {
-        seen = read(http.clone(), batch_url.clone()).await;
+        seen = get_json(&http, &batch_url).await;
         if seen["request_counts"]["completed"].as_u64().unwrap_or(0) >= 4 {
             break;
         }
@@ -392,7 +380,7 @@ async fn a_batch_interrupted_by_sigkill_finishes_after_the_restart_with_every_li
     let _second = serve_binary(&path, port).await;
     let http = client();
     for _ in 0..800 {
-        seen = read(http.clone(), batch_url.clone()).await;
+        seen = get_json(&http, &batch_url).await;
         if seen["status"] == "completed" {
             break;
         }
@@ -428,6 +416,10 @@ async fn a_batch_interrupted_by_sigkill_finishes_after_the_restart_with_every_li
     let calls = provider.stats().requests;
     assert!((20..=22).contains(&calls), "{calls}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn get_json(http: &tollgate_integration_tests::HttpClient, url: &str) -> serde_json::Value {
+    serde_json::from_str(&read_text(http, url).await).unwrap()
 }
 
 async fn read_text(http: &tollgate_integration_tests::HttpClient, url: &str) -> String {

@@ -104,6 +104,34 @@ impl FileStore {
     }
 }
 
+/// Ends job `id` in one transaction when `f` says so (it sets the final state and
+/// returns `true`): the lease is dropped and the job leaves the pending queue. The job as
+/// it now stands, and whether `f` ended it; `None` when there is no such job.
+fn end(
+    db: &Database,
+    id: &str,
+    f: impl FnOnce(&mut Job) -> bool,
+) -> Result<Option<(Job, bool)>, StoreError> {
+    let w = db.begin_write().map_err(err)?;
+    let ended = {
+        let mut jobs = w.open_table(JOBS).map_err(err)?;
+        let Some(text) = jobs.get(id).map_err(err)?.map(|v| v.value().to_owned()) else {
+            return Ok(None);
+        };
+        let mut job = decode(&text)?;
+        let changed = f(&mut job);
+        if changed {
+            job.lease_until_ms = None;
+            jobs.insert(id, encode(&job)?.as_str()).map_err(err)?;
+            let mut pending = w.open_table(PENDING).map_err(err)?;
+            pending.remove((job.created_ms, id)).map_err(err)?;
+        }
+        (job, changed)
+    };
+    w.commit().map_err(err)?;
+    Ok(Some(ended))
+}
+
 impl JobStore for FileStore {
     fn enqueue(&self, job: Job) -> StoreFuture<Result<(), StoreError>> {
         self.enqueue_many(vec![job])
@@ -206,34 +234,17 @@ impl JobStore for FileStore {
     ) -> StoreFuture<Result<bool, StoreError>> {
         let id = id.to_owned();
         self.blocking(move |db| {
-            let w = db.begin_write().map_err(err)?;
-            let done = {
-                let mut jobs = w.open_table(JOBS).map_err(err)?;
-                let Some(text) = jobs
-                    .get(id.as_str())
-                    .map_err(err)?
-                    .map(|v| v.value().to_owned())
-                else {
-                    return Ok(false);
-                };
-                let mut job = decode(&text)?;
+            let ended = end(db, &id, |job| {
                 if job.state != JobState::InProgress || job.claims != claim {
-                    false
-                } else {
-                    job.state = state;
-                    job.status = Some(status);
-                    job.response = Some(response);
-                    job.finished_ms = Some(now_ms);
-                    job.lease_until_ms = None;
-                    jobs.insert(id.as_str(), encode(&job)?.as_str())
-                        .map_err(err)?;
-                    let mut pending = w.open_table(PENDING).map_err(err)?;
-                    pending.remove((job.created_ms, id.as_str())).map_err(err)?;
-                    true
+                    return false;
                 }
-            };
-            w.commit().map_err(err)?;
-            Ok(done)
+                job.state = state;
+                job.status = Some(status);
+                job.response = Some(response);
+                job.finished_ms = Some(now_ms);
+                true
+            })?;
+            Ok(ended.is_some_and(|(_, changed)| changed))
         })
     }
 
@@ -253,30 +264,15 @@ impl JobStore for FileStore {
     fn cancel(&self, id: &str, now_ms: u64) -> StoreFuture<Result<Option<Job>, StoreError>> {
         let id = id.to_owned();
         self.blocking(move |db| {
-            let w = db.begin_write().map_err(err)?;
-            let job = {
-                let mut jobs = w.open_table(JOBS).map_err(err)?;
-                let Some(text) = jobs
-                    .get(id.as_str())
-                    .map_err(err)?
-                    .map(|v| v.value().to_owned())
-                else {
-                    return Ok(None);
-                };
-                let mut job = decode(&text)?;
-                if !job.state.is_final() {
-                    job.state = JobState::Cancelled;
-                    job.finished_ms = Some(now_ms);
-                    job.lease_until_ms = None;
-                    jobs.insert(id.as_str(), encode(&job)?.as_str())
-                        .map_err(err)?;
-                    let mut pending = w.open_table(PENDING).map_err(err)?;
-                    pending.remove((job.created_ms, id.as_str())).map_err(err)?;
+            let ended = end(db, &id, |job| {
+                if job.state.is_final() {
+                    return false;
                 }
-                job
-            };
-            w.commit().map_err(err)?;
-            Ok(Some(job))
+                job.state = JobState::Cancelled;
+                job.finished_ms = Some(now_ms);
+                true
+            })?;
+            Ok(ended.map(|(job, _)| job))
         })
     }
 }
