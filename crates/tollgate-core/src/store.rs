@@ -292,12 +292,17 @@ pub enum JobState {
     Failed,
     /// Cancelled before it was answered.
     Cancelled,
+    /// Not run before its deadline (a batch's `completion_window` ran out).
+    Expired,
 }
 
 impl JobState {
-    /// Whether the job is over (completed, failed or cancelled).
+    /// Whether the job is over (completed, failed, cancelled or expired).
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+        matches!(
+            self,
+            Self::Completed | Self::Failed | Self::Cancelled | Self::Expired
+        )
     }
 }
 
@@ -332,6 +337,10 @@ pub struct Job {
     /// Where to POST the job once it is over, if anywhere.
     #[serde(default)]
     pub callback: Option<String>,
+    /// When the job must have run by (Unix milliseconds), if ever: a worker that claims
+    /// it later ends it as [`JobState::Expired`] without running it.
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
 }
 
 /// The durable home of jobs and their queue, behind which a single gateway keeps its work
@@ -363,6 +372,9 @@ pub trait JobStore: Send + Sync + 'static {
     fn get(&self, id: &str) -> StoreFuture<Result<Option<Job>, StoreError>>;
     /// Cancels a job that is not over; the job as it now stands.
     fn cancel(&self, id: &str, now_ms: u64) -> StoreFuture<Result<Option<Job>, StoreError>>;
+    /// Ends a job that is not over as [`JobState::Expired`] (its deadline passed); the
+    /// job as it now stands.
+    fn expire(&self, id: &str, now_ms: u64) -> StoreFuture<Result<Option<Job>, StoreError>>;
     /// Adds many queued jobs at once (a batch's lines): all or none.
     fn enqueue_many(&self, jobs: Vec<Job>) -> StoreFuture<Result<(), StoreError>>;
     /// Every job whose id starts with `prefix` (a batch's lines), in id order.

@@ -29,7 +29,6 @@ use crate::config::Config;
 use crate::stats::{Recent, Stats};
 use crate::tenants::{bearer, sha256, Denied, Shared, Tenant, Tenants};
 use crate::upstream::{Trace, Upstream, UpstreamTimeout};
-use tollgate_core::store::JobStore as _;
 
 /// One model's stack.
 struct Route {

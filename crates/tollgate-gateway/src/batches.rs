@@ -22,7 +22,7 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tollgate_core::store::{Job, JobState, JobStore};
+use tollgate_core::store::{Job, JobState};
 
 use crate::jobs::Jobs;
 use crate::stats::Stats;
@@ -89,6 +89,7 @@ fn public(mut v: Value) -> Value {
         o.remove("tenant");
         o.remove("custom_ids");
         o.remove("line_errors");
+        o.remove("expires_at_ms");
     }
     v
 }
@@ -255,12 +256,25 @@ pub(crate) async fn create(
             &format!("`{endpoint}` is not an endpoint a batch may run: one of {ENDPOINTS:?}"),
         ));
     }
+    // OpenAI takes only `24h`; any duration is taken here (`1h`, `7d`), for operators
+    // who run batches under their own deadlines.
     let window = req["completion_window"].as_str().unwrap_or("24h");
+    let window_ms = match humantime::parse_duration(window) {
+        Ok(d) if !d.is_zero() => u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+        _ => {
+            return Err(refusal(
+                StatusCode::BAD_REQUEST,
+                "invalid_completion_window",
+                &format!("`completion_window` must be a duration such as `24h`, not `{window}`"),
+            ))
+        }
+    };
     let (_, path) = file(jobs, &tenant.name, input).await?;
     let f = tokio::fs::File::open(&path).await.map_err(io_error)?;
     let mut lines = tokio::io::BufReader::new(f).lines();
     let id = new_id("batch");
     let now = Stats::now_ms();
+    let deadline = now.saturating_add(window_ms);
     let (mut queued, mut custom_ids, mut line_errors) = (Vec::new(), Vec::new(), Vec::new());
     let mut n = 0usize;
     while let Some(line) = lines.next_line().await.map_err(|e| {
@@ -324,6 +338,7 @@ pub(crate) async fn create(
             claims: 0,
             lease_until_ms: None,
             callback: None,
+            deadline_ms: Some(deadline),
         });
     }
     let total = queued.len() + line_errors.len();
@@ -332,7 +347,8 @@ pub(crate) async fn create(
     let meta = json!({
         "id": id, "object": "batch", "endpoint": endpoint, "errors": null, "input_file_id": input,
         "completion_window": window, "status": "in_progress", "output_file_id": null, "error_file_id": null,
-        "created_at": now / 1000, "in_progress_at": now / 1000, "expires_at": null, "finalizing_at": null,
+        "created_at": now / 1000, "in_progress_at": now / 1000, "expires_at": deadline / 1000,
+        "expires_at_ms": deadline, "finalizing_at": null,
         "completed_at": null, "failed_at": null, "expired_at": null, "cancelling_at": null, "cancelled_at": null,
         "request_counts": {"total": total, "completed": 0, "failed": line_errors.len()},
         "metadata": req.get("metadata").cloned().unwrap_or(Value::Null),
@@ -368,7 +384,18 @@ pub(crate) async fn retrieve(jobs: &Jobs, tenant: &str, id: &str) -> Result<Valu
     if !matches!(meta["status"].as_str(), Some("in_progress" | "cancelling")) {
         return Ok(public(meta));
     }
-    let lines = jobs.store.list(&format!("{id}_")).await.map_err(io_error)?;
+    let mut lines = jobs.store.list(&format!("{id}_")).await.map_err(io_error)?;
+    let now = Stats::now_ms();
+    if meta["expires_at_ms"].as_u64().is_some_and(|d| d <= now) {
+        // Past its window: what has not run is expired; what finished is kept.
+        for job in &mut lines {
+            if !job.state.is_final() {
+                if let Some(j) = jobs.store.expire(&job.id, now).await.map_err(io_error)? {
+                    *job = j;
+                }
+            }
+        }
+    }
     let line_errors = meta["line_errors"].as_array().map_or(0, Vec::len);
     let completed = lines
         .iter()
@@ -376,7 +403,12 @@ pub(crate) async fn retrieve(jobs: &Jobs, tenant: &str, id: &str) -> Result<Valu
         .count();
     let failed = lines
         .iter()
-        .filter(|j| matches!(j.state, JobState::Failed | JobState::Cancelled))
+        .filter(|j| {
+            matches!(
+                j.state,
+                JobState::Failed | JobState::Cancelled | JobState::Expired
+            )
+        })
         .count()
         + line_errors;
     meta["request_counts"] =
@@ -416,6 +448,10 @@ async fn finalize(
             (JobState::Completed, Some(status)) => {
                 out.push_str(&json!({"id": line_id, "custom_id": custom_id, "response": {"status_code": status, "request_id": job.id, "body": body}, "error": null}).to_string());
                 out.push('\n');
+            }
+            (JobState::Expired, _) => {
+                errs.push_str(&json!({"id": line_id, "custom_id": custom_id, "response": null, "error": {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."}}).to_string());
+                errs.push('\n');
             }
             (JobState::Cancelled, _) => {
                 errs.push_str(&json!({"id": line_id, "custom_id": custom_id, "response": null, "error": {"code": "batch_cancelled", "message": "the batch was cancelled before this request ran"}}).to_string());
@@ -459,6 +495,9 @@ async fn finalize(
     if meta["status"] == "cancelling" {
         meta["status"] = json!("cancelled");
         meta["cancelled_at"] = json!(now);
+    } else if lines.iter().any(|j| j.state == JobState::Expired) {
+        meta["status"] = json!("expired");
+        meta["expired_at"] = json!(now);
     } else {
         meta["status"] = json!("completed");
         meta["completed_at"] = json!(now);

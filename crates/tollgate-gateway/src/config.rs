@@ -64,12 +64,22 @@ pub struct Config {
     pub jobs: Option<JobsConfig>,
 }
 
-/// Background jobs: model requests answered later, kept on disk until they are.
+/// Background jobs: model requests answered later, kept on disk (or in Redis) until
+/// they are.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobsConfig {
-    /// The embedded store's file (created when missing).
+    /// The embedded store's file (created when missing). The Batch API's files are kept
+    /// beside it, in `<path>.files/` — with `store`, too: instances that share a Redis
+    /// job store must share that directory (a shared volume) for the files API.
     pub path: String,
+    /// `redis://host:port/db`: keep jobs and their queue in Redis instead of `path`, so
+    /// many gateway instances share them and take over the work of one that died.
+    #[serde(default)]
+    pub store: Option<String>,
+    /// The Redis key namespace of the jobs (`tollgate` by default).
+    #[serde(default)]
+    pub namespace: Option<String>,
     /// Jobs run at once (4 by default).
     #[serde(default)]
     pub workers: Option<u32>,

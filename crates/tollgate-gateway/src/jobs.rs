@@ -1,5 +1,5 @@
 //! Background jobs: `Prefer: respond-async` on a model request stores it (durably, in
-//! the embedded [`FileStore`]) and answers `202 Accepted` with `Location: /v1/jobs/{id}`;
+//! the embedded [`FileStore`], or in Redis with [`RedisJobStore`]) and answers `202 Accepted` with `Location: /v1/jobs/{id}`;
 //! workers run the stored requests through the very path a live request takes — the
 //! tenant's limits, the model's stack, the access log — at priority 0, behind every live
 //! request (whose default priority is 1), so job work takes the quota live traffic
@@ -19,6 +19,7 @@ use http_body_util::{BodyExt, Limited};
 use tollgate::policy::PolicyError;
 use tollgate_core::store::{Job, JobState, JobStore};
 use tollgate_jobs::FileStore;
+use tollgate_redis::{RedisJobStore, RedisStore};
 
 use crate::app::{Caller, Shared0};
 use crate::config::JobsConfig;
@@ -29,7 +30,7 @@ const MAX_ANSWER: usize = 32 * 1024 * 1024;
 
 /// The jobs of a gateway: the store and its workers' settings.
 pub(crate) struct Jobs {
-    pub(crate) store: FileStore,
+    pub(crate) store: Arc<dyn JobStore>,
     pub(crate) path: String,
     pub(crate) lease: Duration,
     /// Wakes an idle worker when a job is submitted.
@@ -48,8 +49,21 @@ impl std::fmt::Debug for Jobs {
 
 impl Jobs {
     pub(crate) fn open(cfg: &JobsConfig) -> Result<Self, PolicyError> {
-        let store =
-            FileStore::open(&cfg.path).map_err(|e| PolicyError::new(format!("jobs.path: {e}")))?;
+        let store: Arc<dyn JobStore> = match &cfg.store {
+            Some(url) => {
+                let redis = RedisStore::open(url)
+                    .map_err(|e| PolicyError::new(format!("jobs.store `{url}`: {e}")))?;
+                let redis = match &cfg.namespace {
+                    Some(ns) => redis.namespace(ns),
+                    None => redis,
+                };
+                Arc::new(RedisJobStore::new(&redis))
+            }
+            None => Arc::new(
+                FileStore::open(&cfg.path)
+                    .map_err(|e| PolicyError::new(format!("jobs.path: {e}")))?,
+            ),
+        };
         Ok(Self {
             store,
             path: cfg.path.clone(),
@@ -92,6 +106,7 @@ impl Jobs {
             claims: 0,
             lease_until_ms: None,
             callback,
+            deadline_ms: None,
         };
         self.store
             .enqueue(job.clone())
@@ -125,6 +140,7 @@ pub(crate) fn to_json(job: &Job) -> serde_json::Value {
         JobState::Completed => "completed",
         JobState::Failed => "failed",
         JobState::Cancelled => "cancelled",
+        JobState::Expired => "expired",
         _ => "unknown",
     };
     let response = match (job.status, &job.response) {
@@ -273,6 +289,13 @@ async fn run(shared: &Shared0, jobs: &Jobs, job: Job) {
             }
         }
     };
+    if job.deadline_ms.is_some_and(|d| d <= Stats::now_ms()) {
+        // Its window ran out while it queued: ended without a call.
+        if let Err(e) = jobs.store.expire(&job.id, Stats::now_ms()).await {
+            tracing::warn!(job = %job.id, error = %e, "an expired job could not be ended");
+        }
+        return;
+    }
     let Some(tenant) = loaded.tenants.by_name(&job.tenant) else {
         let body = serde_json::json!({"error": {"message": format!("the tenant `{}` is no longer configured", job.tenant), "type": "invalid_request_error", "code": "tenant_gone"}});
         return finish(JobState::Failed, 403, body.to_string()).await;

@@ -1327,6 +1327,105 @@ async fn a_batch_is_validated_whole_run_line_by_line_and_kept_to_its_tenant() {
 }
 
 #[tokio::test]
+async fn a_batch_past_its_completion_window_ends_expired_and_keeps_what_finished() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let dir = std::env::temp_dir().join(format!("tollgate-expiry-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // Two requests a minute: two lines run at once, the others wait for minutes — far
+    // past the batch's two-second window. (The window is on the wall clock, as a batch's
+    // `expires_at` is; two local calls take milliseconds of it.)
+    let yaml = format!(
+        "open: true\njobs: {{ path: \"{}\" }}\nmodels:\n  gpt-4o:\n    primary: {{ url: \"{{provider}}\" }}\n    rate_limit: {{ requests: 2/min, mode: wait, max_wait: 10m }}\n",
+        dir.join("jobs.redb").display()
+    );
+    let gw = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let http = client();
+    let content: String = (0..6)
+        .map(|i| {
+            json!({"custom_id": format!("r{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let f = upload(&http, &gw, "k", &content).await;
+    let file_id = f.json()["id"].as_str().unwrap().to_owned();
+    let bad = post(&http, &gw.url("/v1/batches"), "k",
+        &json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "soon"}), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (bad.status, bad.json()["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_completion_window"))
+    );
+    let b = post(&http, &gw.url("/v1/batches"), "k",
+        &json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "2s"}), &[])
+        .await
+        .unwrap();
+    assert_eq!(b.status, 200, "{:?}", b.body);
+    let created = b.json();
+    assert_eq!(
+        created["expires_at"].as_u64().unwrap() - created["created_at"].as_u64().unwrap(),
+        2
+    );
+    let batch_id = created["id"].as_str().unwrap().to_owned();
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..300 {
+        seen = get(
+            &http,
+            &gw.url(&format!("/v1/batches/{batch_id}")),
+            Some("k"),
+        )
+        .await
+        .json();
+        if !matches!(seen["status"].as_str(), Some("in_progress" | "validating")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen["status"], "expired", "{seen}");
+    assert!(seen["expired_at"].is_u64(), "{seen}");
+    assert_eq!(
+        seen["request_counts"],
+        json!({"total": 6, "completed": 2, "failed": 4})
+    );
+    let read = |id: &serde_json::Value| {
+        let url = gw.url(&format!("/v1/files/{}/content", id.as_str().unwrap()));
+        let http = http.clone();
+        async move {
+            let body = get(&http, &url, Some("k")).await.body;
+            String::from_utf8_lossy(&body)
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    let out = read(&seen["output_file_id"]).await;
+    assert_eq!(out.len(), 2, "what finished is kept");
+    assert!(out.iter().all(|l| l["response"]["status_code"] == 200));
+    let errs = read(&seen["error_file_id"]).await;
+    assert_eq!(errs.len(), 4);
+    assert!(
+        errs.iter().all(|l| l["error"]["code"] == "batch_expired"),
+        "{errs:?}"
+    );
+    let mut ids: Vec<String> = out
+        .iter()
+        .chain(&errs)
+        .map(|l| l["custom_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["r0", "r1", "r2", "r3", "r4", "r5"], "every line once");
+    assert_eq!(
+        provider.stats().requests,
+        2,
+        "no expired line reached the provider"
+    );
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn a_finished_job_is_posted_to_its_callback_signed_per_standard_webhooks() {
     use base64::Engine;
     use hmac::{Hmac, Mac};

@@ -262,13 +262,29 @@ impl JobStore for FileStore {
     }
 
     fn cancel(&self, id: &str, now_ms: u64) -> StoreFuture<Result<Option<Job>, StoreError>> {
+        self.stop(id, JobState::Cancelled, now_ms)
+    }
+
+    fn expire(&self, id: &str, now_ms: u64) -> StoreFuture<Result<Option<Job>, StoreError>> {
+        self.stop(id, JobState::Expired, now_ms)
+    }
+}
+
+impl FileStore {
+    /// Ends a job that is not over as `state` (cancelled or expired).
+    fn stop(
+        &self,
+        id: &str,
+        state: JobState,
+        now_ms: u64,
+    ) -> StoreFuture<Result<Option<Job>, StoreError>> {
         let id = id.to_owned();
         self.blocking(move |db| {
             let ended = end(db, &id, |job| {
                 if job.state.is_final() {
                     return false;
                 }
-                job.state = JobState::Cancelled;
+                job.state = state;
                 job.finished_ms = Some(now_ms);
                 true
             })?;
@@ -296,6 +312,7 @@ mod tests {
             claims: 0,
             lease_until_ms: None,
             callback: None,
+            deadline_ms: None,
         }
     }
 
@@ -306,6 +323,12 @@ mod tests {
     }
 
     const LEASE: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn the_store_keeps_every_rule_of_a_job_store() {
+        let s = FileStore::open(path("contract")).unwrap();
+        tollgate_testkit::job_store::contract(&s, "c").await;
+    }
 
     #[tokio::test]
     async fn jobs_are_claimed_in_order_once_each_and_answered_once() {

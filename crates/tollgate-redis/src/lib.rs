@@ -21,6 +21,11 @@
 //!   Redis is down. Every call has a timeout (50 ms by default); a call that fails or times
 //!   out is a [`StoreError`], and the layer applies its [`OnStoreFailure`](tollgate_core::store::OnStoreFailure) policy.
 //!
+//! With the `jobs` feature, [`RedisJobStore`] keeps a gateway's jobs (`tollgate-core`'s
+//! `JobStore`) in a Redis Stream with a consumer group, so many gateway instances share
+//! one queue and take over the work of an instance that died (`XAUTOCLAIM` after the
+//! lease).
+//!
 //! Hand it to the layers with `RateLimitBuilder::store`, `TpmBuilder::store` and
 //! `CacheBuilder::store`, or write `store: redis://…` in a policy file.
 //!
@@ -66,9 +71,13 @@
 
 #[cfg(feature = "cache")]
 mod cache;
+#[cfg(feature = "jobs")]
+mod jobs;
 mod pooled;
 mod scripts;
 
+#[cfg(feature = "jobs")]
+pub use jobs::RedisJobStore;
 pub use pooled::PooledStore;
 
 use std::fmt::Write as _;

@@ -42,6 +42,7 @@ mod api;
 pub mod body;
 mod config;
 pub mod counters;
+pub mod job_store;
 mod limits;
 pub mod redis;
 mod stats;
