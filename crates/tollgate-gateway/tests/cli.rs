@@ -331,7 +331,77 @@ async fn a_batch_interrupted_by_sigkill_finishes_after_the_restart_with_every_li
     let first = serve_binary(&path, port).await;
     let http = client();
     let base = format!("http://127.0.0.1:{port}");
-    let lines: String = (0..20)
+    let batch_url = submit_batch(&http, &base, 20).await;
+    // Kill it once some lines are done and others are not.
+    let done_before = wait_until_done(&http, &batch_url, 4).await;
+    assert!((4..20).contains(&done_before), "{done_before}");
+    drop(first); // SIGKILL
+    let _second = serve_binary(&path, port).await;
+    let http = client();
+    expect_every_line_once(&http, &base, &batch_url, 20).await;
+    // Only lines in flight at the kill may have reached the provider twice (2 workers).
+    let calls = provider.stats().requests;
+    assert!((20..=22).contains(&calls), "{calls}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn two_gateways_on_one_redis_finish_a_batch_when_one_is_killed_every_line_once() {
+    let Some(redis) = tollgate_testkit::redis::redis_url("two gateways, one job queue") else {
+        return;
+    };
+    let provider = Provider::builder()
+        .latency(Duration::from_millis(300))
+        .spawn()
+        .await
+        .unwrap();
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}-redis-batch", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let namespace = format!("cli-jobs-{}-{:x}", std::process::id(), fastrand::u64(..));
+    // One Redis queue, and one files directory (a shared volume in production).
+    let config = |port: u16, name: &str| {
+        let yaml = format!(
+            "listen: 127.0.0.1:{port}\nopen: true\njobs: {{ path: \"{}\", store: \"{redis}\", namespace: \"{namespace}\", workers: 2, lease: 1s }}\nmodels:\n  gpt-4o:\n    primary: {{ url: \"{}\" }}\n",
+            dir.join("jobs").display(),
+            provider.url()
+        );
+        temp_file(name, &yaml)
+    };
+    let (a, b) = (
+        config(ports[0], "redis-a.yaml"),
+        config(ports[1], "redis-b.yaml"),
+    );
+    let first = serve_binary(&a, ports[0]).await;
+    let _second = serve_binary(&b, ports[1]).await;
+    let http = client();
+    let base_a = format!("http://127.0.0.1:{}", ports[0]);
+    let base_b = format!("http://127.0.0.1:{}", ports[1]);
+    let batch_url = submit_batch(&http, &base_a, 30).await;
+    let done_before = wait_until_done(&http, &batch_url, 6).await;
+    assert!((6..30).contains(&done_before), "{done_before}");
+    drop(first); // SIGKILL: its two lines in flight stay pending in the group
+    let batch_url = batch_url.replace(&base_a, &base_b);
+    expect_every_line_once(&http, &base_b, &batch_url, 30).await;
+    // Only the lines the killed instance had in flight may have reached the provider
+    // twice: two workers.
+    let calls = provider.stats().requests;
+    assert!((30..=32).contains(&calls), "{calls}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Uploads a batch of `n` chat lines and creates it; the batch's URL.
+async fn submit_batch(
+    http: &tollgate_integration_tests::HttpClient,
+    base: &str,
+    n: usize,
+) -> String {
+    let lines: String = (0..n)
         .map(|i| {
             json!({"custom_id": format!("line-{i}"), "method": "POST", "url": "/v1/chat/completions",
                    "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": format!("line {i}")}]}})
@@ -355,7 +425,7 @@ async fn a_batch_interrupted_by_sigkill_finishes_after_the_restart_with_every_li
     let file: serde_json::Value =
         serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
     let b = post(
-        &http,
+        http,
         &format!("{base}/v1/batches"),
         "k",
         &json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
@@ -364,23 +434,36 @@ async fn a_batch_interrupted_by_sigkill_finishes_after_the_restart_with_every_li
     .await
     .unwrap();
     assert_eq!(b.status, 200, "{:?}", b.body);
-    let batch_url = format!("{base}/v1/batches/{}", b.json()["id"].as_str().unwrap());
-    // Kill it once some lines are done and others are not.
+    format!("{base}/v1/batches/{}", b.json()["id"].as_str().unwrap())
+}
+
+/// Waits until at least `done` lines of the batch are completed; how many are.
+async fn wait_until_done(
+    http: &tollgate_integration_tests::HttpClient,
+    batch_url: &str,
+    done: u64,
+) -> u64 {
     let mut seen = serde_json::Value::Null;
     for _ in 0..400 {
-        seen = get_json(&http, &batch_url).await;
-        if seen["request_counts"]["completed"].as_u64().unwrap_or(0) >= 4 {
+        seen = get_json(http, batch_url).await;
+        if seen["request_counts"]["completed"].as_u64().unwrap_or(0) >= done {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let done_before = seen["request_counts"]["completed"].as_u64().unwrap();
-    assert!((4..20).contains(&done_before), "{seen}");
-    drop(first); // SIGKILL
-    let _second = serve_binary(&path, port).await;
-    let http = client();
+    seen["request_counts"]["completed"].as_u64().unwrap_or(0)
+}
+
+/// Waits for the batch to complete, then checks its output holds every line once.
+async fn expect_every_line_once(
+    http: &tollgate_integration_tests::HttpClient,
+    base: &str,
+    batch_url: &str,
+    n: usize,
+) {
+    let mut seen = serde_json::Value::Null;
     for _ in 0..800 {
-        seen = get_json(&http, &batch_url).await;
+        seen = get_json(http, batch_url).await;
         if seen["status"] == "completed" {
             break;
         }
@@ -389,10 +472,10 @@ async fn a_batch_interrupted_by_sigkill_finishes_after_the_restart_with_every_li
     assert_eq!(seen["status"], "completed", "{seen}");
     assert_eq!(
         seen["request_counts"],
-        json!({"total": 20, "completed": 20, "failed": 0})
+        json!({"total": n, "completed": n, "failed": 0})
     );
     let out = read_text(
-        &http,
+        http,
         &format!(
             "{base}/v1/files/{}/content",
             seen["output_file_id"].as_str().unwrap()
@@ -409,13 +492,9 @@ async fn a_batch_interrupted_by_sigkill_finishes_after_the_restart_with_every_li
         })
         .collect();
     ids.sort();
-    let mut want: Vec<String> = (0..20).map(|i| format!("line-{i}")).collect();
+    let mut want: Vec<String> = (0..n).map(|i| format!("line-{i}")).collect();
     want.sort();
     assert_eq!(ids, want, "every line once: none lost, none twice");
-    // Only lines in flight at the kill may have reached the provider twice (2 workers).
-    let calls = provider.stats().requests;
-    assert!((20..=22).contains(&calls), "{calls}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 async fn get_json(http: &tollgate_integration_tests::HttpClient, url: &str) -> serde_json::Value {
