@@ -82,7 +82,7 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 }
 
 /// A child process, stopped when dropped.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -100,12 +100,12 @@ impl Drop for Proc {
     }
 }
 
-fn free_addr() -> Result<std::net::SocketAddr, BoxError> {
+pub(crate) fn free_addr() -> Result<std::net::SocketAddr, BoxError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?)
 }
 
-async fn wait_listening(
+pub(crate) async fn wait_listening(
     addr: std::net::SocketAddr,
     child: &mut Proc,
     what: &str,
@@ -124,7 +124,7 @@ async fn wait_listening(
 
 /// The `tollgate` binary: `--gateway-bin`, or the one beside this one (`cargo build
 /// --release -p tollgate-gateway`).
-fn gateway_bin(args: &Args) -> Result<std::path::PathBuf, BoxError> {
+pub(crate) fn gateway_bin(args: &Args) -> Result<std::path::PathBuf, BoxError> {
     if let Some(p) = &args.gateway_bin {
         return Ok(p.clone());
     }

@@ -46,6 +46,12 @@
 //!   request of the gateway and the proxy from `/proc/<pid>/stat`, and latency added
 //!   (goal: `cpu_ratio ≤ 2.0`, `p99_added_us ≤ 1000`). `--target URL --target-pid PID`
 //!   measures another gateway in front of the same kind of provider.
+//! - `jobs`: the `tollgate` binary with jobs, in front of a provider at 6,000 RPM (50 ms
+//!   answers): a batch of 2,000 lines (500 quick) through the Batch API beside a live
+//!   load at half the quota, against the same live load alone: the batch's makespan ÷ the
+//!   floor the quota left by live traffic allows, the live p99 with the batch ÷ without,
+//!   live failures, provider 429s, lines lost and recorded twice (goal: makespan within
+//!   10% of the floor, live p99 within 10%, 0 live failures, 0 lost, 0 twice).
 //! - `redis`: rate-limit decisions against the local Redis (`REDIS_URL`, or
 //!   127.0.0.1:6379) at concurrency 64, plain (one script call each) and pooled: decisions
 //!   per second, p99 latency, Redis calls per decision from `INFO commandstats`, and
@@ -65,6 +71,7 @@ mod cache;
 mod failover;
 mod gateway;
 mod goodput;
+mod jobs;
 mod load;
 mod overhead;
 mod ratelimit;
@@ -144,6 +151,8 @@ enum Scenario {
     StackCost,
     /// The gateway binary against a hyper pass-through proxy and the provider direct.
     Gateway,
+    /// A Batch API batch through the gateway binary beside live traffic at half the quota.
+    Jobs,
     /// The pass-through proxy `gateway` starts as its own process.
     #[value(hide = true)]
     Proxy,
@@ -175,6 +184,7 @@ fn main() -> ExitCode {
             Scenario::Redis => redis::run_scenario(&args).await,
             Scenario::StackCost => stack_cost::run(&args).await,
             Scenario::Gateway => gateway::run(&args).await,
+            Scenario::Jobs => jobs::run(&args).await,
             Scenario::Proxy => gateway::proxy(&args).await,
         }
     });

@@ -171,6 +171,29 @@ pub(crate) fn resolved(model: &str, policy: &Policy, config: &Config) -> Policy 
             f.name = Some(format!("{model}-fallback-{}", i + 1));
         }
     }
+    if config.jobs.is_some() {
+        // Jobs run at priority 0: keep a tenth of each stated burst for live traffic, so
+        // that a live request finds the burst it would find without the jobs.
+        let keep = |r: &mut tollgate::policy::RateLimitConfig| {
+            if let (None, Some(rate)) = (r.reserve, r.requests) {
+                let burst = r
+                    .burst
+                    .unwrap_or(u32::try_from(rate.count).unwrap_or(u32::MAX));
+                r.reserve = Some(burst / 10);
+            }
+        };
+        if let Some(r) = p.rate_limit.as_mut() {
+            keep(r);
+        }
+        if let Some(r) = p.primary.rate_limit.as_mut() {
+            keep(r);
+        }
+        for f in &mut p.fallbacks {
+            if let Some(r) = f.rate_limit.as_mut() {
+                keep(r);
+            }
+        }
+    }
     p
 }
 
@@ -1168,4 +1191,45 @@ fn boxed_error<E: Into<BoxError>>(e: E) -> BoxError {
 
 fn boxed_answer(res: Response<tollgate::tpm::TpmBody<BoxBody>>) -> Response<BoxBody> {
     res.map(|b| b.map_err(boxed_error).boxed_unsync())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(config: &Config) -> Policy {
+        resolved("m", &config.models["m"], config)
+    }
+
+    #[test]
+    fn with_jobs_a_stated_request_burst_keeps_a_tenth_for_live_traffic() {
+        let yaml = |jobs: &str, limit: &str| {
+            Config::from_yaml(&format!(
+                "open: true\n{jobs}models:\n  m:\n    primary: {{ url: \"http://127.0.0.1:1\" }}\n    rate_limit: {limit}\n"
+            ))
+            .unwrap()
+        };
+        let jobs = "jobs: { path: /tmp/x.redb }\n";
+        let reserve = |c: &Config| model(c).rate_limit.and_then(|r| r.reserve);
+        assert_eq!(reserve(&yaml(jobs, "{ requests: 600/min }")), Some(60));
+        assert_eq!(
+            reserve(&yaml(jobs, "{ requests: 600/min, burst: 20 }")),
+            Some(2)
+        );
+        assert_eq!(
+            reserve(&yaml(jobs, "{ requests: 600/min, reserve: 0 }")),
+            Some(0),
+            "a stated reserve wins"
+        );
+        assert_eq!(
+            reserve(&yaml(jobs, "{ tokens: 10k/min }")),
+            None,
+            "a learned request quota keeps none"
+        );
+        assert_eq!(
+            reserve(&yaml("", "{ requests: 600/min }")),
+            None,
+            "no jobs, no reserve"
+        );
+    }
 }

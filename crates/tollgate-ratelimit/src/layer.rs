@@ -33,6 +33,7 @@ impl RateLimitLayer {
         RateLimitBuilder {
             limits: Vec::new(),
             knobs: Knobs::default(),
+            reserve: 0,
         }
     }
 
@@ -84,6 +85,7 @@ impl<S> Layer<S> for RateLimitLayer {
 pub struct RateLimitBuilder {
     limits: Vec<Limit>,
     knobs: Knobs<dyn RateStore>,
+    reserve: u32,
 }
 
 impl std::fmt::Debug for RateLimitBuilder {
@@ -91,6 +93,7 @@ impl std::fmt::Debug for RateLimitBuilder {
         f.debug_struct("RateLimitBuilder")
             .field("limits", &self.limits)
             .field("knobs", &self.knobs)
+            .field("reserve", &self.reserve)
             .finish()
     }
 }
@@ -105,6 +108,18 @@ impl RateLimitBuilder {
 
     tollgate_core::meter_builder_methods!(RateStore, "limit");
 
+    /// Keeps `cells` of each limit's burst for requests above the lowest priority:
+    /// a request of priority 0 (the default, and the gateway's background jobs) takes a
+    /// cell only while `cells` more stay in the bucket, and otherwise waits (or is
+    /// refused) until they do. Live traffic of a higher priority then finds the burst it
+    /// would find without the background work, which still takes every cell beyond it.
+    /// At most the burst less one is kept; 0 (the default) keeps none. Kept in process:
+    /// a shared (Redis) store's decisions do not see it.
+    pub fn reserve(mut self, cells: u32) -> Self {
+        self.reserve = cells;
+        self
+    }
+
     /// The layer.
     pub fn build(self) -> RateLimitLayer {
         let knobs = self.knobs;
@@ -116,7 +131,7 @@ impl RateLimitBuilder {
             .map(|l| ActiveLimit::new(l.shared_by(share), knobs.clock.clone()))
             .collect();
         let shared = Arc::new(Shared::new(
-            Limits::new(limits, Arc::clone(&knobs.priority)),
+            Limits::new(limits, Arc::clone(&knobs.priority), self.reserve),
             knobs.mode,
             knobs.clock.clone(),
         ));

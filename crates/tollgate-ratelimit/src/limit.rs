@@ -91,6 +91,29 @@ impl Gcra {
     }
 }
 
+impl Gcra {
+    /// governor's GCRA test with `reserve` cells more demanded than taken, in one step
+    /// on the key's state: the cell is taken only when `reserve + 1` could be. governor
+    /// has no such call (its `check_key_n` takes all n), so it is written here on the same
+    /// state and arithmetic (`gcra.rs`: emission interval t, tolerance t × (burst − 1)).
+    fn check_leaving(&self, key: &Key, reserve: u32, now: Nanos) -> Result<(), Denial> {
+        use governor::state::StateStore as _;
+        let t = Nanos::from(self.quota.interval().max(Duration::from_nanos(1)));
+        let tau = t * u64::from(self.quota.burst_size().saturating_sub(1));
+        let extra = t * u64::from(reserve);
+        let t0 = now.saturating_sub(self.start);
+        self.store.measure_and_replace(key, |tat| {
+            let tat = tat.unwrap_or(t0);
+            let earliest = (tat + extra).saturating_sub(tau);
+            if t0 < earliest {
+                Err(Denial::Wait(Duration::from(earliest.saturating_sub(t0))))
+            } else {
+                Ok(((), tat.max(t0) + t))
+            }
+        })
+    }
+}
+
 /// The limiter of a limit: one fixed quota, or one that learns.
 enum Cell {
     Fixed(Gcra),
@@ -174,12 +197,18 @@ impl ActiveLimit {
         }
     }
 
-    /// Takes one cell for `key`, or says how long until one is free.
-    pub(crate) fn check(&self, key: &Key) -> Result<(), Denial> {
+    /// Takes one cell for `key`, or says how long until one is free. With a `reserve`,
+    /// the cell is taken only while `reserve` more stay in the bucket (at most the burst
+    /// less one), and the wait is until they do.
+    pub(crate) fn check(&self, key: &Key, reserve: u32) -> Result<(), Denial> {
         let check = |g: &Gcra| {
             let Some(limiter) = &g.limiter else {
                 return Err(Denial::Never);
             };
+            let reserve = reserve.min(g.quota.burst_size().saturating_sub(1));
+            if reserve > 0 {
+                return g.check_leaving(key, reserve, self.clock.now());
+            }
             limiter
                 .check_key(key)
                 .map_err(|not_until| Denial::Wait(not_until.wait_time_from(self.clock.now())))

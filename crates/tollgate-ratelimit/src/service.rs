@@ -59,15 +59,17 @@ where
         let shared = &self.shared;
         let limits = shared.admitter();
         let head = RequestHead::new(&req);
-        let keys: Keys = limits
+        let mut keys: Keys = limits
             .limits
             .iter()
             .map(|l| l.limit.key_for(&head))
             .collect();
         let priority = match shared.mode() {
             Mode::Wait { .. } => limits.priority.priority(&head),
+            Mode::Refuse if limits.reserve > 0 => limits.priority.priority(&head),
             Mode::Refuse => Priority::default(),
         };
+        keys.background = limits.reserve > 0 && priority == Priority(0);
         // Only limits that read answers need the keys and the limits again once it is in.
         let adaptive = limits
             .watches_answers

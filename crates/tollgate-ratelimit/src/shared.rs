@@ -15,10 +15,17 @@ use crate::limit::ActiveLimit;
 /// The limits and their wait queue, shared by every clone of the service.
 pub(crate) type Shared = WaitQueue<Limits>;
 
-/// A request's keys, one per limit. One limit is the common case: its key is kept inline,
-/// with no allocation.
+/// A request's keys, one per limit, and whether it is background work (the lowest
+/// priority, which leaves the layer's reserve to the others).
 #[derive(Clone, Debug)]
-pub(crate) enum Keys {
+pub(crate) struct Keys {
+    list: KeyList,
+    pub(crate) background: bool,
+}
+
+/// One limit is the common case: its key is kept inline, with no allocation.
+#[derive(Clone, Debug)]
+enum KeyList {
     One([Key; 1]),
     Many(Vec<Key>),
 }
@@ -26,9 +33,9 @@ pub(crate) enum Keys {
 impl std::ops::Deref for Keys {
     type Target = [Key];
     fn deref(&self) -> &[Key] {
-        match self {
-            Keys::One(k) => k,
-            Keys::Many(v) => v,
+        match &self.list {
+            KeyList::One(k) => k,
+            KeyList::Many(v) => v,
         }
     }
 }
@@ -36,9 +43,13 @@ impl std::ops::Deref for Keys {
 impl FromIterator<Key> for Keys {
     fn from_iter<I: IntoIterator<Item = Key>>(iter: I) -> Self {
         let mut iter = iter.into_iter();
-        match (iter.next(), iter.next()) {
-            (Some(a), None) => Keys::One([a]),
-            (first, second) => Keys::Many(first.into_iter().chain(second).chain(iter).collect()),
+        let list = match (iter.next(), iter.next()) {
+            (Some(a), None) => KeyList::One([a]),
+            (first, second) => KeyList::Many(first.into_iter().chain(second).chain(iter).collect()),
+        };
+        Keys {
+            list,
+            background: false,
         }
     }
 }
@@ -47,6 +58,9 @@ impl FromIterator<Key> for Keys {
 pub(crate) struct Limits {
     pub(crate) limits: Vec<ActiveLimit>,
     pub(crate) priority: Arc<dyn PriorityExtractor>,
+    /// The cells of each limit's burst that background requests (priority 0) leave to
+    /// the others.
+    pub(crate) reserve: u32,
     /// Some limit reads the answers (adaptive or learning): requests keep their keys.
     pub(crate) watches_answers: bool,
 }
@@ -60,13 +74,18 @@ impl fmt::Debug for Limits {
 }
 
 impl Limits {
-    pub(crate) fn new(limits: Vec<ActiveLimit>, priority: Arc<dyn PriorityExtractor>) -> Self {
+    pub(crate) fn new(
+        limits: Vec<ActiveLimit>,
+        priority: Arc<dyn PriorityExtractor>,
+        reserve: u32,
+    ) -> Self {
         let watches_answers = limits
             .iter()
             .any(|l| l.limit.is_adaptive() || l.limit.learns());
         Self {
             limits,
             priority,
+            reserve,
             watches_answers,
         }
     }
@@ -95,7 +114,10 @@ impl Admit for Limits {
         // `i` stays below both lengths.
         take_all(
             self.limits.len().min(keys.len()),
-            |i| self.limits[i].check(&keys[i]),
+            |i| {
+                let reserve = if keys.background { self.reserve } else { 0 };
+                self.limits[i].check(&keys[i], reserve)
+            },
             |i| self.limits[i].refund(&keys[i]),
         )
     }

@@ -221,3 +221,70 @@ fn futures_poll_once<F: std::future::Future + Unpin>(f: &mut F) -> std::task::Po
     let mut cx = std::task::Context::from_waker(waker);
     std::pin::Pin::new(f).poll(&mut cx)
 }
+
+/// 20 background requests (priority 0) and then 4 live ones (priority 1) at once, on a
+/// bucket of 10 refilled at 10 a second that keeps `reserve` cells for live traffic: the
+/// live requests' waits, and when the last background request passed.
+async fn background_then_live(reserve: u32) -> (Vec<Duration>, Duration) {
+    let layer = RateLimitLayer::builder()
+        .limit(Limit::new("model", Quota::per_second(10)))
+        .wait(Duration::from_secs(60))
+        .priority(HeaderPriority::new(http::HeaderName::from_static(
+            "x-priority",
+        )))
+        .reserve(reserve)
+        .build();
+    let svc = layer.layer(ok_service());
+    let start = Instant::now();
+    let mut background = Vec::new();
+    for _ in 0..20 {
+        let mut svc = svc.clone();
+        background.push(tokio::spawn(async move {
+            svc.ready().await.unwrap().call(req("a")).await.unwrap();
+            Instant::now() - start
+        }));
+        tokio::task::yield_now().await;
+    }
+    let mut live = Vec::new();
+    for _ in 0..4 {
+        let mut svc = svc.clone();
+        let mut r = req("a");
+        r.headers_mut().insert("x-priority", "1".parse().unwrap());
+        live.push(tokio::spawn(async move {
+            svc.ready().await.unwrap().call(r).await.unwrap();
+            Instant::now() - start
+        }));
+        tokio::task::yield_now().await;
+    }
+    let mut waits = Vec::new();
+    for t in live {
+        waits.push(t.await.unwrap());
+    }
+    let mut last = Duration::ZERO;
+    for t in background {
+        last = last.max(t.await.unwrap());
+    }
+    (waits, last)
+}
+
+#[tokio::test(start_paused = true)]
+async fn background_work_leaves_the_reserve_to_live_requests_and_takes_the_rest() {
+    let (waits, last) = background_then_live(4).await;
+    assert_eq!(
+        waits,
+        [Duration::ZERO; 4],
+        "live requests find the 4 kept cells at once"
+    );
+    // Background took 6 at once, then every cell beyond the reserve: 14 more at 10 a
+    // second, after the live burst emptied the bucket and 5 cells came back (0.5 s).
+    assert!(
+        last >= Duration::from_millis(1800) && last <= Duration::from_millis(1902),
+        "{last:?}"
+    );
+    // Without a reserve the background work had drained the bucket: live waits.
+    let (waits, _) = background_then_live(0).await;
+    assert!(
+        waits.iter().all(|w| *w >= Duration::from_millis(100)),
+        "{waits:?}"
+    );
+}

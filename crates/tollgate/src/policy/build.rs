@@ -318,7 +318,10 @@ fn rate_limit_layer(
         Quota::per(count, r.per).burst(p.burst.unwrap_or(count))
     });
     let limit = meter(format!("{backend}:requests"), quota, p);
-    let mut builder = RateLimitLayer::builder().limit(limit).mode(mode(p));
+    let mut builder = RateLimitLayer::builder()
+        .limit(limit)
+        .mode(mode(p))
+        .reserve(p.reserve.unwrap_or(0));
     // A shared store holds a stated quota; one still to be learned is learned by each
     // instance in process (a store asked for "no bound" would bound nothing).
     if let (Some(store), Some(_)) = (shared, p.requests) {

@@ -168,6 +168,12 @@ pub struct RateLimitConfig {
     /// `false`: exactly the quotas given, and no limit where none is given.
     #[serde(default)]
     pub learn: Option<bool>,
+    /// Cells of the request burst kept for requests above priority 0: a request of
+    /// priority 0 (the default priority, and the gateway's background jobs) passes only
+    /// while this many more stay for the others. None by default; a gateway with `jobs`
+    /// keeps a tenth of a stated burst.
+    #[serde(default)]
+    pub reserve: Option<u32>,
 }
 
 impl Default for RateLimitConfig {
@@ -184,6 +190,7 @@ impl Default for RateLimitConfig {
             max_queue: None,
             adaptive: false,
             learn: None,
+            reserve: None,
         }
     }
 }
