@@ -52,6 +52,9 @@
 //!   floor the quota left by live traffic allows, the live p99 with the batch ÷ without,
 //!   live failures, provider 429s, lines lost and recorded twice (goal: makespan within
 //!   10% of the floor, live p99 within 10%, 0 live failures, 0 lost, 0 twice).
+//! - `job-store`: the embedded job store, redb against SQLite (`--features sqlite`): a
+//!   batch of N jobs in one transaction, then each claimed and finished by one worker and
+//!   by four, and the batch listed.
 //! - `redis`: rate-limit decisions against the local Redis (`REDIS_URL`, or
 //!   127.0.0.1:6379) at concurrency 64, plain (one script call each) and pooled: decisions
 //!   per second, p99 latency, Redis calls per decision from `INFO commandstats`, and
@@ -71,6 +74,7 @@ mod cache;
 mod failover;
 mod gateway;
 mod goodput;
+mod job_store;
 mod jobs;
 mod load;
 mod overhead;
@@ -153,6 +157,8 @@ enum Scenario {
     Gateway,
     /// A Batch API batch through the gateway binary beside live traffic at half the quota.
     Jobs,
+    /// The embedded job store: redb against SQLite (`--features sqlite`).
+    JobStore,
     /// The pass-through proxy `gateway` starts as its own process.
     #[value(hide = true)]
     Proxy,
@@ -185,6 +191,7 @@ fn main() -> ExitCode {
             Scenario::StackCost => stack_cost::run(&args).await,
             Scenario::Gateway => gateway::run(&args).await,
             Scenario::Jobs => jobs::run(&args).await,
+            Scenario::JobStore => job_store::run(&args).await,
             Scenario::Proxy => gateway::proxy(&args).await,
         }
     });

@@ -123,9 +123,16 @@ impl Loaded {
         // is opened once per process).
         let jobs = match (&config.jobs, old.and_then(|o| o.jobs.as_ref())) {
             (None, _) => None,
-            (Some(j), Some(old)) if old.path == j.path => Some(Arc::clone(old)),
+            (Some(j), Some(old))
+                if old.path == j.path && old.shared.0 == j.store && old.shared.1 == j.namespace =>
+            {
+                Some(Arc::clone(old))
+            }
             (Some(j), _) => Some(Arc::new(crate::jobs::Jobs::open(j)?)),
         };
+        if let Some(r) = jobs.as_ref().and_then(|j| j.redis.clone()) {
+            stores.push(r);
+        }
         Ok(Self {
             config,
             tenants,

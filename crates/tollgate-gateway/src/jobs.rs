@@ -43,6 +43,10 @@ const MAX_ANSWER: usize = 32 * 1024 * 1024;
 pub(crate) struct Jobs {
     pub(crate) store: Arc<dyn JobStore>,
     pub(crate) path: String,
+    /// `jobs.store` and `jobs.namespace`, as configured.
+    pub(crate) shared: (Option<String>, Option<String>),
+    /// The Redis the jobs are kept in, for the readiness check.
+    pub(crate) redis: Option<RedisStore>,
     pub(crate) lease: Duration,
     /// Wakes an idle worker when a job is submitted.
     pub(crate) submitted: tokio::sync::Notify,
@@ -60,7 +64,7 @@ impl std::fmt::Debug for Jobs {
 
 impl Jobs {
     pub(crate) fn open(cfg: &JobsConfig) -> Result<Self, PolicyError> {
-        let store: Arc<dyn JobStore> = match &cfg.store {
+        let (store, redis): (Arc<dyn JobStore>, _) = match &cfg.store {
             Some(url) => {
                 let redis = RedisStore::open(url)
                     .map_err(|e| PolicyError::new(format!("jobs.store `{url}`: {e}")))?;
@@ -68,15 +72,20 @@ impl Jobs {
                     Some(ns) => redis.namespace(ns),
                     None => redis,
                 };
-                Arc::new(RedisJobStore::new(&redis))
+                (Arc::new(RedisJobStore::new(&redis)), Some(redis))
             }
-            None => Arc::new(
-                FileStore::open(&cfg.path)
-                    .map_err(|e| PolicyError::new(format!("jobs.path: {e}")))?,
+            None => (
+                Arc::new(
+                    FileStore::open(&cfg.path)
+                        .map_err(|e| PolicyError::new(format!("jobs.path: {e}")))?,
+                ),
+                None,
             ),
         };
         Ok(Self {
             store,
+            redis,
+            shared: (cfg.store.clone(), cfg.namespace.clone()),
             path: cfg.path.clone(),
             lease: cfg.lease.map_or(Duration::from_secs(300), |d| d.0),
             submitted: tokio::sync::Notify::new(),

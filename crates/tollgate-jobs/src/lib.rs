@@ -3,9 +3,19 @@
 //!
 //! [`FileStore`] is the embedded [`JobStore`]: one file on disk, so a single gateway
 //! keeps its queued and running jobs across a restart or a crash and needs nothing else.
-//! It is [redb](https://docs.rs/redb): pure Rust (no C library to build, unlike SQLite
-//! through `rusqlite`'s bundled build), ACID, and each write is durable when it returns
-//! (committed with an fsync). Its operations block, so they run on tokio's blocking pool.
+//! It is [redb](https://docs.rs/redb): pure Rust, ACID, and each write is durable when it
+//! returns (committed with an fsync). Its operations block, so they run on tokio's
+//! blocking pool. For many gateway instances, `tollgate-redis`'s `RedisJobStore` keeps
+//! the same rules in Redis.
+//!
+//! **Why redb and not SQLite.** `tollgate-bench job-store` (with `--features sqlite`)
+//! runs both doing the gateway's work, durably, in one run. With 2,000 jobs, SQLite
+//! (`rusqlite`, bundled, WAL, `synchronous=FULL`) was faster per job: 418 µs against 569
+//! µs to claim and finish one, 2,443 against 1,702 jobs/s with four workers. The
+//! embedded store still uses redb. Either store is more than 17 times faster than a
+//! 6,000 RPM quota needs (100 jobs/s). The fsync of each commit dominates both. redb
+//! needs no C library, while SQLite's bundled build adds about 85 s to a clean release
+//! build on the 2-core machine where this was measured, and a C compiler to every target.
 //!
 //! The rules of [`JobStore`]: a claim holds until its lease runs out, and a job whose
 //! lease ran out is claimed again (its worker died) — so a job may reach the provider
