@@ -124,7 +124,7 @@ pub(crate) async fn wait_listening(
 
 /// The `tollgate` binary: `--gateway-bin`, or the one beside this one (`cargo build
 /// --release -p tollgate-gateway`).
-pub(crate) fn gateway_bin(args: &Args) -> Result<std::path::PathBuf, BoxError> {
+fn gateway_bin(args: &Args) -> Result<std::path::PathBuf, BoxError> {
     if let Some(p) = &args.gateway_bin {
         return Ok(p.clone());
     }
@@ -139,6 +139,25 @@ pub(crate) fn gateway_bin(args: &Args) -> Result<std::path::PathBuf, BoxError> {
         )
         .into())
     }
+}
+
+/// Starts `tollgate serve --config path` (see [`gateway_bin`]) and waits until it
+/// listens on `addr`.
+pub(crate) async fn serve(
+    args: &Args,
+    path: &std::path::Path,
+    addr: std::net::SocketAddr,
+) -> Result<Proc, BoxError> {
+    let mut child = Proc(
+        Command::new(gateway_bin(args)?)
+            .args(["serve", "--config"])
+            .arg(path)
+            .env("TOLLGATE_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    wait_listening(addr, &mut child, "the gateway").await?;
+    Ok(child)
 }
 
 /// One side of the comparison.
@@ -259,15 +278,7 @@ pub(crate) async fn run(args: &Args) -> Result<(), BoxError> {
                 None => crate::overhead::POLICY.to_owned(),
             };
             std::fs::write(&path, config(&addr.to_string(), &provider.url(), &policy))?;
-            let mut child = Proc(
-                Command::new(gateway_bin(args)?)
-                    .args(["serve", "--config"])
-                    .arg(&path)
-                    .env("TOLLGATE_LOG", "warn")
-                    .stdout(Stdio::null())
-                    .spawn()?,
-            );
-            wait_listening(addr, &mut child, "the gateway").await?;
+            let child = serve(args, &path, addr).await?;
             let pid = child.0.id();
             ours = Some(child);
             (format!("http://{addr}"), Some(pid))

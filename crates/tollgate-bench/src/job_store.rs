@@ -20,22 +20,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const LEASE: Duration = Duration::from_secs(300);
 
 fn job(id: String, created_ms: u64) -> Job {
-    Job {
-        id,
-        tenant: "acme".into(),
-        path: "/v1/chat/completions".into(),
-        body: r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"a line of a batch, about this long"}]}"#.into(),
-        state: JobState::Queued,
-        status: None,
-        response: None,
-        created_ms,
-        started_ms: None,
-        finished_ms: None,
-        claims: 0,
-        lease_until_ms: None,
-        callback: None,
-        deadline_ms: None,
-    }
+    let mut j = tollgate_testkit::job_store::job(&id, created_ms);
+    j.body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"a line of a batch, about this long"}]}"#.into();
+    j
 }
 
 /// What one store did.

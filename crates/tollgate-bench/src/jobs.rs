@@ -10,7 +10,6 @@
 //! rate)`; the live p99 with the batch ÷ without; live requests that were not 200; the
 //! provider's 429s; and from the output file, lines lost and lines recorded twice.
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,7 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tollgate_testkit::Provider;
 
-use crate::gateway::{free_addr, gateway_bin, wait_listening, Proc};
+use crate::gateway::{free_addr, serve};
 use crate::Args;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -160,15 +159,7 @@ pub(crate) async fn run(args: &Args) -> Result<(), BoxError> {
     );
     let path = dir.join("gateway.yaml");
     std::fs::write(&path, config)?;
-    let mut gw = Proc(
-        Command::new(gateway_bin(args)?)
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("TOLLGATE_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    wait_listening(addr, &mut gw, "the gateway").await?;
+    let gw = serve(args, &path, addr).await?;
     let base = format!("http://{addr}");
     let chat_url = format!("{base}/v1/chat/completions");
     let http: Http = Client::builder(TokioExecutor::new())

@@ -96,10 +96,7 @@ async fn serve_reloads_on_sighup_and_drains_a_stream_on_sigterm() {
         .spawn()
         .await
         .unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let yaml = format!(
         "listen: 127.0.0.1:{port}\nopen: true\nmodels:\n  gpt-4o:\n    primary: {{ url: \"{}\" }}\n",
         provider.url()
@@ -249,18 +246,12 @@ async fn a_job_running_when_the_gateway_is_killed_completes_after_the_restart_re
         .spawn()
         .await
         .unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}-jobs", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let yaml = format!(
-        "listen: 127.0.0.1:{port}\nopen: true\njobs: {{ path: \"{}\", workers: 1, lease: 1s }}\nmodels:\n  gpt-4o:\n    primary: {{ url: \"{}\" }}\n",
-        dir.join("jobs.redb").display(),
-        provider.url()
+    let port = free_port();
+    let dir = fresh_dir("jobs");
+    let path = temp_file(
+        "jobs.yaml",
+        &jobs_yaml(port, &dir, "workers: 1", &provider.url()),
     );
-    let path = temp_file("jobs.yaml", &yaml);
     let mut first = serve_binary(&path, port).await;
     let http = client();
     let base = format!("http://127.0.0.1:{port}");
@@ -316,18 +307,12 @@ async fn a_batch_interrupted_by_sigkill_finishes_after_the_restart_with_every_li
         .spawn()
         .await
         .unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}-batch", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let yaml = format!(
-        "listen: 127.0.0.1:{port}\nopen: true\njobs: {{ path: \"{}\", workers: 2, lease: 1s }}\nmodels:\n  gpt-4o:\n    primary: {{ url: \"{}\" }}\n",
-        dir.join("jobs.redb").display(),
-        provider.url()
+    let port = free_port();
+    let dir = fresh_dir("batch");
+    let path = temp_file(
+        "batch.yaml",
+        &jobs_yaml(port, &dir, "workers: 2", &provider.url()),
     );
-    let path = temp_file("batch.yaml", &yaml);
     let first = serve_binary(&path, port).await;
     let http = client();
     let base = format!("http://127.0.0.1:{port}");
@@ -355,24 +340,13 @@ async fn two_gateways_on_one_redis_finish_a_batch_when_one_is_killed_every_line_
         .spawn()
         .await
         .unwrap();
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        })
-        .collect();
-    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}-redis-batch", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let ports = [free_port(), free_port()];
+    let dir = fresh_dir("redis-batch");
     let namespace = format!("cli-jobs-{}-{:x}", std::process::id(), fastrand::u64(..));
     // One Redis queue, and one files directory (a shared volume in production).
-    let config = |port: u16, name: &str| {
-        let yaml = format!(
-            "listen: 127.0.0.1:{port}\nopen: true\njobs: {{ path: \"{}\", store: \"{redis}\", namespace: \"{namespace}\", workers: 2, lease: 1s }}\nmodels:\n  gpt-4o:\n    primary: {{ url: \"{}\" }}\n",
-            dir.join("jobs").display(),
-            provider.url()
-        );
-        temp_file(name, &yaml)
-    };
+    let store = format!("workers: 2, store: \"{redis}\", namespace: \"{namespace}\"");
+    let config =
+        |port: u16, name: &str| temp_file(name, &jobs_yaml(port, &dir, &store, &provider.url()));
     let (a, b) = (
         config(ports[0], "redis-a.yaml"),
         config(ports[1], "redis-b.yaml"),
@@ -393,6 +367,28 @@ async fn two_gateways_on_one_redis_finish_a_batch_when_one_is_killed_every_line_
     let calls = provider.stats().requests;
     assert!((30..=32).contains(&calls), "{calls}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A free port on loopback.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// An empty directory of this test run's, named `name`.
+fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// An open gateway on `port` with jobs kept in `dir` (a lease of 1 s, and the settings
+/// `jobs`) and one model, `gpt-4o`, at `provider`.
+fn jobs_yaml(port: u16, dir: &std::path::Path, jobs: &str, provider: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:{port}\nopen: true\njobs: {{ path: \"{}\", lease: 1s, {jobs} }}\nmodels:\n  gpt-4o:\n    primary: {{ url: \"{provider}\" }}\n",
+        dir.join("jobs.redb").display(),
+    )
 }
 
 /// Uploads a batch of `n` chat lines and creates it; the batch's URL.

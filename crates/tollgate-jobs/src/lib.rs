@@ -307,24 +307,7 @@ impl FileStore {
 mod tests {
     use super::*;
 
-    fn job(id: &str, created_ms: u64) -> Job {
-        Job {
-            id: id.into(),
-            tenant: "acme".into(),
-            path: "/v1/chat/completions".into(),
-            body: r#"{"model":"m","messages":[]}"#.into(),
-            state: JobState::Queued,
-            status: None,
-            response: None,
-            created_ms,
-            started_ms: None,
-            finished_ms: None,
-            claims: 0,
-            lease_until_ms: None,
-            callback: None,
-            deadline_ms: None,
-        }
-    }
+    use tollgate_testkit::job_store::job;
 
     fn path(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("tollgate-jobs-{}-{name}", std::process::id()));
