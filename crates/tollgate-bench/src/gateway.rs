@@ -42,7 +42,7 @@ fn config(listen: &str, provider: &str, policy: &str) -> String {
     s
 }
 
-fn sha256_hex(s: &str) -> String {
+pub(crate) fn sha256_hex(s: &str) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(s.as_bytes())
         .iter()

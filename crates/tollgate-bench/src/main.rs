@@ -55,6 +55,11 @@
 //! - `job-store`: the embedded job store, redb against SQLite (`--features sqlite`): a
 //!   batch of N jobs in one transaction, then each claimed and finished by one worker and
 //!   by four, and the batch listed.
+//! - `fairness`: two tenants of weights 3 and 1, 32 requests in flight each, sharing a
+//!   model's quota (20 a second) through the `tollgate` binary: tenant a's share of the
+//!   quota alone, then the answers each got once both wait, and how soon the one who
+//!   joined late was first answered (goal: 1.0, 0.75 / 0.25, within one cell's interval
+//!   and the provider's answer time).
 //! - `redis`: rate-limit decisions against the local Redis (`REDIS_URL`, or
 //!   127.0.0.1:6379) at concurrency 64, plain (one script call each) and pooled: decisions
 //!   per second, p99 latency, Redis calls per decision from `INFO commandstats`, and
@@ -72,6 +77,7 @@ mod blind;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod cache;
 mod failover;
+mod fairness;
 mod gateway;
 mod goodput;
 mod job_store;
@@ -159,6 +165,8 @@ enum Scenario {
     Jobs,
     /// The embedded job store: redb against SQLite (`--features sqlite`).
     JobStore,
+    /// Two tenants of weights 3 and 1 sharing a model's quota through the gateway binary.
+    Fairness,
     /// The pass-through proxy `gateway` starts as its own process.
     #[value(hide = true)]
     Proxy,
@@ -192,6 +200,7 @@ fn main() -> ExitCode {
             Scenario::Gateway => gateway::run(&args).await,
             Scenario::Jobs => jobs::run(&args).await,
             Scenario::JobStore => job_store::run(&args).await,
+            Scenario::Fairness => fairness::run(&args).await,
             Scenario::Proxy => gateway::proxy(&args).await,
         }
     });

@@ -38,7 +38,7 @@ macro_rules! inner_service_accessors {
 }
 
 /// Writes the builder methods every metered layer has — `refuse`, `wait`, `mode`, `max_queue`,
-/// `priority`, `clock`, `housekeeping` and `store` — for a builder that keeps a
+/// `priority`, `share`, `clock`, `housekeeping` and `store` — for a builder that keeps a
 /// [`Knobs`](crate::meter::Knobs) in a field named `knobs`. `$store` is the store trait
 /// (`RateStore`, `TokenStore`, or a third meter's), `$what` names what is metered in the
 /// docs ("limit", "budget").
@@ -94,6 +94,15 @@ macro_rules! meter_builder_methods {
         /// default the request's extensions).
         pub fn priority(mut self, extractor: impl $crate::wait::PriorityExtractor) -> Self {
             self.knobs.priority = ::std::sync::Arc::new(extractor);
+            self
+        }
+
+        /// Where a waiting request's fair-share flow ([`Share`]($crate::wait::Share)) comes
+        /// from (by default the request's extensions): among waiters of one priority,
+        /// flows are served in proportion to their weights. See
+        /// [`FairShare`]($crate::wait::FairShare) for a flow per key with weights.
+        pub fn share(mut self, extractor: impl $crate::wait::ShareExtractor) -> Self {
+            self.knobs.share = ::std::sync::Arc::new(extractor);
             self
         }
 

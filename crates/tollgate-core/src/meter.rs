@@ -54,7 +54,9 @@ use crate::store::{
     OnStoreFailure, RateCell, RateDecision, RateStore, StoreError, StoreFuture, StoreHealth,
     TokenCell, TokenDecision, TokenStore,
 };
-use crate::wait::{Denial, ExtensionPriority, Mode, PriorityExtractor};
+use crate::wait::{
+    Denial, ExtensionPriority, ExtensionShare, Mode, PriorityExtractor, ShareExtractor,
+};
 
 /// What a [`Meter`]'s quota must be able to do.
 pub trait MeterQuota: Copy + fmt::Debug + Send + Sync + 'static {
@@ -234,6 +236,8 @@ pub struct Knobs<S: ?Sized> {
     pub mode: Mode,
     /// Where a waiting request's priority comes from.
     pub priority: Arc<dyn PriorityExtractor>,
+    /// Where a waiting request's fair-share flow comes from.
+    pub share: Arc<dyn ShareExtractor>,
     /// The clock to count and wait on.
     pub clock: SharedClock,
     /// How often idle keys are dropped (`None`: never by itself).
@@ -259,6 +263,7 @@ impl<S: ?Sized> Default for Knobs<S> {
         Self {
             mode: Mode::Refuse,
             priority: Arc::new(ExtensionPriority),
+            share: Arc::new(ExtensionShare),
             clock: SharedClock::default(),
             housekeeping: Some(Duration::from_secs(60)),
             store: None,

@@ -808,6 +808,13 @@ pub(crate) async fn serve(
     } else {
         tenant.priority
     });
+    // Tenants share each model's quota by weight; a tenant's jobs are its own flow, so
+    // they never take its live requests' turn.
+    parts.extensions.insert(if job {
+        tollgate_core::wait::Share::new(("job", &*tenant.name), tenant.share.weight())
+    } else {
+        tenant.share
+    });
     parts.extensions.insert(Arc::clone(&trace));
     let report = Arc::new(UsageReport::default());
     parts.extensions.insert(Arc::clone(&report));

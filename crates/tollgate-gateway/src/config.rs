@@ -219,6 +219,10 @@ pub struct TenantConfig {
     /// Its place in the models' wait queues, 0–255, higher first (1 by default; background
     /// jobs wait at 0, behind every live request of a higher priority).
     pub priority: Option<u8>,
+    /// Its weight in the models' fair share (1 by default): while tenants of one priority
+    /// wait for a model's quota, each gets cells (and tokens) in proportion to its weight;
+    /// a tenant alone gets all of it.
+    pub weight: Option<u32>,
     /// The models (names or aliases) it may use; all when left out.
     pub models: Option<Vec<String>>,
     /// `refuse` (the default: a 429 with `Retry-After` at once) or `wait` over its limits.
@@ -237,6 +241,7 @@ impl Default for TenantConfig {
             tokens: None,
             concurrency: None,
             priority: None,
+            weight: None,
             models: None,
             mode: LimitMode::Refuse,
             max_wait: None,

@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tollgate::policy::{LimitMode, PolicyError};
 use tollgate::ratelimit::{Limit, Quota, RateLimitLayer};
 use tollgate::tpm::{Budget, TokenQuota, TpmLayer};
-use tollgate_core::wait::{Mode, Priority};
+use tollgate_core::wait::{Mode, Priority, Share};
 
 use crate::config::{parse_hash, Config, TenantConfig};
 
@@ -25,6 +25,8 @@ pub(crate) struct Tenant {
     config: TenantConfig,
     key_hash: Option<[u8; 32]>,
     pub(crate) priority: Priority,
+    /// Its flow in the models' fair share.
+    pub(crate) share: Share,
     /// The `models` entries it may use (aliases resolved); `None`: all.
     models: Option<HashSet<String>>,
     pub(crate) rate: Option<RateLimitLayer>,
@@ -124,6 +126,7 @@ impl Tenant {
             config: t.clone(),
             key_hash,
             priority: Priority(t.priority.unwrap_or(LIVE_PRIORITY)),
+            share: Share::new(name, t.weight.unwrap_or(1)),
             models,
             rate,
             tokens,
@@ -207,6 +210,7 @@ impl Tenants {
             config: TenantConfig::default(),
             key_hash: None,
             priority: Priority(LIVE_PRIORITY),
+            share: Share::new("anonymous", 1),
             models: None,
             rate: None,
             tokens: None,

@@ -1003,6 +1003,54 @@ tenants:
     gw.shutdown().await;
 }
 
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn tenants_waiting_for_a_model_share_its_quota_by_weight() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let yaml = format!(
+        r#"
+timeouts: {{ header_read: 1h }}
+models:
+  gpt-4o:
+    primary: {{ url: "{{provider}}" }}
+    rate_limit: {{ requests: 60/min, burst: 1, mode: wait, max_wait: 10m, learn: false }}
+tenants:
+  heavy: {{ key_sha256: "{}", weight: 3 }}
+  light: {{ key_sha256: "{}" }}
+"#,
+        hash("vk-heavy"),
+        hash("vk-light")
+    );
+    let gw = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let http = client();
+    let url = gw.url("/v1/chat/completions");
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    // The heavy tenant queues eight first, the light one eight after them.
+    for key in ["vk-heavy", "vk-light"] {
+        for i in 0..8 {
+            let (http, url, order) = (http.clone(), url.clone(), Arc::clone(&order));
+            tasks.push(tokio::spawn(async move {
+                let a = post(&http, &url, key, &chat(&format!("{key} {i}")), &[])
+                    .await
+                    .unwrap();
+                assert_eq!(a.status, 200);
+                order.lock().unwrap().push(key);
+            }));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    let heavy_first_eight = order[..8].iter().filter(|k| **k == "vk-heavy").count();
+    assert_eq!(
+        heavy_first_eight, 6,
+        "three cells to one while both wait, not arrival order: {order:?}"
+    );
+    gw.shutdown().await;
+}
+
 async fn post_async(http: &HttpClient, url: &str, key: &str, body: &serde_json::Value) -> Answer {
     post(http, url, key, body, &[("prefer", "respond-async")])
         .await

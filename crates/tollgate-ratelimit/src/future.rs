@@ -18,7 +18,7 @@ use tollgate_core::wait::Acquire;
 use crate::limit::Answer;
 use crate::shared::{Keys, Limits, Shared};
 use tollgate_core::meter::{Asked, RateAsk};
-use tollgate_core::wait::{Admission, Admit, Priority, WaitReport};
+use tollgate_core::wait::{Admission, Admit, Priority, Share, WaitReport};
 
 pin_project! {
     /// The response future of [`RateLimit`](crate::RateLimit): waits for a cell when it
@@ -69,6 +69,7 @@ pub(crate) struct RemoteWait<S, Req> {
     pub(crate) req: Option<Req>,
     pub(crate) keys: Keys,
     pub(crate) priority: Priority,
+    pub(crate) share: Option<Share>,
 }
 
 impl<S: Service<Req>, Req> std::fmt::Debug for ResponseFuture<S, Req> {
@@ -196,7 +197,11 @@ where
                             let fut = svc.call(req);
                             this.state.set(State::Called { fut });
                         }
-                        Asked::Local => match shared.admit(remote.keys.clone(), remote.priority) {
+                        Asked::Local => match shared.admit_shared(
+                            remote.keys.clone(),
+                            remote.priority,
+                            remote.share,
+                        ) {
                             Admission::Now => {
                                 limits.count_admitted();
                                 let fut = svc.call(req);

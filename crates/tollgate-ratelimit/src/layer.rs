@@ -131,7 +131,12 @@ impl RateLimitBuilder {
             .map(|l| ActiveLimit::new(l.shared_by(share), knobs.clock.clone()))
             .collect();
         let shared = Arc::new(Shared::new(
-            Limits::new(limits, Arc::clone(&knobs.priority), self.reserve),
+            Limits::new(
+                limits,
+                Arc::clone(&knobs.priority),
+                Arc::clone(&knobs.share),
+                self.reserve,
+            ),
             knobs.mode,
             knobs.clock.clone(),
         ));

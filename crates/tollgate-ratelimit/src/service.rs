@@ -70,6 +70,10 @@ where
             Mode::Refuse => Priority::default(),
         };
         keys.background = limits.reserve > 0 && priority == Priority(0);
+        let share = match shared.mode() {
+            Mode::Wait { .. } => limits.share.share(&head),
+            Mode::Refuse => None,
+        };
         // Only limits that read answers need the keys and the limits again once it is in.
         let adaptive = limits
             .watches_answers
@@ -91,10 +95,11 @@ where
                 req: Some(req),
                 keys,
                 priority,
+                share,
             };
             return ResponseFuture::remote(wait, Arc::clone(shared), adaptive);
         }
-        match shared.admit(keys, priority) {
+        match shared.admit_shared(keys, priority, share) {
             Admission::Now => {
                 limits.count_admitted();
                 ResponseFuture::called(self.inner.call(req), adaptive)

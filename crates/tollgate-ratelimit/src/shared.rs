@@ -8,7 +8,7 @@ use std::time::Duration;
 use tollgate_core::key::Key;
 use tollgate_core::meter::take_all;
 use tollgate_core::refusal::{LimitKind, QuotaState, Reason, Refusal};
-use tollgate_core::wait::{Admit, Denial, PriorityExtractor, WaitQueue};
+use tollgate_core::wait::{Admit, Denial, PriorityExtractor, ShareExtractor, WaitQueue};
 
 use crate::limit::ActiveLimit;
 
@@ -58,6 +58,7 @@ impl FromIterator<Key> for Keys {
 pub(crate) struct Limits {
     pub(crate) limits: Vec<ActiveLimit>,
     pub(crate) priority: Arc<dyn PriorityExtractor>,
+    pub(crate) share: Arc<dyn ShareExtractor>,
     /// The cells of each limit's burst that background requests (priority 0) leave to
     /// the others.
     pub(crate) reserve: u32,
@@ -77,6 +78,7 @@ impl Limits {
     pub(crate) fn new(
         limits: Vec<ActiveLimit>,
         priority: Arc<dyn PriorityExtractor>,
+        share: Arc<dyn ShareExtractor>,
         reserve: u32,
     ) -> Self {
         let watches_answers = limits
@@ -85,6 +87,7 @@ impl Limits {
         Self {
             limits,
             priority,
+            share,
             reserve,
             watches_answers,
         }

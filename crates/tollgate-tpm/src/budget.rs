@@ -396,6 +396,11 @@ impl Admit for Budgets {
         )
     }
 
+    /// A flow of large prompts spends its fair share in tokens.
+    fn cost(&self, t: &Ticket) -> u64 {
+        t.cost
+    }
+
     fn refund(&self, t: &Ticket) {
         for (l, k) in self.ledgers.iter().zip(&t.keys) {
             l.release(k, t.cost, 0);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tollgate_core::facts::DEFAULT_BODY_LIMIT;
 use tollgate_core::key::Key;
-use tollgate_core::wait::{PriorityExtractor, WaitQueue};
+use tollgate_core::wait::{PriorityExtractor, ShareExtractor, WaitQueue};
 use tower::Layer;
 
 use crate::budget::{Budget, Budgets, Ledger, TokenQuota};
@@ -18,6 +18,7 @@ pub(crate) struct Shared {
     pub(crate) queue: Arc<WaitQueue<Budgets>>,
     pub(crate) estimator: Estimator,
     pub(crate) priority: Arc<dyn PriorityExtractor>,
+    pub(crate) share: Arc<dyn ShareExtractor>,
     pub(crate) body_limit: usize,
     pub(crate) adaptive: bool,
     /// Some budget learns its quota from the provider.
@@ -187,6 +188,7 @@ impl TpmBuilder {
                 queue,
                 estimator: self.estimator,
                 priority: Arc::clone(&knobs.priority),
+                share: Arc::clone(&knobs.share),
                 body_limit: self.body_limit,
                 adaptive,
                 learn,

@@ -208,9 +208,9 @@ async fn reserve(
         .iter()
         .map(|l| l.budget.key_for(&head))
         .collect();
-    let priority = match shared.queue.mode() {
-        Mode::Wait { .. } => shared.priority.priority(&head),
-        Mode::Refuse => Priority::default(),
+    let (priority, share) = match shared.queue.mode() {
+        Mode::Wait { .. } => (shared.priority.priority(&head), shared.share.share(&head)),
+        Mode::Refuse => (Priority::default(), None),
     };
     let ticket = Ticket { keys, cost };
     let hold = match &shared.remote {
@@ -218,7 +218,7 @@ async fn reserve(
         None => None,
     };
     if hold.is_none() {
-        match shared.queue.admit(ticket.clone(), priority) {
+        match shared.queue.admit_shared(ticket.clone(), priority, share) {
             Admission::Now => {}
             Admission::Wait(acquire) => {
                 let since = shared.queue.clock().now();

@@ -321,3 +321,73 @@ async fn settling_one_request_never_releases_anothers_hold() {
     );
     drop(tx);
 }
+
+/// What `chat(words, max_tokens, _)` reserves.
+async fn estimate(words: usize, max_tokens: u64) -> u64 {
+    let (parts, body) = chat(words, max_tokens, 0).into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let facts =
+        tollgate_core::facts::RequestFacts::parse(parts.uri.path(), &parts.headers, bytes).unwrap();
+    Estimator::default().estimate(&facts).total()
+}
+
+#[tokio::test(start_paused = true)]
+async fn tenants_of_equal_weight_get_equal_tokens_whatever_their_prompt_size() {
+    use std::sync::{Arc, Mutex};
+    use tollgate_core::wait::FairShare;
+    let (big, small) = (estimate(10, 300).await, estimate(10, 100).await);
+    assert!(big > 2 * small, "{big} {small}");
+    let layer = TpmLayer::builder()
+        .budget(Budget::new(
+            "tpm",
+            TokenQuota::per(1000, Duration::from_secs(1)),
+        ))
+        .wait(Duration::from_secs(600))
+        .max_queue(10_000)
+        .share(FairShare::by(Header::new("x-tenant-id")))
+        .build();
+    let svc = layer.layer(fake_provider());
+    let start = Instant::now();
+    // Who was admitted, for how many tokens, when.
+    type Log = Arc<Mutex<Vec<(&'static str, u64, Duration)>>>;
+    let log = Log::default();
+    let mut tasks = Vec::new();
+    for (tenant, max_tokens, cost, n) in [("big", 300, big, 100), ("small", 100, small, 300)] {
+        for _ in 0..n {
+            let (svc, log) = (svc.clone(), Arc::clone(&log));
+            let mut req = chat(10, max_tokens, cost);
+            req.headers_mut()
+                .insert("x-tenant-id", tenant.parse().unwrap());
+            tasks.push(tokio::spawn(async move {
+                let res = svc.oneshot(req).await.unwrap();
+                log.lock()
+                    .unwrap()
+                    .push((tenant, cost, Instant::now() - start));
+                drain(res.into_body());
+            }));
+            tokio::task::yield_now().await;
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Both wait from the first second until big runs out (about 60 s in): over any 20 s
+    // of it, each gets half the tokens though big asks three times as much per request.
+    let log = log.lock().unwrap();
+    for from in [2u64, 10, 20, 30] {
+        let (from, to) = (Duration::from_secs(from), Duration::from_secs(from + 20));
+        let tokens = |who: &str| -> u64 {
+            log.iter()
+                .filter(|(t, _, at)| *t == who && *at >= from && *at < to)
+                .map(|(_, c, _)| c)
+                .sum()
+        };
+        let (b, s) = (tokens("big"), tokens("small"));
+        let share = b as f64 / (b + s) as f64;
+        assert!(
+            (0.45..=0.55).contains(&share),
+            "big had {b} of {} tokens from {from:?}",
+            b + s
+        );
+    }
+}

@@ -19,14 +19,26 @@
 //! - A waiter whose future is dropped leaves the queue; if it had already been granted its
 //!   capacity, that capacity is given back.
 //! - Time comes from the [`Clock`](crate::clock::Clock), so paused-clock tests drive it.
+//! - Among waiters of one priority, requests with a [`Share`] are served by start-time
+//!   fair queueing: each request gets a start tag, the later of the queue's virtual time
+//!   and its flow's last finish tag, and a finish tag, start + cost ÷ weight; waiters go
+//!   in start-tag order, and virtual time is the start tag of the last one served. So
+//!   flows that all wait get capacity in proportion to their weights (in requests, or in
+//!   tokens for a token budget); a flow alone gets all of it (work-conserving); a flow
+//!   that was idle starts at the current virtual time — no credit for the time away, so it
+//!   cannot burst past the others, and no debt, so it is served within about one request
+//!   of each other flow. Requests without a share are one flow of weight 1: among
+//!   themselves, arrival order.
 
 mod priority;
 mod queue;
+mod share;
 
 pub use priority::{
     priority_fn, ExtensionPriority, HeaderPriority, Priority, PriorityExtractor, PriorityFn,
 };
 pub use queue::{Acquire, Admission, WaitQueue};
+pub use share::{ExtensionShare, FairShare, Share, ShareExtractor};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -166,4 +178,11 @@ pub trait Admit: Send + Sync + 'static {
     /// Told when a ticket is admitted after waiting `waited` on the limit at `binding`
     /// (for metrics and logs).
     fn waited(&self, _binding: usize, _waited: Duration) {}
+
+    /// What `ticket` costs its flow in the fair share ([`Share`]): 1 (a request) by
+    /// default; a token budget says its tokens, so a flow of large prompts spends its
+    /// share in tokens.
+    fn cost(&self, _ticket: &Self::Ticket) -> u64 {
+        1
+    }
 }

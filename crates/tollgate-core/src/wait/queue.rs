@@ -1,7 +1,7 @@
 //! The queue itself. See the [module docs](super).
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Admit, Denial, Mode, Priority};
+use super::{Admit, Denial, Mode, Priority, Share};
 use crate::clock::{Clock, SharedClock, Sleep};
 use crate::refusal::{LimitKind, Reason, Refusal};
 
@@ -47,11 +47,20 @@ pub enum Admission<A: Admit> {
     Refused(Refusal),
 }
 
+/// A waiter's place: by priority, then by its start tag in the fair share (which is
+/// arrival order for requests without a [`Share`]: they are one flow), then arrival.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Slot {
     priority: Reverse<Priority>,
+    start: u128,
     seq: u64,
 }
+
+/// Virtual time per unit of cost at weight 1.
+const UNIT: u128 = 1 << 32;
+
+/// The flow of requests without a share.
+const UNSHARED: u64 = u64::MAX;
 
 struct Entry<T> {
     ticket: Arc<T>,
@@ -62,11 +71,50 @@ struct Entry<T> {
     waker: Option<Waker>,
     /// The limit that holds it back.
     binding: usize,
+    /// Its flow, and its finish tag there (start + cost ÷ weight).
+    flow: u64,
+    finish: u128,
 }
 
 struct Queue<T> {
     entries: BTreeMap<Slot, Entry<T>>,
     next_seq: u64,
+    /// The fair share's virtual time: the start tag of the last waiter granted.
+    vtime: u128,
+    /// Each flow's last finish tag; a flow whose tag is behind `vtime` is idle and starts
+    /// again at `vtime` (no credit for having been away, no debt).
+    flows: HashMap<u64, u128>,
+}
+
+impl<T> Queue<T> {
+    /// Tags a new waiter of `share` costing `cost`: its start and finish tags, its
+    /// flow's tag advanced.
+    fn tag(&mut self, share: Option<Share>, cost: u64) -> (u64, u128, u128) {
+        let (flow, weight) = share.map_or((UNSHARED, 1), |s| (s.flow(), s.weight()));
+        let last = self.flows.get(&flow).copied().unwrap_or(0);
+        let start = last.max(self.vtime);
+        let finish = start.saturating_add(u128::from(cost.max(1)) * UNIT / u128::from(weight));
+        self.flows.insert(flow, finish);
+        (flow, start, finish)
+    }
+
+    /// A waiter left without being served: its flow gives back its tag when it was the
+    /// flow's last.
+    fn untag(&mut self, slot: &Slot, flow: u64, finish: u128) {
+        if self.flows.get(&flow) == Some(&finish) {
+            self.flows.insert(flow, slot.start);
+        }
+    }
+
+    /// A waiter was served: virtual time moves to its start tag, and idle flows are
+    /// forgotten now and then.
+    fn served(&mut self, start: u128) {
+        self.vtime = self.vtime.max(start);
+        if self.flows.len() > 64 + 2 * self.entries.len() {
+            let v = self.vtime;
+            self.flows.retain(|_, f| *f > v);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<Queue<T>>) -> MutexGuard<'_, Queue<T>> {
@@ -85,6 +133,8 @@ impl<A: Admit> WaitQueue<A> {
             queue: Mutex::new(Queue {
                 entries: BTreeMap::new(),
                 next_seq: 0,
+                vtime: 0,
+                flows: HashMap::new(),
             }),
             waiting: AtomicUsize::new(0),
         }
@@ -150,6 +200,18 @@ impl<A: Admit> WaitQueue<A> {
 
     /// Decides what happens to a request with this ticket and priority.
     pub fn admit(self: &Arc<Self>, ticket: A::Ticket, priority: Priority) -> Admission<A> {
+        self.admit_shared(ticket, priority, None)
+    }
+
+    /// [`admit`](Self::admit) for a request of a flow with a [`Share`]: among waiters of
+    /// the same priority, capacity goes to the flows in proportion to their weights, each
+    /// request costing [`Admit::cost`].
+    pub fn admit_shared(
+        self: &Arc<Self>,
+        ticket: A::Ticket,
+        priority: Priority,
+        share: Option<Share>,
+    ) -> Admission<A> {
         let (max_wait, max_queue) = match self.mode {
             Mode::Refuse => {
                 return match self.admit.try_admit(&ticket) {
@@ -165,8 +227,10 @@ impl<A: Admit> WaitQueue<A> {
                 max_queue,
             } => (max_wait, max_queue),
         };
-        // Nobody waiting: no order to keep, so no lock to take.
-        if self.waiting() == 0 {
+        // Nobody waiting: no order to keep, so no lock to take — unless the request has a
+        // fair share, whose flow is charged for what it takes even then (a flow that
+        // just took the burst must not also be first in line next).
+        if self.waiting() == 0 && share.is_none() {
             match self.admit.try_admit(&ticket) {
                 Ok(()) => return Admission::Now,
                 Err(denied) => {
@@ -179,25 +243,32 @@ impl<A: Admit> WaitQueue<A> {
         let now = self.clock.now();
         let ticket = Arc::new(ticket);
         let mut wakers = Vec::new();
+        let cost = self.admit.cost(&ticket);
         let result = {
             let mut q = lock(&self.queue);
+            let (flow, start, finish) = q.tag(share, cost);
+            let slot = Slot {
+                priority: Reverse(priority),
+                start,
+                seq: q.next_seq,
+            };
             let ahead: Vec<&Entry<A::Ticket>> = q
                 .entries
-                .iter()
-                .filter(|(slot, e)| {
-                    !e.granted
-                        && slot.priority.0 >= priority
-                        && self.admit.shares(&e.ticket, &ticket)
-                })
+                .range(..slot)
+                .filter(|(_, e)| !e.granted && self.admit.shares(&e.ticket, &ticket))
                 .map(|(_, e)| e)
                 .collect();
             // The wait this request faces: its own when nobody is ahead of it, else the
             // first in line's and one pace for every waiter ahead.
             let (binding, estimate) = if ahead.is_empty() {
                 match self.admit.try_admit(&ticket) {
-                    Ok(()) => return Admission::Now,
+                    Ok(()) => {
+                        q.served(start);
+                        return Admission::Now;
+                    }
                     Err(denied) => {
                         if let Some(r) = self.refused(&ticket, denied, Some(max_wait)) {
+                            q.untag(&slot, flow, finish);
                             return Admission::Refused(r);
                         }
                         match denied {
@@ -220,18 +291,16 @@ impl<A: Admit> WaitQueue<A> {
                 )
             };
             if estimate > max_wait {
+                q.untag(&slot, flow, finish);
                 Err(self
                     .admit
                     .refusal(&ticket, binding, Some(estimate), Reason::WaitTooLong))
             } else if q.entries.len() >= max_queue {
+                q.untag(&slot, flow, finish);
                 Err(self
                     .admit
                     .refusal(&ticket, binding, Some(estimate), Reason::QueueFull))
             } else {
-                let slot = Slot {
-                    priority: Reverse(priority),
-                    seq: q.next_seq,
-                };
                 q.next_seq += 1;
                 q.entries.insert(
                     slot,
@@ -242,6 +311,8 @@ impl<A: Admit> WaitQueue<A> {
                         ready_at: None,
                         waker: None,
                         binding,
+                        flow,
+                        finish,
                     },
                 );
                 self.waiting.fetch_add(1, Ordering::AcqRel);
@@ -278,6 +349,7 @@ impl<T> Queue<T> {
         wakers: &mut Vec<Waker>,
     ) {
         let mut blocked: Vec<Arc<T>> = Vec::new();
+        let mut served = None;
         for (slot, e) in self.entries.iter_mut() {
             if e.granted {
                 continue;
@@ -289,6 +361,7 @@ impl<T> Queue<T> {
             let wake = match admit.try_admit(&e.ticket) {
                 Ok(()) => {
                     e.granted = true;
+                    served = served.max(Some(slot.start));
                     true
                 }
                 Err((i, denial)) => {
@@ -308,6 +381,9 @@ impl<T> Queue<T> {
                     wakers.push(w);
                 }
             }
+        }
+        if let Some(start) = served {
+            self.served(start);
         }
     }
 }
@@ -366,7 +442,9 @@ impl<A: Admit> Future for Acquire<A> {
                     Some(e) if now >= self.deadline => {
                         let (binding, ticket) = (e.binding, Arc::clone(&e.ticket));
                         let wait = e.ready_at.map(|t| t.saturating_duration_since(now));
+                        let (flow, finish) = (e.flow, e.finish);
                         q.entries.remove(&self.slot);
+                        q.untag(&self.slot, flow, finish);
                         // Whoever was behind may now be first in line.
                         q.dispatch(&shared.admit, now, None, &mut wakers);
                         Step::Done(Err(shared.admit.refusal(
@@ -436,6 +514,8 @@ impl<A: Admit> Drop for Acquire<A> {
             if let Some(e) = q.entries.remove(&self.slot) {
                 if e.granted {
                     self.queue.admit.refund(&e.ticket);
+                } else {
+                    q.untag(&self.slot, e.flow, e.finish);
                 }
             }
             q.dispatch(&self.queue.admit, now, None, &mut wakers);
