@@ -42,14 +42,18 @@ pub enum LimitKind {
     Requests,
     /// Tokens per interval.
     Tokens,
+    /// Money per window (a cost budget, in US dollars).
+    Budget,
 }
 
 impl LimitKind {
-    /// `"requests"` or `"tokens"`, as OpenAI names them in error bodies and headers.
+    /// `"requests"` or `"tokens"`, as OpenAI names them in error bodies and headers
+    /// (`"budget"` for a cost budget).
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Requests => "requests",
             Self::Tokens => "tokens",
+            Self::Budget => "budget",
         }
     }
 }
@@ -159,8 +163,9 @@ impl Refusal {
         let mut res = openai_error(
             StatusCode::TOO_MANY_REQUESTS,
             self.kind.as_str(),
-            match self.reason {
-                Reason::TooLarge => "request_too_large",
+            match (self.kind, self.reason) {
+                (LimitKind::Budget, _) => "budget_exceeded",
+                (_, Reason::TooLarge) => "request_too_large",
                 _ => "rate_limit_exceeded",
             },
             &self.to_string(),
@@ -177,7 +182,11 @@ impl Refusal {
                 name: &self.limit,
                 quota: q.limit,
                 window: q.window,
-                unit: (self.kind == LimitKind::Tokens).then_some("tokens"),
+                unit: match self.kind {
+                    LimitKind::Tokens => Some("tokens"),
+                    LimitKind::Budget => Some("usd-micros"),
+                    _ => None,
+                },
                 remaining: q.remaining,
                 reset: self.retry_after.unwrap_or(q.window),
             }

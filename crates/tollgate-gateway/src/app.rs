@@ -479,6 +479,26 @@ fn stats_json(s: &Shared0) -> serde_json::Value {
     let mut v = s
         .stats
         .snapshot(&loaded.config, &s.metrics.render(), &layers);
+    // Each tenant's spend against its budget.
+    if let Some(tenants) = v.get_mut("tenants").and_then(|t| t.as_array_mut()) {
+        for t in tenants {
+            let name = t["name"].as_str().unwrap_or_default().to_owned();
+            let standing = loaded.tenants.by_name(&name).and_then(|tenant| {
+                tenant.cost.as_ref()?.standing(
+                    &format!("tenant:{name}:budget"),
+                    &tollgate_core::key::Key::global(),
+                )
+            });
+            if let Some(st) = standing {
+                t["spend"] = serde_json::json!({
+                    "spent_usd": st.spent.as_dollars(),
+                    "held_usd": st.held.as_dollars(),
+                    "budget_usd": st.amount.as_dollars(),
+                    "resets_in_s": st.resets_in.as_secs(),
+                });
+            }
+        }
+    }
     let firing = s.firing.lock().map(|f| f.clone()).unwrap_or_default();
     if let Some(o) = v.as_object_mut() {
         o.insert("alerts".into(), serde_json::Value::Array(firing));
@@ -1172,12 +1192,51 @@ type Answer = std::pin::Pin<
     Box<dyn std::future::Future<Output = Result<Response<BoxBody>, BoxError>> + Send>,
 >;
 
+/// The tenant's cost budget, then its own limits (requests, then tokens), then the
+/// model's stack.
+fn through_tenant(tenant: &Arc<Tenant>, route: &Arc<Route>, req: Request<ReplayBody>) -> Answer {
+    use futures_util::TryFutureExt;
+    let Some(cost) = &tenant.cost else {
+        return through_limits(tenant, route, req);
+    };
+    let (t, r) = (Arc::clone(tenant), Arc::clone(route));
+    // The limits' errors go through the budget wrapped in a concrete type (a `BoxError`
+    // there trips the same higher-ranked check), and come out as they were.
+    let limits = tower::service_fn(move |req| through_limits(&t, &r, req).map_err(Passed));
+    Box::pin(
+        cost.layer(limits)
+            .oneshot(req)
+            .map_ok(|res| res.map(|b| b.boxed_unsync()))
+            .map_err(|e| match e.downcast::<Passed>() {
+                Ok(p) => p.0,
+                Err(e) => e,
+            }),
+    )
+}
+
+/// An error of the tenant's limits or the model's stack, passed through the budget as it
+/// is.
+#[derive(Debug)]
+struct Passed(BoxError);
+
+impl std::fmt::Display for Passed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Passed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
 /// The tenant's own limits (requests, then tokens), then the model's stack.
 ///
 /// Each arm boxes its future as it is, a concrete type: the limiters' futures are generic
 /// over the error type, and one named inside an `async` block trips rustc's higher-ranked
 /// `Send` check in an axum handler.
-fn through_tenant(tenant: &Tenant, route: &Route, req: Request<ReplayBody>) -> Answer {
+fn through_limits(tenant: &Tenant, route: &Route, req: Request<ReplayBody>) -> Answer {
     use futures_util::TryFutureExt;
     let model = route.svc.clone();
     match (&tenant.rate, &tenant.tokens) {

@@ -58,10 +58,55 @@ pub struct Config {
     /// Alert rules and where their events go.
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// What each model's tokens cost, in dollars per million (`input`, `output`,
+    /// `cached_input`), for tenants' `budget`s. A model without a price is not counted.
+    #[serde(default)]
+    pub prices: BTreeMap<String, PriceConfig>,
     /// Background jobs (`Prefer: respond-async`): where they are kept, and how many run
     /// at once. Without it, the preference is ignored and requests are answered at once.
     #[serde(default)]
     pub jobs: Option<JobsConfig>,
+}
+
+/// A model's price, in US dollars per million tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    /// Input (prompt) tokens.
+    pub input: f64,
+    /// Output (generated) tokens.
+    pub output: f64,
+    /// Input served from the provider's prompt cache (the input price by default).
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+}
+
+/// Dollars per window: `10/day`, `300/month`, `5/1h`.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct BudgetRate {
+    /// The amount.
+    pub dollars: f64,
+    /// The window.
+    pub window: tollgate_cost::Window,
+}
+
+impl TryFrom<String> for BudgetRate {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a budget such as `10/day`, `300/month` or `5/1h`");
+        let (amount, window) = s.split_once('/').ok_or_else(bad)?;
+        let dollars: f64 = amount
+            .trim()
+            .trim_start_matches('$')
+            .parse()
+            .map_err(|_| bad())?;
+        if !dollars.is_finite() || dollars < 0.0 {
+            return Err(bad());
+        }
+        let window = tollgate_cost::Window::parse(window).ok_or_else(bad)?;
+        Ok(Self { dollars, window })
+    }
 }
 
 /// Background jobs: model requests answered later, kept on disk (or in Redis) until
@@ -223,6 +268,10 @@ pub struct TenantConfig {
     /// wait for a model's quota, each gets cells (and tokens) in proportion to its weight;
     /// a tenant alone gets all of it.
     pub weight: Option<u32>,
+    /// Its spend per window, in US dollars: `10/day`, `300/month` (calendar windows in
+    /// UTC) or `5/1h`; priced by the top-level `prices`. Over it: a 429 `budget_exceeded`
+    /// until the window starts again.
+    pub budget: Option<BudgetRate>,
     /// The models (names or aliases) it may use; all when left out.
     pub models: Option<Vec<String>>,
     /// `refuse` (the default: a 429 with `Retry-After` at once) or `wait` over its limits.
@@ -242,6 +291,7 @@ impl Default for TenantConfig {
             concurrency: None,
             priority: None,
             weight: None,
+            budget: None,
             models: None,
             mode: LimitMode::Refuse,
             max_wait: None,
@@ -275,6 +325,7 @@ impl Config {
             admin_key_env: None,
             alerts: AlertsConfig::default(),
             jobs: None,
+            prices: BTreeMap::new(),
         }
     }
 

@@ -14,7 +14,7 @@ use tollgate::ratelimit::{Limit, Quota, RateLimitLayer};
 use tollgate::tpm::{Budget, TokenQuota, TpmLayer};
 use tollgate_core::wait::{Mode, Priority, Share};
 
-use crate::config::{parse_hash, Config, TenantConfig};
+use crate::config::{parse_hash, BudgetRate, Config, PriceConfig, TenantConfig};
 
 /// A live request's priority when its tenant names none; background jobs wait at 0.
 pub(crate) const LIVE_PRIORITY: u8 = 1;
@@ -31,6 +31,8 @@ pub(crate) struct Tenant {
     models: Option<HashSet<String>>,
     pub(crate) rate: Option<RateLimitLayer>,
     pub(crate) tokens: Option<TpmLayer>,
+    /// Its cost budget.
+    pub(crate) cost: Option<tollgate_cost::CostLayer>,
     concurrency: Option<Arc<Semaphore>>,
     anonymous: bool,
 }
@@ -130,12 +132,49 @@ impl Tenant {
             models,
             rate,
             tokens,
+            cost: t.budget.map(|b| cost_layer(name, b, cfg)),
             concurrency: t
                 .concurrency
                 .map(|n| Arc::new(Semaphore::new(usize::try_from(n).unwrap_or(usize::MAX)))),
             anonymous: false,
         })
     }
+}
+
+/// A tenant's cost budget: `budget` at the config's prices (a model's aliases at its
+/// price), each request estimated exactly as the token budget does.
+fn cost_layer(name: &str, budget: BudgetRate, cfg: &Config) -> tollgate_cost::CostLayer {
+    use tollgate_cost::{CostBudget, CostLayer, Money, Price, Prices};
+    let price = |p: &PriceConfig| {
+        let price = Price::per_million(p.input, p.output);
+        match p.cached_input {
+            Some(c) => price.cached_input(c),
+            None => price,
+        }
+    };
+    let mut prices = Prices::new();
+    for (model, p) in &cfg.prices {
+        prices = prices.model(model.clone(), price(p));
+    }
+    for (alias, target) in &cfg.aliases {
+        if let Some(p) = cfg.prices.get(target) {
+            prices = prices.model(alias.clone(), price(p));
+        }
+    }
+    let estimator = tollgate::tpm::estimate::Estimator::default();
+    CostLayer::builder()
+        .prices(prices)
+        .budget(CostBudget::new(
+            format!("tenant:{name}:budget"),
+            Money::dollars(budget.dollars),
+            budget.window,
+        ))
+        .estimate(move |facts| {
+            let e = estimator.estimate(facts);
+            (e.prompt_tokens, e.max_output_tokens)
+        })
+        .body_limit(cfg.body_limit())
+        .build()
 }
 
 /// The tenants' store, when the config names Redis.
@@ -214,6 +253,7 @@ impl Tenants {
             models: None,
             rate: None,
             tokens: None,
+            cost: None,
             concurrency: None,
             anonymous: true,
         });

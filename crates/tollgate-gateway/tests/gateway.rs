@@ -1051,6 +1051,79 @@ tenants:
     gw.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_tenants_cost_budget_charges_the_usage_at_the_price_and_refuses_past_it() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let yaml = format!(
+        r#"
+prices:
+  gpt-4o: {{ input: 2.5, output: 10, cached_input: 1.25 }}
+models:
+  gpt-4o:
+    primary: {{ url: "{{provider}}" }}
+tenants:
+  acme: {{ key_sha256: "{}", budget: "0.002/day" }}
+"#,
+        hash("vk-acme")
+    );
+    let gw = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let http = client();
+    let url = gw.url("/v1/chat/completions");
+    let body = json!({"model": "gpt-4o", "max_tokens": 16,
+                      "messages": [{"role": "user", "content": "What does a budget cost?"}]});
+    let (mut passed, mut charged, mut refusal) = (0u64, 0f64, None);
+    for _ in 0..50 {
+        let a = post(&http, &url, "vk-acme", &body, &[]).await.unwrap();
+        if a.status != 200 {
+            refusal = Some(a);
+            break;
+        }
+        passed += 1;
+        let u = &a.json()["usage"];
+        charged += u["prompt_tokens"].as_f64().unwrap() * 2.5e-6
+            + u["completion_tokens"].as_f64().unwrap() * 10e-6;
+    }
+    let refusal = refusal.expect("the budget ran out");
+    assert!(passed >= 5, "{passed} passed before the budget ran out");
+    assert_eq!(refusal.status, 429);
+    let e = &refusal.json()["error"];
+    assert_eq!(
+        (e["code"].as_str(), e["type"].as_str()),
+        (Some("budget_exceeded"), Some("budget"))
+    );
+    let retry: u64 = refusal.header("retry-after").unwrap().parse().unwrap();
+    assert!(
+        (1..=86_400).contains(&retry),
+        "until the day ends in UTC: {retry}"
+    );
+    let policy = refusal.header("ratelimit-policy").unwrap();
+    assert!(
+        policy.contains("q=2000") && policy.contains("qu=\"usd-micros\""),
+        "{policy}"
+    );
+    assert_eq!(
+        provider.stats().requests,
+        passed,
+        "a refused request never left"
+    );
+    let stats = get(&http, &gw.url("/api/stats"), None).await.json();
+    let acme = stats["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "acme")
+        .unwrap()
+        .clone();
+    let spent = acme["spend"]["spent_usd"].as_f64().unwrap();
+    assert!(
+        (spent - charged).abs() < 1e-9,
+        "charged {spent}, the usage at the price {charged}"
+    );
+    assert!(spent <= 0.002 + 1e-9, "never past the budget here: {spent}");
+    assert_eq!(acme["spend"]["budget_usd"], 0.002);
+    gw.shutdown().await;
+}
+
 async fn post_async(http: &HttpClient, url: &str, key: &str, body: &serde_json::Value) -> Answer {
     post(http, url, key, body, &[("prefer", "respond-async")])
         .await

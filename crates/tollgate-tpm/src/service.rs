@@ -113,12 +113,7 @@ async fn reserve_in_store(
     }
 }
 
-/// Statuses a provider's front door answers when the model never ran: 502, 503 and 504
-/// from a gateway or load balancer, and Anthropic's 529 "overloaded". Counting their
-/// prompts would drain the budget fastest during an outage, just when it matters least.
-fn never_ran(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 502 | 503 | 504 | 529)
-}
+use tollgate_core::response::never_ran;
 
 impl<S, B, ResB> Service<Request<B>> for Tpm<S>
 where

@@ -1,0 +1,169 @@
+//! [`CostLayer`] and its builder.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tollgate_core::clock::{Clock, SharedClock};
+use tollgate_core::facts::RequestFacts;
+use tollgate_core::key::Key;
+use tower::Layer;
+
+use crate::budget::{CostBudget, Ledger, Standing};
+use crate::price::Prices;
+use crate::service::Cost;
+
+/// What a request will use, before it is sent: its prompt tokens and the most it may
+/// generate.
+pub type Estimate = Arc<dyn Fn(&RequestFacts) -> (u64, u64) + Send + Sync>;
+
+/// The output a request that states no `max_tokens` is assumed to reach, for the default
+/// estimate.
+pub const DEFAULT_MAX_OUTPUT: u64 = 1024;
+
+pub(crate) struct Shared {
+    pub(crate) ledgers: Vec<Ledger>,
+    pub(crate) prices: Prices,
+    pub(crate) estimate: Estimate,
+    pub(crate) clock: SharedClock,
+    pub(crate) body_limit: usize,
+}
+
+impl Shared {
+    pub(crate) fn now(&self) -> SystemTime {
+        self.clock.system_now()
+    }
+}
+
+/// Cost budgets over a service calling LLM APIs; see the [crate docs](crate).
+#[derive(Clone)]
+pub struct CostLayer {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for CostLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CostLayer")
+            .field("budgets", &self.shared.ledgers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CostLayer {
+    /// A builder.
+    pub fn builder() -> CostBuilder {
+        CostBuilder {
+            budgets: Vec::new(),
+            prices: Prices::new(),
+            estimate: None,
+            clock: SharedClock::default(),
+            body_limit: tollgate_core::facts::DEFAULT_BODY_LIMIT,
+        }
+    }
+
+    /// Where `key` stands in the budget named `budget` now.
+    pub fn standing(&self, budget: &str, key: &Key) -> Option<Standing> {
+        let now = self.shared.now();
+        self.shared
+            .ledgers
+            .iter()
+            .find(|l| l.budget.name() == budget)
+            .map(|l| l.standing(key, now))
+    }
+
+    /// Drops the accounts of windows that are over (call it now and then; they are a few
+    /// words each).
+    pub fn retain_recent(&self) {
+        let now = self.shared.now();
+        for l in &self.shared.ledgers {
+            l.retain_recent(now);
+        }
+    }
+}
+
+impl<S> Layer<S> for CostLayer {
+    type Service = Cost<S>;
+    fn layer(&self, inner: S) -> Cost<S> {
+        Cost {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// Builds a [`CostLayer`].
+pub struct CostBuilder {
+    budgets: Vec<CostBudget>,
+    prices: Prices,
+    estimate: Option<Estimate>,
+    clock: SharedClock,
+    body_limit: usize,
+}
+
+impl std::fmt::Debug for CostBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CostBuilder")
+            .field("budgets", &self.budgets)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CostBuilder {
+    /// Adds a budget: a request passes only when every budget holds its estimate.
+    pub fn budget(mut self, budget: CostBudget) -> Self {
+        self.budgets.push(budget);
+        self
+    }
+
+    /// The price table.
+    pub fn prices(mut self, prices: Prices) -> Self {
+        self.prices = prices;
+        self
+    }
+
+    /// How a request's tokens are estimated before it is sent: `(prompt, most output)`.
+    /// By default a token every four bytes of the body, and its `max_tokens` (or
+    /// [`DEFAULT_MAX_OUTPUT`]); give the token budget's exact estimator
+    /// (`tollgate_tpm::estimate::Estimator`) where it is at hand.
+    pub fn estimate(
+        mut self,
+        f: impl Fn(&RequestFacts) -> (u64, u64) + Send + Sync + 'static,
+    ) -> Self {
+        self.estimate = Some(Arc::new(f));
+        self
+    }
+
+    /// The clock whose wall time places windows (tokio's by default, so a paused clock
+    /// moves it).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = SharedClock::new(clock);
+        self
+    }
+
+    /// The largest request body read to estimate it (the core default otherwise); larger
+    /// ones are refused with a 413.
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+
+    /// The layer.
+    pub fn build(self) -> CostLayer {
+        let estimate = self.estimate.unwrap_or_else(|| {
+            Arc::new(|facts: &RequestFacts| {
+                (
+                    (facts.body().len() as u64).div_ceil(4),
+                    facts.max_output_tokens().unwrap_or(DEFAULT_MAX_OUTPUT),
+                )
+            })
+        });
+        CostLayer {
+            shared: Arc::new(Shared {
+                ledgers: self.budgets.into_iter().map(Ledger::new).collect(),
+                prices: self.prices,
+                estimate,
+                clock: self.clock,
+                body_limit: self.body_limit,
+            }),
+        }
+    }
+}
