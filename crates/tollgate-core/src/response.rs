@@ -181,6 +181,14 @@ where
     }
 }
 
+/// Whether a provider's answer says the model never ran: 502, 503 and 504 from a gateway
+/// or load balancer, and Anthropic's 529 "overloaded". A budget charges such an answer
+/// nothing — counting its prompt would drain the budget fastest during an outage, just
+/// when it matters least.
+pub fn never_ran(status: http::StatusCode) -> bool {
+    matches!(status.as_u16(), 502 | 503 | 504 | 529)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,12 +243,4 @@ mod tests {
         let err = run("connection refused".into()).await.unwrap_err();
         assert_eq!(err.to_string(), "connection refused");
     }
-}
-
-/// Whether a provider's answer says the model never ran: 502, 503 and 504 from a gateway
-/// or load balancer, and Anthropic's 529 "overloaded". A budget charges such an answer
-/// nothing — counting its prompt would drain the budget fastest during an outage, just
-/// when it matters least.
-pub fn never_ran(status: http::StatusCode) -> bool {
-    matches!(status.as_u16(), 502 | 503 | 504 | 529)
 }
