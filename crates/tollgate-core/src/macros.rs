@@ -37,33 +37,13 @@ macro_rules! inner_service_accessors {
     };
 }
 
-/// Writes the builder methods every metered layer has — `refuse`, `wait`, `mode`, `max_queue`,
-/// `priority`, `share`, `clock`, `housekeeping` and `store` — for a builder that keeps a
-/// [`Knobs`](crate::meter::Knobs) in a field named `knobs`. `$store` is the store trait
-/// (`RateStore`, `TokenStore`, or a third meter's), `$what` names what is metered in the
-/// docs ("limit", "budget").
-///
-/// ```
-/// use tollgate_core::meter::Knobs;
-/// use tollgate_core::store::RateStore;
-///
-/// struct MyBuilder {
-///     knobs: Knobs<dyn RateStore>,
-/// }
-///
-/// impl MyBuilder {
-///     tollgate_core::meter_builder_methods!(RateStore, "limit");
-/// }
-///
-/// let b = MyBuilder { knobs: Knobs::default() }.wait(std::time::Duration::from_secs(5)).max_queue(8);
-/// assert_eq!(
-///     b.knobs.mode,
-///     tollgate_core::wait::Mode::Wait { max_wait: std::time::Duration::from_secs(5), max_queue: 8 }
-/// );
-/// ```
+/// Writes the builder methods of a limit that can wait — `refuse`, `wait`, `mode`,
+/// `max_queue`, `priority`, `share`, `clock` and `housekeeping` — for a builder that keeps
+/// a [`Knobs`](crate::meter::Knobs) in a field named `knobs`; [`meter_builder_methods!`](crate::meter_builder_methods)
+/// adds `store`. `$what` names what is limited in the docs.
 #[macro_export]
-macro_rules! meter_builder_methods {
-    ($store:ident, $what:literal) => {
+macro_rules! meter_wait_methods {
+    ($what:literal) => {
         #[doc = concat!("Over a ", $what, ", refuse at once (the default).")]
         pub fn refuse(mut self) -> Self {
             self.knobs.mode = $crate::wait::Mode::Refuse;
@@ -120,6 +100,37 @@ macro_rules! meter_builder_methods {
             self.knobs.housekeeping = every;
             self
         }
+    };
+}
+
+/// Writes the builder methods every metered layer has — `refuse`, `wait`, `mode`, `max_queue`,
+/// `priority`, `share`, `clock`, `housekeeping` and `store` — for a builder that keeps a
+/// [`Knobs`](crate::meter::Knobs) in a field named `knobs`. `$store` is the store trait
+/// (`RateStore`, `TokenStore`, or a third meter's), `$what` names what is metered in the
+/// docs ("limit", "budget").
+///
+/// ```
+/// use tollgate_core::meter::Knobs;
+/// use tollgate_core::store::RateStore;
+///
+/// struct MyBuilder {
+///     knobs: Knobs<dyn RateStore>,
+/// }
+///
+/// impl MyBuilder {
+///     tollgate_core::meter_builder_methods!(RateStore, "limit");
+/// }
+///
+/// let b = MyBuilder { knobs: Knobs::default() }.wait(std::time::Duration::from_secs(5)).max_queue(8);
+/// assert_eq!(
+///     b.knobs.mode,
+///     tollgate_core::wait::Mode::Wait { max_wait: std::time::Duration::from_secs(5), max_queue: 8 }
+/// );
+/// ```
+#[macro_export]
+macro_rules! meter_builder_methods {
+    ($store:ident, $what:literal) => {
+        $crate::meter_wait_methods!($what);
 
         #[doc = concat!("Keeps the ", $what, "s in a shared store (Redis, from `tollgate-redis`), so")]
         /// that every instance draws on one quota: one store call per decision.

@@ -44,6 +44,8 @@ pub enum LimitKind {
     Tokens,
     /// Money per window (a cost budget, in US dollars).
     Budget,
+    /// Requests in flight at once.
+    Concurrency,
 }
 
 impl LimitKind {
@@ -54,6 +56,7 @@ impl LimitKind {
             Self::Requests => "requests",
             Self::Tokens => "tokens",
             Self::Budget => "budget",
+            Self::Concurrency => "concurrency",
         }
     }
 }

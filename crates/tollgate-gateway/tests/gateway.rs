@@ -395,6 +395,50 @@ async fn a_tenant_at_its_concurrency_is_refused_until_its_stream_ends() {
     gw.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_waiting_tenant_at_its_concurrency_takes_the_place_its_stream_frees() {
+    let provider = Provider::builder()
+        .chunk_delay(Duration::from_millis(40))
+        .completion_tokens(12)
+        .tokens_per_chunk(1)
+        .spawn()
+        .await
+        .unwrap();
+    let extra = format!(
+        "  one: {{ key_sha256: \"{}\", concurrency: 1, mode: wait, max_wait: 30s }}",
+        hash("vk-one")
+    );
+    let gw = start(Gateway::new(config(&keyed(&extra), &provider.url())).unwrap()).await;
+    let http = client();
+    let url = gw.url("/v1/chat/completions");
+    let mut body = chat("long stream");
+    body["stream"] = json!(true);
+    let req = Request::post(&url)
+        .header("authorization", "Bearer vk-one")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let streaming = http.request(req).await.unwrap();
+    assert_eq!(streaming.status(), 200);
+    let second = {
+        let (http, url) = (http.clone(), url.clone());
+        tokio::spawn(async move {
+            post(&http, &url, "vk-one", &chat("meanwhile"), &[])
+                .await
+                .unwrap()
+                .status
+        })
+    };
+    let rest = streaming.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
+    assert_eq!(
+        second.await.unwrap(),
+        200,
+        "it waited for the place instead of a 429"
+    );
+    gw.shutdown().await;
+}
+
 /// A recording upstream for the endpoints the simulated provider does not speak: answers
 /// every POST with a small JSON body with usage, and keeps what it saw.
 async fn recorder() -> (

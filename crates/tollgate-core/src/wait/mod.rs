@@ -134,6 +134,10 @@ pub enum Denial {
     Wait(Duration),
     /// Never passes: the request needs more than the limit can ever hold.
     Never,
+    /// Passes when something in flight ends, at a moment nobody can say (a concurrency
+    /// limit): a waiter holds no timer and is woken by [`WaitQueue::dispatch`] when the
+    /// capacity comes back; refused at once in refuse mode.
+    Held,
 }
 
 impl Denial {
@@ -142,6 +146,8 @@ impl Denial {
         match (self, other) {
             (Denial::Never, _) => true,
             (_, Denial::Never) => false,
+            (Denial::Held, _) => true,
+            (_, Denial::Held) => false,
             (Denial::Wait(a), Denial::Wait(b)) => a > b,
         }
     }

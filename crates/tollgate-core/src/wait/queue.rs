@@ -168,6 +168,10 @@ impl<A: Admit> WaitQueue<A> {
     ) -> Option<Refusal> {
         match denial {
             Denial::Never => Some(self.admit.refusal(ticket, binding, None, Reason::TooLarge)),
+            Denial::Held => match max_wait {
+                None => Some(self.admit.refusal(ticket, binding, None, Reason::OverLimit)),
+                Some(_) => None,
+            },
             Denial::Wait(w) => match max_wait {
                 None => Some(
                     self.admit
@@ -274,6 +278,8 @@ impl<A: Admit> WaitQueue<A> {
                         match denied {
                             (i, Denial::Wait(w)) => (i, w),
                             (i, Denial::Never) => (i, Duration::MAX),
+                            // Nobody can say when; `max_wait` bounds it as it waits.
+                            (i, Denial::Held) => (i, Duration::ZERO),
                         }
                     }
                 }
@@ -370,7 +376,7 @@ impl<T> Queue<T> {
                     e.binding = i;
                     e.ready_at = match denial {
                         Denial::Wait(w) => Some(crate::clock::later(now, w)),
-                        Denial::Never => None,
+                        Denial::Never | Denial::Held => None,
                     };
                     blocked.push(Arc::clone(&e.ticket));
                     !was_head
