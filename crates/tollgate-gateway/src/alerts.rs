@@ -68,6 +68,8 @@ pub(crate) struct Evaluator {
     firing: HashMap<(String, String), (u64, String)>,
     /// backend → (cooldowns seen, bucket of the last new one).
     cooldowns: HashMap<String, (f64, Option<u64>)>,
+    /// tenant → the share of its cost budget spent in the window in force, in percent.
+    spend: HashMap<String, f64>,
 }
 
 impl Evaluator {
@@ -121,6 +123,11 @@ impl Evaluator {
             }
         }
         events
+    }
+
+    /// Each tenant's spend as a share of its budget (percent), for `quota_used`.
+    pub(crate) fn set_spend(&mut self, spend: HashMap<String, f64>) {
+        self.spend = spend;
     }
 
     /// The alerts firing now, oldest first: for the dashboard.
@@ -215,6 +222,20 @@ impl Evaluator {
                         .get(t)
                         .cloned()
                         .unwrap_or_else(|| vec![Counts::default(); k as usize]);
+                    if let Some(&spent) = self.spend.get(t) {
+                        // A budget only fills until its window starts again: over it
+                        // now is over it, whatever `for` says.
+                        let rates_on = (rpm.is_some() || tpm.is_some())
+                            && b.iter().all(|c| used(c, rpm, tpm) >= over);
+                        let on = spent >= over || rates_on;
+                        let off = spent < over && b.last().is_none_or(|c| used(c, rpm, tpm) < over);
+                        let summary = if spent >= over {
+                            format!("{t} has spent {spent:.0}% of its budget (over {over}%)")
+                        } else {
+                            format!("{t} has used over {over}% of a limit for {} s", d.as_secs())
+                        };
+                        return vec![(t.clone(), on, off, summary)];
+                    }
                     out.push((t.clone(), b, rpm, tpm));
                 } else {
                     for (m, b) in buckets.models {
@@ -594,6 +615,32 @@ mod tests {
             e.iter().map(|e| (e.when, e.kind)).collect::<Vec<_>>(),
             [("error_rate", "alert.firing")]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tenant_over_a_share_of_its_budget_fires_once_and_resolves_in_a_new_window() {
+        let cfg = Config::from_yaml(
+            "open: true\nmodels:\n  m:\n    primary: { url: \"http://h\" }\ntenants:\n  acme: { budget: 10/day }\nalerts:\n  rules:\n    - { when: quota_used, tenant: acme, over_percent: 80 }\n",
+        )
+        .unwrap();
+        let stats = Stats::new();
+        let mut ev = Evaluator::default();
+        tokio::time::advance(Duration::from_secs(600)).await;
+        let at = |ev: &mut Evaluator, pct: f64| {
+            ev.set_spend(HashMap::from([("acme".to_owned(), pct)]));
+            ev.evaluate(&cfg, &stats, "")
+        };
+        assert!(at(&mut ev, 50.0).is_empty());
+        let e = at(&mut ev, 85.0);
+        assert_eq!((e.len(), e[0].kind), (1, "alert.firing"));
+        assert!(
+            e[0].summary.contains("85% of its budget"),
+            "{}",
+            e[0].summary
+        );
+        assert!(at(&mut ev, 90.0).is_empty(), "once");
+        let e = at(&mut ev, 0.0);
+        assert_eq!((e.len(), e[0].kind), (1, "alert.resolved"), "a new window");
     }
 
     #[tokio::test(start_paused = true)]

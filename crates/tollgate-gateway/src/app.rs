@@ -468,6 +468,23 @@ async fn dashboard(State(s): St, headers: HeaderMap) -> Response<Body> {
     res
 }
 
+/// Each tenant with a budget: the share of it spent in the window in force, in percent.
+pub(crate) fn spend_percent(loaded: &Loaded) -> HashMap<String, f64> {
+    loaded
+        .config
+        .tenants
+        .keys()
+        .filter_map(|name| {
+            let st = loaded.tenants.by_name(name)?.cost.as_ref()?.standing(
+                &format!("tenant:{name}:budget"),
+                &tollgate_core::key::Key::global(),
+            )?;
+            let budget = st.amount.nanos().max(1) as f64;
+            Some((name.clone(), st.spent.nanos() as f64 * 100.0 / budget))
+        })
+        .collect()
+}
+
 fn stats_json(s: &Shared0) -> serde_json::Value {
     let loaded = s.loaded.load_full();
     let layers: HashMap<String, Vec<tollgate::policy::BackendLayers>> = loaded

@@ -364,6 +364,7 @@ impl Gateway {
                 } else {
                     String::new()
                 };
+                evaluator.set_spend(app::spend_percent(&loaded));
                 for event in evaluator.evaluate(&loaded.config, &shared.stats, &metrics) {
                     notifier.send(event);
                 }
