@@ -51,8 +51,8 @@ use crate::clock::{later, Clock, SharedClock, Sleep};
 use crate::key::{Global, Key, KeyExtractor, RequestHead};
 use crate::refusal::Reason;
 use crate::store::{
-    OnStoreFailure, RateCell, RateDecision, RateStore, StoreError, StoreFuture, StoreHealth,
-    TokenCell, TokenDecision, TokenStore,
+    CostCell, CostDecision, CostStore, OnStoreFailure, RateCell, RateDecision, RateStore,
+    StoreError, StoreFuture, StoreHealth, TokenCell, TokenDecision, TokenStore,
 };
 use crate::wait::{
     Denial, ExtensionPriority, ExtensionShare, Mode, PriorityExtractor, ShareExtractor,
@@ -381,6 +381,30 @@ impl MeterStore for dyn TokenStore {
     }
 }
 
+impl MeterStore for dyn CostStore {
+    type Cell = CostCell;
+    type Decision = CostDecision;
+    type Grant = ();
+    fn take(
+        &self,
+        cells: Arc<[CostCell]>,
+        cost: u64,
+    ) -> StoreFuture<Result<CostDecision, StoreError>> {
+        self.hold(cells, cost)
+    }
+    fn verdict(decision: CostDecision) -> StoreVerdict<()> {
+        match decision {
+            CostDecision::Held => StoreVerdict::Granted(()),
+            // When the window starts again is the layer's to say (its clock's wall time):
+            // the store says only that it has not enough now.
+            CostDecision::Denied { binding } => StoreVerdict::Denied {
+                binding,
+                retry_after: None,
+            },
+        }
+    }
+}
+
 /// A shared store behind its guard: whether it answers ([`StoreHealth`], shared by every
 /// request of the layer, with a recovery probe half a second after a failure) and what to
 /// do when it cannot.
@@ -482,6 +506,9 @@ pub type RateAsk = Ask<dyn RateStore, RateCell, RateDecision>;
 
 /// The guarded call to a [`TokenStore`].
 pub type TokenAsk = Ask<dyn TokenStore, TokenCell, TokenDecision>;
+
+/// The guarded call to a [`CostStore`].
+pub type CostAsk = Ask<dyn CostStore, CostCell, CostDecision>;
 
 impl<S: ?Sized, C, D> fmt::Debug for Ask<S, C, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -141,6 +141,52 @@ pub trait TokenStore: Send + Sync + 'static {
     ) -> StoreFuture<Result<(), StoreError>>;
 }
 
+/// One cost budget a decision holds money in: a key's spend in one fixed window (a
+/// calendar day, a month), counted in nanodollars.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CostCell {
+    /// Whose budget: the budget's name and the request's key, as the layer names them.
+    pub key: Key,
+    /// The budget per window, in nanodollars.
+    pub amount: u64,
+    /// The window this decision falls in, in seconds since the Unix epoch: its start
+    /// (which names the window's account) and its end (when the account may go).
+    pub window_start: u64,
+    /// See `window_start`.
+    pub window_end: u64,
+}
+
+/// A store's answer to [`CostStore::hold`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CostDecision {
+    /// The cost is held in every budget until settled.
+    Held,
+    /// Nothing was held; the budget at `binding` has not enough left in its window.
+    Denied {
+        /// The binding cell's index.
+        binding: usize,
+    },
+}
+
+/// Shared cost budgets: hold the estimate before the call, settle with the real cost
+/// after, so many instances spend one budget.
+pub trait CostStore: Send + Sync + 'static {
+    /// Holds `cost` nanodollars in every cell, or nothing.
+    fn hold(
+        &self,
+        cells: Arc<[CostCell]>,
+        cost: u64,
+    ) -> StoreFuture<Result<CostDecision, StoreError>>;
+
+    /// Releases a hold of `held` and charges `cost` in every cell.
+    fn settle(
+        &self,
+        cells: Arc<[CostCell]>,
+        held: u64,
+        cost: u64,
+    ) -> StoreFuture<Result<(), StoreError>>;
+}
+
 /// After a store fails, requests go straight to the failure policy for this long; then
 /// one request asks the store again, so recovery follows within a second of its return.
 pub const RETRY_STORE_AFTER: std::time::Duration = std::time::Duration::from_millis(500);

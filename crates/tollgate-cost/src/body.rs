@@ -9,6 +9,7 @@ use tollgate_core::usage::UsageScanner;
 
 use crate::layer::Shared;
 use crate::price::{Money, Price};
+use crate::service::Held;
 
 /// The body of an answer through [`Cost`](crate::Cost).
 pub type CostBody<B> = Watched<B, Settle>;
@@ -17,6 +18,7 @@ pub type CostBody<B> = Watched<B, Settle>;
 /// it is dropped before (the provider counted some of it; nobody can say how much).
 pub struct Settle {
     pub(crate) shared: Arc<Shared>,
+    pub(crate) place: Held,
     pub(crate) keys: Vec<Key>,
     pub(crate) held: Money,
     pub(crate) price: Price,
@@ -40,9 +42,28 @@ impl Settle {
     }
 
     fn settle(&mut self, cost: Money) {
-        let now = self.shared.now();
-        for (l, k) in self.shared.ledgers.iter().zip(&self.keys) {
-            l.settle(k, self.held, cost, now);
+        match std::mem::replace(&mut self.place, Held::Local) {
+            Held::Local => {
+                let now = self.shared.now();
+                for (l, k) in self.shared.ledgers.iter().zip(&self.keys) {
+                    l.settle(k, self.held, cost, now);
+                }
+            }
+            Held::Store(guard, cells) => {
+                // Off the answer's path; a settlement that cannot reach the store leaves
+                // the hold until the window's key expires (a day after the window).
+                let call = guard.store().settle(cells, self.held.nanos(), cost.nanos());
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn(async move {
+                            if let Err(e) = call.await {
+                                tracing::warn!(error = %e, "a cost budget's settlement did not reach the store");
+                            }
+                        });
+                    }
+                    Err(_) => tracing::warn!("a cost budget's settlement had no runtime to run on"),
+                }
+            }
         }
         self.held = Money::ZERO;
         self.keys.clear();

@@ -135,6 +135,12 @@ impl CostBudget {
         self
     }
 
+    /// This budget at `instances`' share of its amount.
+    pub(crate) fn shared_by(mut self, instances: u64) -> Self {
+        self.amount = Money::from_nanos(self.amount.nanos() / instances.max(1));
+        self
+    }
+
     /// Its name.
     pub fn name(&self) -> &str {
         &self.name

@@ -6,6 +6,8 @@ use std::time::SystemTime;
 use tollgate_core::clock::{Clock, SharedClock};
 use tollgate_core::facts::RequestFacts;
 use tollgate_core::key::Key;
+use tollgate_core::meter::Guarded;
+use tollgate_core::store::{CostStore, OnStoreFailure};
 use tower::Layer;
 
 use crate::budget::{CostBudget, Ledger, Standing};
@@ -22,6 +24,8 @@ pub const DEFAULT_MAX_OUTPUT: u64 = 1024;
 
 pub(crate) struct Shared {
     pub(crate) ledgers: Vec<Ledger>,
+    /// The shared store behind its guard, if any.
+    pub(crate) remote: Option<Arc<Guarded<dyn CostStore>>>,
     pub(crate) prices: Prices,
     pub(crate) estimate: Estimate,
     pub(crate) clock: SharedClock,
@@ -57,6 +61,7 @@ impl CostLayer {
             estimate: None,
             clock: SharedClock::default(),
             body_limit: tollgate_core::facts::DEFAULT_BODY_LIMIT,
+            store: None,
         }
     }
 
@@ -97,6 +102,7 @@ pub struct CostBuilder {
     estimate: Option<Estimate>,
     clock: SharedClock,
     body_limit: usize,
+    store: Option<(Arc<dyn CostStore>, OnStoreFailure)>,
 }
 
 impl std::fmt::Debug for CostBuilder {
@@ -146,6 +152,16 @@ impl CostBuilder {
         self
     }
 
+    /// Keeps the budgets in a shared store (Redis, from `tollgate-redis`), so every
+    /// instance spends one budget: one store call to hold, one to settle. When the store
+    /// cannot answer, `on_failure` says what happens: `Closed` refuses (a 503);
+    /// `Open { instances }` goes on in process at this instance's share of each budget.
+    /// `standing` then reports this instance's spend.
+    pub fn store(mut self, store: impl CostStore, on_failure: OnStoreFailure) -> Self {
+        self.store = Some((Arc::new(store), on_failure));
+        self
+    }
+
     /// The layer.
     pub fn build(self) -> CostLayer {
         let estimate = self.estimate.unwrap_or_else(|| {
@@ -156,9 +172,24 @@ impl CostBuilder {
                 )
             })
         });
+        let share = match self.store {
+            Some((_, OnStoreFailure::Open { instances })) => u64::from(instances.max(1)),
+            _ => 1,
+        };
+        let now = self.clock.now();
+        let remote = self
+            .store
+            .map(|(store, on_failure)| Arc::new(Guarded::new(store, on_failure, now, "cost")));
         CostLayer {
             shared: Arc::new(Shared {
-                ledgers: self.budgets.into_iter().map(Ledger::new).collect(),
+                // In process, each budget at this instance's share (the whole without a
+                // store, or failing closed).
+                ledgers: self
+                    .budgets
+                    .into_iter()
+                    .map(|b| Ledger::new(b.shared_by(share)))
+                    .collect(),
+                remote,
                 prices: self.prices,
                 estimate,
                 clock: self.clock,

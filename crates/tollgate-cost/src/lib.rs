@@ -29,7 +29,8 @@
 //!
 //! A model without a price (and no default) is not counted. Windows are calendar days
 //! and months in UTC (see [`Window`] for why), on the clock's wall time. Budgets are kept
-//! in process; several instances each keep their own.
+//! in process, or with [`CostBuilder::store`] in a shared store (`tollgate-redis`), where
+//! every instance holds and settles against one account per key and window.
 //!
 //! # Example
 //!

@@ -10,8 +10,11 @@ use http::{Request, Response, StatusCode};
 use tollgate_core::body::{AnswerBody, CallerBody, Watched};
 use tollgate_core::facts::{buffer_with_facts, ReplayBody};
 use tollgate_core::key::{Key, RequestHead};
+use tollgate_core::meter::{Asked, CostAsk, Guarded};
 use tollgate_core::refusal::{LimitKind, QuotaState, Refusal};
+use tollgate_core::store::{CostCell, CostStore};
 use tollgate_core::usage::UsageScanner;
+use tollgate_core::wait::Mode;
 use tollgate_core::BoxError;
 use tower::Service;
 
@@ -49,23 +52,84 @@ fn hold_all(shared: &Shared, keys: &[Key], cost: Money) -> Result<(), Refusal> {
                 l.settle(k, cost, Money::ZERO, now);
             }
             let left = standing.amount.minus(standing.spent.plus(standing.held));
-            let (start, end) = l.budget.window.bounds(now);
-            let window = Duration::from_secs(end - start);
-            tracing::debug!(budget = %l.budget.name(), "a cost budget refused a request");
-            return Err(Refusal::new(
-                LimitKind::Budget,
-                Arc::clone(&l.budget.name),
-                Some(standing.resets_in.max(Duration::from_secs(1))),
-            )
-            .with_key(k.clone())
-            .with_quota(QuotaState {
-                limit: standing.amount.micros(),
-                window,
-                remaining: left.micros(),
-            }));
+            return Err(over_budget(shared, i, k, left));
         }
     }
     Ok(())
+}
+
+/// The refusal of budget `i` for `key`, with `left` in it: until its window starts again.
+fn over_budget(shared: &Shared, i: usize, key: &Key, left: Money) -> Refusal {
+    let now = shared.now();
+    let Some(l) = shared.ledgers.get(i) else {
+        return Refusal::new(LimitKind::Budget, "budget", Some(Duration::from_secs(1)));
+    };
+    let (start, end) = l.budget.window.bounds(now);
+    let since_epoch = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let resets_in = Duration::from_secs(end).saturating_sub(since_epoch);
+    tracing::debug!(budget = %l.budget.name(), "a cost budget refused a request");
+    Refusal::new(
+        LimitKind::Budget,
+        Arc::clone(&l.budget.name),
+        Some(resets_in.max(Duration::from_secs(1))),
+    )
+    .with_key(key.clone())
+    .with_quota(QuotaState {
+        limit: l.budget.amount.micros(),
+        window: Duration::from_secs(end - start),
+        remaining: left.micros(),
+    })
+}
+
+/// Where a request's hold is: in the shared store (its cells), or in process.
+pub(crate) enum Held {
+    Store(Arc<Guarded<dyn CostStore>>, Arc<[CostCell]>),
+    Local,
+}
+
+/// Holds `cost` for `keys`: in the shared store when there is one and it answers, else in
+/// process (when the store is down and the policy is to go on).
+async fn hold(shared: &Arc<Shared>, keys: &[Key], cost: Money) -> Result<Held, BoxError> {
+    let Some(guard) = &shared.remote else {
+        hold_all(shared, keys, cost)?;
+        return Ok(Held::Local);
+    };
+    let now = shared.now();
+    let cells: Arc<[CostCell]> = shared
+        .ledgers
+        .iter()
+        .zip(keys)
+        .map(|(l, k)| {
+            let (window_start, window_end) = l.budget.window.bounds(now);
+            CostCell {
+                key: Key::prefixed(l.budget.name(), k.as_str()),
+                amount: l.budget.amount.nanos(),
+                window_start,
+                window_end,
+            }
+        })
+        .collect();
+    let ask = CostAsk::new(
+        Arc::clone(guard),
+        Arc::clone(&cells),
+        cost.nanos(),
+        Mode::Refuse,
+        shared.clock.clone(),
+    );
+    match ask.await {
+        Asked::Granted(()) => Ok(Held::Store(Arc::clone(guard), cells)),
+        Asked::Refused { binding, .. } => {
+            let key = keys.get(binding).cloned().unwrap_or_else(Key::global);
+            Err(over_budget(shared, binding, &key, Money::ZERO).into())
+        }
+        Asked::Local => {
+            hold_all(shared, keys, cost)?;
+            Ok(Held::Local)
+        }
+        Asked::Failed(e) => Err(e.into()),
+    }
 }
 
 impl<S, B, ResB> Service<Request<B>> for Cost<S>
@@ -104,9 +168,10 @@ where
                     .map(|l| l.budget.key_for(&head))
                     .collect()
             };
-            hold_all(&shared, &keys, held)?;
+            let place = hold(&shared, &keys, held).await?;
             let settle = Settle {
                 shared: Arc::clone(&shared),
+                place,
                 keys,
                 held,
                 price,

@@ -120,7 +120,7 @@ impl Tenant {
             models,
             rate,
             tokens,
-            cost: t.budget.map(|b| cost_layer(name, b, cfg)),
+            cost: t.budget.map(|b| cost_layer(name, b, cfg, store)),
             concurrency: t.concurrency.map(|n| {
                 tollgate_concurrency::ConcurrencyLayer::builder()
                     .limit(tollgate_concurrency::InFlight::new(
@@ -136,8 +136,14 @@ impl Tenant {
 }
 
 /// A tenant's cost budget: `budget` at the config's prices (a model's aliases at its
-/// price), each request estimated exactly as the token budget does.
-fn cost_layer(name: &str, budget: BudgetRate, cfg: &Config) -> tollgate_cost::CostLayer {
+/// price), each request estimated exactly as the token budget does; in the gateway's
+/// store when it names Redis.
+fn cost_layer(
+    name: &str,
+    budget: BudgetRate,
+    cfg: &Config,
+    store: Option<&Shared>,
+) -> tollgate_cost::CostLayer {
     use tollgate_cost::{CostBudget, CostLayer, Money, Price, Prices};
     let price = |p: &PriceConfig| {
         let price = Price::per_million(p.input, p.output);
@@ -156,8 +162,12 @@ fn cost_layer(name: &str, budget: BudgetRate, cfg: &Config) -> tollgate_cost::Co
         }
     }
     let estimator = tollgate::tpm::estimate::Estimator::default();
-    CostLayer::builder()
-        .prices(prices)
+    let mut b = CostLayer::builder();
+    if let Some(s) = store {
+        // The gateway's store: every instance spends the tenant's one budget.
+        b = b.store(s.redis.clone(), s.on_failure);
+    }
+    b.prices(prices)
         .budget(CostBudget::new(
             format!("tenant:{name}:budget"),
             Money::dollars(budget.dollars),

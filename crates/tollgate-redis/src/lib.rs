@@ -21,6 +21,10 @@
 //!   Redis is down. Every call has a timeout (50 ms by default); a call that fails or times
 //!   out is a [`StoreError`], and the layer applies its [`OnStoreFailure`](tollgate_core::store::OnStoreFailure) policy.
 //!
+//! It also implements [`CostStore`](tollgate_core::store::CostStore), so cost budgets in
+//! dollars per day or month are shared by every instance (one script call to hold, one
+//! to settle; a key per budget and window, expiring a day after the window ends).
+//!
 //! With the `jobs` feature, [`RedisJobStore`] keeps a gateway's jobs (`tollgate-core`'s
 //! `JobStore`) in a Redis Stream with a consumer group, so many gateway instances share
 //! one queue and take over the work of an instance that died (`XAUTOCLAIM` after the
@@ -71,6 +75,7 @@
 
 #[cfg(feature = "cache")]
 mod cache;
+mod cost;
 #[cfg(feature = "jobs")]
 mod jobs;
 mod pooled;
@@ -118,6 +123,8 @@ struct Scripts {
     token_borrow: Script,
     reserve: Script,
     settle: Script,
+    cost_hold: Script,
+    cost_settle: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -161,6 +168,8 @@ impl RedisStore {
                 token_borrow: Script::new(&scripts::token_borrow()),
                 reserve: Script::new(&scripts::reserve()),
                 settle: Script::new(&scripts::settle()),
+                cost_hold: Script::new(cost::HOLD),
+                cost_settle: Script::new(cost::SETTLE),
             }),
             #[cfg(feature = "cache")]
             max_entry_bytes: 4 * 1024 * 1024,
