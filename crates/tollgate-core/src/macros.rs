@@ -145,8 +145,10 @@ macro_rules! meter_builder_methods {
         /// after a failure, and everything goes back to it once it answers.
         ///
         /// In wait mode a request waits out the store's exact `retry_after` on its own
-        /// timer (up to `max_wait`) and asks again; `max_queue` and priorities apply only
-        /// to the in-process fallback.
+        /// timer (up to `max_wait`) and asks again; `max_queue`, priorities and the fair
+        /// share apply only to the in-process fallback. So across instances the shared
+        /// quota holds, but who gets the next cell is whoever asks first once it is free:
+        /// the fair share is per instance, not across them.
         pub fn store(
             mut self,
             store: impl $crate::store::$store,

@@ -90,6 +90,38 @@ async fn the_charge_is_the_answers_usage_at_the_models_price() {
 }
 
 #[tokio::test]
+async fn a_stream_is_charged_the_usage_of_its_last_chunk() {
+    let provider = Provider::builder()
+        .completion_tokens(25)
+        .spawn()
+        .await
+        .unwrap();
+    let layer = layer(Money::dollars(100.0));
+    let svc = layer.layer(client(provider.url()));
+    let body = serde_json::json!({"model": "gpt-4o", "max_tokens": 64, "stream": true,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "stream me some words"}]});
+    let req = Request::post("/v1/chat/completions")
+        .header("x-tenant-id", "acme")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    let text =
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let usage = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .find_map(|v| Usage::from_json(&v))
+        .expect("the stream's usage chunk");
+    assert_eq!(usage.output_tokens, 25);
+    let acme = layer
+        .standing("daily", &Key::prefixed("tenant", "acme"))
+        .unwrap();
+    assert_eq!(acme.spent, gpt_4o().cost(&usage));
+}
+
+#[tokio::test]
 async fn requests_sent_together_never_pass_the_budget_by_more_than_one_estimate() {
     let provider = Provider::builder()
         .completion_tokens(40)
