@@ -146,9 +146,10 @@ macro_rules! meter_builder_methods {
         ///
         /// In wait mode a request waits out the store's exact `retry_after` on its own
         /// timer (up to `max_wait`) and asks again; `max_queue`, priorities and the fair
-        /// share apply only to the in-process fallback. So across instances the shared
-        /// quota holds, but who gets the next cell is whoever asks first once it is free:
-        /// the fair share is per instance, not across them.
+        /// share apply only to the in-process fallback. So while the store answers, the
+        /// shared quota holds across instances, but the next cell goes to whichever
+        /// waiting request asks first once it is free — within an instance as across
+        /// them, neither priority nor weight orders the store's waiters.
         pub fn store(
             mut self,
             store: impl $crate::store::$store,
