@@ -227,6 +227,11 @@ impl<Q: Clone> Learner<Q> {
         }
     }
 
+    /// When requests may go again after a 429's hint, if they are paused.
+    pub fn paused_until(&self) -> Option<Instant> {
+        self.start.paused_until()
+    }
+
     /// The quota in force, if one is known.
     pub fn quota(&self) -> Option<&Q> {
         self.quota.as_ref()

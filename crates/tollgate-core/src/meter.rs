@@ -200,6 +200,38 @@ impl<Q: MeterQuota> Meter<Q> {
     }
 }
 
+/// How soon a set of limits would take a request, read without taking anything: what a
+/// balancer asks each backend before it chooses one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Headroom {
+    /// The share of the tightest limit's burst free now, from 0 (nothing left) to 1.
+    pub left: f64,
+    /// How long until it admits one request (zero when it would now).
+    pub ready_in: Duration,
+}
+
+impl Headroom {
+    /// Room for everything, now: a backend with no limit.
+    pub const FULL: Headroom = Headroom {
+        left: 1.0,
+        ready_in: Duration::ZERO,
+    };
+
+    /// The tighter of two: the less left, the longer wait.
+    pub fn min(self, other: Headroom) -> Headroom {
+        Headroom {
+            left: self.left.min(other.left),
+            ready_in: self.ready_in.max(other.ready_in),
+        }
+    }
+}
+
+/// A layer whose limits a balancer can read: how much room they have now for `req`.
+pub trait Capacity: Send + Sync + 'static {
+    /// The room for a request like `req` (its key, its model), read without taking any.
+    fn headroom(&self, req: &RequestHead<'_>) -> Headroom;
+}
+
 /// Takes from each of `n` meters, all or none: `take(i)` asks meter `i`, `give_back(i)`
 /// returns what it granted. On a refusal the others are still asked (and what they grant
 /// given back at once), so the wait reported is the time until *all* would admit; the

@@ -31,6 +31,14 @@
 //!   backend blocks the rest): a backend that is not ready is passed over.
 //! - **Streams:** failover happens only before the first byte reaches the caller; an SSE
 //!   stream that breaks later ends with an `event: error` the caller can read.
+//! - **Balancing** ([`Strategy`]): the order is by priority unless the builder says
+//!   otherwise. `Balanced` sends each request first to the backend whose limits
+//!   ([`Backend::capacity`], its rate limiter) have the most room for its weight — two
+//!   drawn by weight, the roomier wins — so several keys of one model are all used and
+//!   none refuses while another idles; `Weighted` draws the first by fixed shares. A
+//!   sticky key ([`FailoverBuilder::sticky`]) keeps a tenant or a conversation on one
+//!   backend while it has room. Whatever the order, what happens after a backend
+//!   answers is as above: a refusal moves on without counting as a failure.
 //! - The answer says who served it: `x-tollgate-backend` and the [`ServedBy`] extension.
 //!   Metrics: `tollgate_failover_attempts_total{backend}`,
 //!   `tollgate_failover_moved_on_total{backend,why}`, `tollgate_failover_cooldowns_total`,
@@ -72,9 +80,12 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod balance;
 mod body;
 mod health;
 mod service;
+
+pub use balance::Strategy;
 
 pub use body::{FailoverBody, StreamGuard};
 pub use health::Cooldown;

@@ -18,11 +18,14 @@ use tollgate_core::body::{AnswerBody, CallerBody};
 use tollgate_core::clock::{Clock, SharedClock};
 use tollgate_core::facts::{buffer_with_facts, ReplayBody, RequestFacts, DEFAULT_BODY_LIMIT};
 use tollgate_core::headers;
+use tollgate_core::key::{KeyExtractor, RequestHead};
+use tollgate_core::meter::{Capacity, Headroom};
 use tollgate_core::refusal::{LimitKind, Refusal};
 use tollgate_core::unavailable::Unavailable;
 use tollgate_core::BoxError;
 use tower::Service;
 
+use crate::balance::{self, Candidate, Strategy};
 use crate::body::FailoverBody;
 use crate::health::{Cooldown, Gate, Health};
 
@@ -45,6 +48,8 @@ pub struct Backend<S> {
     model: Option<String>,
     headers: HeaderMap,
     priority: u32,
+    weight: u32,
+    capacity: Option<Arc<dyn Capacity>>,
 }
 
 impl<S> fmt::Debug for Backend<S> {
@@ -68,6 +73,8 @@ impl<S> Backend<S> {
             model: None,
             headers: HeaderMap::new(),
             priority: 0,
+            weight: 1,
+            capacity: None,
         }
     }
 
@@ -88,6 +95,20 @@ impl<S> Backend<S> {
     /// Lower goes first (0 by default; equal priorities keep the order given).
     pub fn priority(mut self, p: u32) -> Self {
         self.priority = p;
+        self
+    }
+
+    /// Its weight for [`Strategy::Balanced`] and [`Strategy::Weighted`] (1 by default;
+    /// 0 counts as 1).
+    pub fn weight(mut self, w: u32) -> Self {
+        self.weight = w.max(1);
+        self
+    }
+
+    /// Where a balancer reads how much room this backend's limits have (its rate
+    /// limiter, say): [`Strategy::Balanced`] asks it before each request.
+    pub fn capacity(mut self, c: impl Capacity) -> Self {
+        self.capacity = Some(Arc::new(c));
         self
     }
 }
@@ -153,6 +174,8 @@ struct Shared<S> {
     on_content_policy: bool,
     body_limit: usize,
     clock: SharedClock,
+    strategy: Strategy,
+    sticky: Option<Arc<dyn KeyExtractor>>,
 }
 
 /// Tries backends in order; see the [crate docs](crate).
@@ -191,6 +214,8 @@ pub struct FailoverBuilder<S> {
     on_content_policy: bool,
     body_limit: usize,
     clock: SharedClock,
+    strategy: Strategy,
+    sticky: Option<Arc<dyn KeyExtractor>>,
 }
 
 impl<S> fmt::Debug for FailoverBuilder<S> {
@@ -213,6 +238,8 @@ impl<S: Clone> Failover<S> {
             on_content_policy: false,
             body_limit: DEFAULT_BODY_LIMIT,
             clock: SharedClock::default(),
+            strategy: Strategy::Ordered,
+            sticky: None,
         }
     }
 }
@@ -271,6 +298,21 @@ impl<S: Clone> FailoverBuilder<S> {
         self
     }
 
+    /// How each request's backends are ordered ([`Strategy::Ordered`] by default).
+    pub fn strategy(mut self, s: Strategy) -> Self {
+        self.strategy = s;
+        self
+    }
+
+    /// Keeps the requests of one key (a tenant, a conversation header) on one backend
+    /// while it has room, so its provider's prompt cache keeps being hit. The cost: that
+    /// key's traffic is not spread, so one busy key can fill its backend while another
+    /// has room (it moves on only when its backend has none left).
+    pub fn sticky(mut self, key: impl KeyExtractor) -> Self {
+        self.sticky = Some(Arc::new(key));
+        self
+    }
+
     /// The service.
     pub fn build(mut self) -> Failover<S> {
         self.backends.sort_by_key(|b| b.priority);
@@ -289,6 +331,8 @@ impl<S: Clone> FailoverBuilder<S> {
                 on_content_policy: self.on_content_policy,
                 body_limit: self.body_limit,
                 clock: self.clock,
+                strategy: self.strategy,
+                sticky: self.sticky,
             }),
             services,
         }
@@ -414,7 +458,8 @@ where
             loop {
                 let now = shared.clock.now();
                 let mut round = Round::default();
-                for (i, (backend, health)) in shared.backends.iter().enumerate() {
+                for i in round_order(&shared, &parts, &facts) {
+                    let (backend, health) = &shared.backends[i];
                     let trial = match health.gate(now) {
                         Gate::Open => false,
                         Gate::Trial => true,
@@ -522,6 +567,44 @@ where
             }
         })
     }
+}
+
+/// The order this round tries the backends in: by priority, or as the strategy and a
+/// sticky key say.
+fn round_order<S>(
+    shared: &Shared<S>,
+    parts: &http::request::Parts,
+    facts: &RequestFacts,
+) -> Vec<usize> {
+    if shared.strategy == Strategy::Ordered && shared.sticky.is_none() {
+        return (0..shared.backends.len()).collect();
+    }
+    let key = shared.sticky.as_ref().and_then(|_| {
+        let req = Request::from_parts(parts.clone(), ());
+        balance::sticky_key(&shared.sticky, &RequestHead::new(&req))
+    });
+    let cands = shared
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(index, (b, _))| {
+            // Its room for this request as it would go to it (its credentials decide an
+            // API-key limit's key).
+            let room = b.capacity.as_ref().map_or(Headroom::FULL, |c| {
+                let req = backend_request(b, parts, facts);
+                c.headroom(&RequestHead::new(&req))
+            });
+            Candidate {
+                index,
+                weight: b.weight,
+                room,
+                affinity: key
+                    .as_deref()
+                    .map(|k| balance::affinity(k, &b.name, b.weight)),
+            }
+        })
+        .collect();
+    balance::order(shared.strategy, cands)
 }
 
 /// Whether a backend's `poll_ready` said "not now": `None` when it is ready; `Some(error)`

@@ -74,6 +74,36 @@ impl RateLimitLayer {
     }
 }
 
+/// A balancer reads the limits' room for a request: the tightest of them, behind the
+/// requests already waiting (each one interval of the limit's quota further off).
+impl tollgate_core::meter::Capacity for RateLimitLayer {
+    fn headroom(
+        &self,
+        req: &tollgate_core::key::RequestHead<'_>,
+    ) -> tollgate_core::meter::Headroom {
+        let waiting = u32::try_from(self.shared.waiting()).unwrap_or(u32::MAX);
+        self.shared
+            .admitter()
+            .limits
+            .iter()
+            .map(|l| {
+                let mut room = l.headroom(&l.limit.key_for(req));
+                if waiting > 0 {
+                    let pace = l
+                        .quota()
+                        .map_or(std::time::Duration::ZERO, |q| q.interval());
+                    room.left = 0.0;
+                    room.ready_in = room.ready_in.saturating_add(pace.saturating_mul(waiting));
+                }
+                room
+            })
+            .fold(
+                tollgate_core::meter::Headroom::FULL,
+                tollgate_core::meter::Headroom::min,
+            )
+    }
+}
+
 impl<S> Layer<S> for RateLimitLayer {
     type Service = RateLimit<S>;
     fn layer(&self, inner: S) -> RateLimit<S> {

@@ -13,7 +13,7 @@ use tollgate_core::clock::{later, SharedClock};
 use tollgate_core::headers::LimitState as ProviderLimit;
 use tollgate_core::key::Key;
 use tollgate_core::learn::{LearnedQuota, Learner};
-use tollgate_core::meter::{Meter, MeterQuota};
+use tollgate_core::meter::{Headroom, Meter, MeterQuota};
 use tollgate_core::wait::Denial;
 
 use crate::gov::{GovClock, Limiter, Store};
@@ -92,6 +92,36 @@ impl Gcra {
 }
 
 impl Gcra {
+    /// The room `key` has now, read from governor's state without taking a cell: the
+    /// share of the burst free, and the time until one cell is (the same arithmetic as
+    /// [`check_leaving`](Self::check_leaving)).
+    fn headroom(&self, key: &Key, now: Nanos) -> Headroom {
+        use governor::state::StateStore as _;
+        if self.limiter.is_none() {
+            return Headroom {
+                left: 0.0,
+                ready_in: Duration::MAX,
+            };
+        }
+        let t = Nanos::from(self.quota.interval().max(Duration::from_nanos(1)));
+        let burst = u64::from(self.quota.burst_size().max(1));
+        let tau = t * (burst - 1);
+        let t0 = now.saturating_sub(self.start);
+        let tat = self
+            .store
+            .measure_and_replace(key, |tat| {
+                let tat = tat.unwrap_or(t0);
+                Ok::<_, ()>((tat, tat))
+            })
+            .unwrap_or(t0);
+        // Cells taken but not yet come back, in emission intervals.
+        let owed = u64::from(tat.saturating_sub(t0)) as f64 / u64::from(t) as f64;
+        Headroom {
+            left: ((burst as f64 - owed) / burst as f64).clamp(0.0, 1.0),
+            ready_in: Duration::from(tat.saturating_sub(tau).saturating_sub(t0)),
+        }
+    }
+
     /// governor's GCRA test with `reserve` cells more demanded than taken, in one step
     /// on the key's state: the cell is taken only when `reserve + 1` could be. governor
     /// has no such call (its `check_key_n` takes all n), so it is written here on the same
@@ -228,6 +258,30 @@ impl ActiveLimit {
             }
         }
         r
+    }
+
+    /// The room `key` has now (see [`Gcra::headroom`]); a learning limit paused by a
+    /// 429's hint has none until the hint passes, and one that knows no quota yet is not
+    /// limited.
+    pub(crate) fn headroom(&self, key: &Key) -> Headroom {
+        let now = self.clock.now();
+        match &self.cell {
+            Cell::Fixed(g) => g.headroom(key, now),
+            Cell::Learning(_) => {
+                let (paused, gcra) = match self.learning() {
+                    Some(l) => (l.paused_until(), l.quota().cloned()),
+                    None => (None, None),
+                };
+                let room = gcra.map_or(Headroom::FULL, |g| g.headroom(key, now));
+                match paused.map(|p| p.saturating_duration_since(self.clock.instant())) {
+                    Some(wait) if !wait.is_zero() => Headroom {
+                        left: 0.0,
+                        ready_in: room.ready_in.max(wait),
+                    },
+                    _ => room,
+                }
+            }
+        }
     }
 
     /// Gives back one cell taken from `key`.

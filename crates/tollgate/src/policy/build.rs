@@ -106,9 +106,13 @@ impl Policy {
             let name = b.name_or(i);
             let (svc, layers) =
                 self.backend_stack(&name, b, client.clone(), body_limit, shared.as_ref())?;
-            observed.push(layers);
             let mut backend = Backend::new(name.clone(), svc)
-                .priority(b.priority.unwrap_or(i as u32).max(u32::from(i > 0)));
+                .priority(b.priority.unwrap_or(i as u32).max(u32::from(i > 0)))
+                .weight(b.weight.unwrap_or(1));
+            if let Some(limit) = &layers.rate_limit {
+                backend = backend.capacity(limit.clone());
+            }
+            observed.push(layers);
             if let Some(m) = &b.model {
                 backend = backend.model(m.clone());
             }
@@ -146,6 +150,11 @@ impl Policy {
                 None => AllCooling::Refuse,
             })
             .on_context_length(f.on_context_length)
+            .strategy(match f.strategy {
+                super::StrategyConfig::Ordered => tollgate_failover::Strategy::Ordered,
+                super::StrategyConfig::Balanced => tollgate_failover::Strategy::Balanced,
+                super::StrategyConfig::Weighted => tollgate_failover::Strategy::Weighted,
+            })
             // A backend whose provider said "later" is waited for as long as its own
             // limiter would wait.
             .wait_for_quota(

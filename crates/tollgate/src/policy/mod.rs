@@ -105,6 +105,9 @@ pub struct BackendConfig {
     /// default). The primary always goes first.
     #[serde(default)]
     pub priority: Option<u32>,
+    /// Its weight for the `balanced` and `weighted` strategies (1 by default).
+    #[serde(default)]
+    pub weight: Option<u32>,
     /// Headers sent to it alone.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -305,6 +308,25 @@ pub struct FailoverConfig {
     /// Move on when a backend says the prompt is too long for its context.
     #[serde(default)]
     pub on_context_length: bool,
+    /// How each request's backends are ordered: `ordered` (the default: by priority,
+    /// the next only when one could not take it), `balanced` (the one whose limits have
+    /// the most room for their weight goes first, so every key's quota is used) or
+    /// `weighted` (fixed shares by weight, e.g. for a migration).
+    #[serde(default)]
+    pub strategy: StrategyConfig,
+}
+
+/// See [`FailoverConfig::strategy`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StrategyConfig {
+    /// By priority.
+    #[default]
+    Ordered,
+    /// Quota-aware.
+    Balanced,
+    /// Fixed shares by weight.
+    Weighted,
 }
 
 /// Where limits, budgets and cache entries are kept: `memory`, a `redis://` URL, or a
