@@ -60,6 +60,10 @@
 //!   quota alone, then the answers each got once both wait, and how soon the one who
 //!   joined late was first answered (goal: 1.0, 0.75 / 0.25, within one cell's interval
 //!   and the provider's answer time).
+//! - `balancing`: one model over three keys of 200 RPM, each behind its own limiter, a
+//!   burst of 1,200 requests (6,000 full) through balanced and through ordered failover,
+//!   on tokio's paused clock over loopback: makespan ÷ the three quotas' floor, provider
+//!   429s, the share of the quotas left unused (goal: ≤ 1.05, ≤ 1%, ≈ 0).
 //! - `redis`: rate-limit decisions against the local Redis (`REDIS_URL`, or
 //!   127.0.0.1:6379) at concurrency 64, plain (one script call each) and pooled: decisions
 //!   per second, p99 latency, Redis calls per decision from `INFO commandstats`, and
@@ -68,6 +72,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod balancing;
 mod blind;
 
 // The allocator the gateway ships with, for measuring the stack as it is deployed; the
@@ -167,6 +172,8 @@ enum Scenario {
     JobStore,
     /// Two tenants of weights 3 and 1 sharing a model's quota through the gateway binary.
     Fairness,
+    /// One model over three keys of 200 RPM: a burst through balanced and ordered failover.
+    Balancing,
     /// The pass-through proxy `gateway` starts as its own process.
     #[value(hide = true)]
     Proxy,
@@ -201,6 +208,7 @@ fn main() -> ExitCode {
             Scenario::Jobs => jobs::run(&args).await,
             Scenario::JobStore => job_store::run(&args).await,
             Scenario::Fairness => fairness::run(&args).await,
+            Scenario::Balancing => balancing::run(&args),
             Scenario::Proxy => gateway::proxy(&args).await,
         }
     });

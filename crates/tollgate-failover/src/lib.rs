@@ -35,7 +35,9 @@
 //!   otherwise. `Balanced` sends each request first to the backend whose limits
 //!   ([`Backend::capacity`], its rate limiter) have the most room for its weight — two
 //!   drawn by weight, the roomier wins — so several keys of one model are all used and
-//!   none refuses while another idles; `Weighted` draws the first by fixed shares. A
+//!   none refuses while another idles; `Weighted` draws the first by fixed shares. The
+//!   group balanced is the backends asking for the first backend's model; a backend
+//!   asking for another model is a fallback, tried by priority after the group. A
 //!   sticky key ([`FailoverBuilder::sticky`]) keeps a tenant or a conversation on one
 //!   backend while it has room. Whatever the order, what happens after a backend
 //!   answers is as above: a refusal moves on without counting as a failure.

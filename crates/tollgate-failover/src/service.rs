@@ -583,10 +583,17 @@ fn round_order<S>(
         let req = Request::from_parts(parts.clone(), ());
         balance::sticky_key(&shared.sticky, &RequestHead::new(&req))
     });
-    let cands = shared
+    // The group balanced is the first backend's model's; backends that ask for another
+    // model are fallbacks, tried in priority order once the group could not serve.
+    let group_model = shared
         .backends
+        .first()
+        .and_then(|(b, _)| b.model.as_deref());
+    let (group, fallbacks): (Vec<usize>, Vec<usize>) = (0..shared.backends.len())
+        .partition(|&i| shared.backends[i].0.model.as_deref() == group_model);
+    let cands = group
         .iter()
-        .enumerate()
+        .map(|&index| (index, &shared.backends[index]))
         .map(|(index, (b, _))| {
             // Its room for this request as it would go to it (its credentials decide an
             // API-key limit's key).
@@ -604,7 +611,9 @@ fn round_order<S>(
             }
         })
         .collect();
-    balance::order(shared.strategy, cands)
+    let mut order = balance::order(shared.strategy, cands);
+    order.extend(fallbacks);
+    order
 }
 
 /// Whether a backend's `poll_ready` said "not now": `None` when it is ready; `Some(error)`

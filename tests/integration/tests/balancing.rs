@@ -233,3 +233,78 @@ failover:  { strategy: balanced }
     assert!((116..=124).contains(&second), "{second}");
     assert!(makespan <= Duration::from_secs(63), "{makespan:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_sticky_tenant_stays_on_one_key_while_it_has_quota_then_spills_over() {
+    use tollgate_core::key::Header;
+    let providers = [
+        Provider::builder().rpm(60).spawn().await.unwrap(),
+        Provider::builder().rpm(60).spawn().await.unwrap(),
+    ];
+    let limiters = [limiter("k1"), limiter("k2")];
+    let failover = Failover::builder()
+        .strategy(Strategy::Balanced)
+        .sticky(Header::new("x-tenant-id"))
+        .backend(Backend::new("k1", key(&providers[0], &limiters[0])).capacity(limiters[0].clone()))
+        .backend(Backend::new("k2", key(&providers[1], &limiters[1])).capacity(limiters[1].clone()))
+        .build();
+    let send = |n: usize| {
+        let f = failover.clone();
+        futures_util::future::join_all((0..n).map(move |i| {
+            let f = f.clone();
+            async move {
+                let mut req = chat(i);
+                req.headers_mut()
+                    .insert("x-tenant-id", HeaderValue::from_static("acme"));
+                let res = f.oneshot(req).await.unwrap();
+                let who = res.headers()[X_TOLLGATE_BACKEND]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                res.into_body().collect().await.unwrap();
+                who
+            }
+        }))
+    };
+    // 50 fit in one key's minute: all on one key (its provider's prompt cache stays warm).
+    let first = send(50).await;
+    assert!(first.iter().all(|w| *w == first[0]), "{first:?}");
+    // 40 more pass that key's quota: the rest spill to the other key rather than wait.
+    let more = send(40).await;
+    let home = more.iter().filter(|w| **w == first[0]).count();
+    assert!(
+        (8..=12).contains(&home),
+        "{home} of 40 stayed home: {more:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fallback_model_is_not_balanced_with_the_group_but_tried_after_it() {
+    type Plain = BoxCloneSyncService<Request<ReplayBody>, Response<Full<Bytes>>, BoxError>;
+    let answer = || -> Plain {
+        BoxCloneSyncService::new(service_fn(|_: Request<ReplayBody>| async {
+            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+        }))
+    };
+    let failover = Failover::builder()
+        .strategy(Strategy::Balanced)
+        .backend(Backend::new("key-a", answer()))
+        .backend(Backend::new("key-b", answer()).priority(1))
+        .backend(
+            Backend::new("smaller", answer())
+                .model("gpt-4o-mini")
+                .priority(2),
+        )
+        .build();
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    for i in 0..200 {
+        let res = failover.clone().oneshot(chat(i)).await.unwrap();
+        let who = res.headers()[X_TOLLGATE_BACKEND]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        *seen.entry(who).or_default() += 1;
+    }
+    assert_eq!(seen.get("smaller"), None, "{seen:?}");
+    assert!(seen["key-a"] > 60 && seen["key-b"] > 60, "{seen:?}");
+}
