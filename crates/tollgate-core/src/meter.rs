@@ -445,6 +445,10 @@ pub struct Guarded<S: ?Sized> {
     on_failure: OnStoreFailure,
     health: StoreHealth,
     what: &'static str,
+    /// Until when the store's last answer said it has no room (a denial's
+    /// `retry_after`); cleared by a grant. What a balancer reads of the shared quota,
+    /// at no extra call.
+    denied_until: std::sync::Mutex<Option<Instant>>,
 }
 
 impl<S: ?Sized> fmt::Debug for Guarded<S> {
@@ -468,6 +472,7 @@ impl<S: ?Sized> Guarded<S> {
             store,
             on_failure,
             health: StoreHealth::new(now),
+            denied_until: std::sync::Mutex::new(None),
             what,
         }
     }
@@ -475,6 +480,23 @@ impl<S: ?Sized> Guarded<S> {
     /// The store.
     pub fn store(&self) -> &Arc<S> {
         &self.store
+    }
+
+    /// Until when the store's last answer said there is no room, if it said so: read
+    /// without asking the store again.
+    pub fn denied_until(&self) -> Option<Instant> {
+        *self
+            .denied_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn note_denied(&self, until: Option<Instant>) {
+        // An assignment: a panic elsewhere leaves it whole.
+        *self
+            .denied_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = until;
     }
 
     /// What happens when the store cannot answer.
@@ -531,6 +553,8 @@ pub struct Ask<S: ?Sized, C, D> {
     ask: bool,
     pending: Option<StoreFuture<Result<D, StoreError>>>,
     sleep: Option<Sleep>,
+    /// The last denial's `retry_after` in this call: the pace cells come back at.
+    paced: Option<Duration>,
 }
 
 /// The guarded call to a [`RateStore`].
@@ -573,6 +597,7 @@ impl<S: MeterStore<Cell = C, Decision = D> + ?Sized, C, D> Ask<S, C, D> {
             ask,
             pending: None,
             sleep: None,
+            paced: None,
         }
     }
 
@@ -606,6 +631,10 @@ impl<S: MeterStore<Cell = C, Decision = D> + ?Sized, C, D> Future for Ask<S, C, 
             let (binding, retry_after) = match answer.map(S::verdict) {
                 Ok(StoreVerdict::Granted(g)) => {
                     this.guard.health.answered(this.guard.what);
+                    // Granted after waiting for it: the cell just freed is taken, and the
+                    // next comes about as far off again. Granted at once: room.
+                    let now = this.clock.now();
+                    this.guard.note_denied(this.paced.map(|d| later(now, d)));
                     return Poll::Ready(Asked::Granted(g));
                 }
                 Ok(StoreVerdict::Denied {
@@ -613,6 +642,9 @@ impl<S: MeterStore<Cell = C, Decision = D> + ?Sized, C, D> Future for Ask<S, C, 
                     retry_after,
                 }) => {
                     this.guard.health.answered(this.guard.what);
+                    this.guard
+                        .note_denied(retry_after.map(|d| later(this.clock.now(), d)));
+                    this.paced = retry_after;
                     (binding, retry_after)
                 }
                 Err(e) => {

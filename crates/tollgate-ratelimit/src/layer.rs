@@ -81,6 +81,18 @@ impl tollgate_core::meter::Capacity for RateLimitLayer {
         &self,
         req: &tollgate_core::key::RequestHead<'_>,
     ) -> tollgate_core::meter::Headroom {
+        // With a shared store, the quota is the store's: what its last answer said (no
+        // room until then), read without another call.
+        if let Some(remote) = &self.remote {
+            let now = tollgate_core::clock::Clock::now(self.shared.clock());
+            return match remote.guard.denied_until().filter(|t| *t > now) {
+                Some(t) => tollgate_core::meter::Headroom {
+                    left: 0.0,
+                    ready_in: t - now,
+                },
+                None => tollgate_core::meter::Headroom::FULL,
+            };
+        }
         let waiting = u32::try_from(self.shared.waiting()).unwrap_or(u32::MAX);
         self.shared
             .admitter()

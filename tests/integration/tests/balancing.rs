@@ -308,3 +308,67 @@ async fn a_fallback_model_is_not_balanced_with_the_group_but_tried_after_it() {
     assert_eq!(seen.get("smaller"), None, "{seen:?}");
     assert!(seen["key-a"] > 60 && seen["key-b"] > 60, "{seen:?}");
 }
+
+/// With the keys' quotas in Redis (shared by every instance), the balancer reads what
+/// the store last answered: a key another instance drained is passed over at once,
+/// without asking the store again for each request. Real time (Redis keeps its own
+/// clock), bounded: about a second.
+#[tokio::test]
+async fn with_quotas_in_redis_a_key_another_instance_drained_is_passed_over() {
+    use tollgate::redis::RedisStore;
+    use tollgate_core::store::OnStoreFailure;
+    let Some(url) = tollgate_testkit::redis::redis_url("balancing over Redis") else {
+        return;
+    };
+    let ns = format!("test:balance:{}:{:x}", std::process::id(), fastrand_ns());
+    let store = || {
+        RedisStore::open(&url)
+            .unwrap()
+            .namespace(&ns)
+            .timeout(Duration::from_secs(2))
+    };
+    let shared_limit = |name: &str| {
+        RateLimitLayer::builder()
+            .limit(Limit::new(name.to_owned(), Quota::per_minute(60).burst(5)))
+            .wait(Duration::from_secs(5))
+            .store(store(), OnStoreFailure::Closed)
+            .build()
+    };
+    // Another instance takes k1's whole burst.
+    let other = shared_limit("k1").layer(service_fn(|_: Request<()>| async {
+        Ok::<_, BoxError>(Response::new(()))
+    }));
+    for _ in 0..5 {
+        other.clone().oneshot(Request::new(())).await.unwrap();
+    }
+    let providers = [
+        Provider::builder().spawn().await.unwrap(),
+        Provider::builder().spawn().await.unwrap(),
+    ];
+    let limiters = [shared_limit("k1"), {
+        RateLimitLayer::builder()
+            .limit(Limit::new("k2", Quota::per_minute(6000)))
+            .store(store(), OnStoreFailure::Closed)
+            .build()
+    }];
+    let failover = Failover::builder()
+        .strategy(Strategy::Balanced)
+        .backend(Backend::new("k1", key(&providers[0], &limiters[0])).capacity(limiters[0].clone()))
+        .backend(Backend::new("k2", key(&providers[1], &limiters[1])).capacity(limiters[1].clone()))
+        .build();
+    let mut k2 = 0;
+    for i in 0..20 {
+        let res = failover.clone().oneshot(chat(i)).await.unwrap();
+        k2 += usize::from(res.headers()[X_TOLLGATE_BACKEND] == "k2");
+        res.into_body().collect().await.unwrap();
+    }
+    // At most the first request that went to k1 learned it was empty (and waited for
+    // its next cell); every one after went to k2 while the store's "not until" held.
+    assert!(k2 >= 18, "k2 served {k2} of 20");
+}
+
+fn fastrand_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
