@@ -571,13 +571,10 @@ where
 
 /// The order this round tries the backends in: by priority, or as the strategy and a
 /// sticky key say.
-fn round_order<S>(
-    shared: &Shared<S>,
-    parts: &http::request::Parts,
-    facts: &RequestFacts,
-) -> Vec<usize> {
+fn round_order<S>(shared: &Shared<S>, parts: &http::request::Parts, facts: &RequestFacts) -> Order {
     if shared.strategy == Strategy::Ordered && shared.sticky.is_none() {
-        return (0..shared.backends.len()).collect();
+        // The common case allocates nothing.
+        return Order::All(0..shared.backends.len());
     }
     let key = shared.sticky.as_ref().and_then(|_| {
         let req = Request::from_parts(parts.clone(), ());
@@ -613,7 +610,23 @@ fn round_order<S>(
         .collect();
     let mut order = balance::order(shared.strategy, cands);
     order.extend(fallbacks);
-    order
+    Order::Listed(order.into_iter())
+}
+
+/// The backends of a round, in the order to try them.
+enum Order {
+    All(std::ops::Range<usize>),
+    Listed(std::vec::IntoIter<usize>),
+}
+
+impl Iterator for Order {
+    type Item = usize;
+    fn next(&mut self) -> Option<usize> {
+        match self {
+            Order::All(r) => r.next(),
+            Order::Listed(l) => l.next(),
+        }
+    }
 }
 
 /// Whether a backend's `poll_ready` said "not now": `None` when it is ready; `Some(error)`
