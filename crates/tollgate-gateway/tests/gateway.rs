@@ -339,8 +339,17 @@ async fn a_tenant_over_its_rate_gets_a_proper_429_and_others_go_on() {
     gw.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_tenant_at_its_concurrency_is_refused_until_its_stream_ends() {
+/// A gateway whose tenant `vk-one` has `limits`, and a stream of that tenant's in
+/// flight (its head out, its body still coming: 12 chunks 40 ms apart).
+async fn one_place_taken_by_a_stream(
+    limits: &str,
+) -> (
+    Running,
+    HttpClient,
+    String,
+    http::Response<hyper::body::Incoming>,
+    Provider,
+) {
     let provider = Provider::builder()
         .chunk_delay(Duration::from_millis(40))
         .completion_tokens(12)
@@ -348,10 +357,7 @@ async fn a_tenant_at_its_concurrency_is_refused_until_its_stream_ends() {
         .spawn()
         .await
         .unwrap();
-    let extra = format!(
-        "  one: {{ key_sha256: \"{}\", concurrency: 1 }}",
-        hash("vk-one")
-    );
+    let extra = format!("  one: {{ key_sha256: \"{}\", {limits} }}", hash("vk-one"));
     let gw = start(Gateway::new(config(&keyed(&extra), &provider.url())).unwrap()).await;
     let http = client();
     let url = gw.url("/v1/chat/completions");
@@ -364,6 +370,12 @@ async fn a_tenant_at_its_concurrency_is_refused_until_its_stream_ends() {
         .unwrap();
     let streaming = http.request(req).await.unwrap();
     assert_eq!(streaming.status(), 200);
+    (gw, http, url, streaming, provider)
+}
+
+#[tokio::test]
+async fn a_tenant_at_its_concurrency_is_refused_until_its_stream_ends() {
+    let (gw, http, url, streaming, _provider) = one_place_taken_by_a_stream("concurrency: 1").await;
     // The stream's head is out, its body still coming: the one place is taken.
     let second = post(&http, &url, "vk-one", &chat("meanwhile"), &[])
         .await
@@ -397,29 +409,8 @@ async fn a_tenant_at_its_concurrency_is_refused_until_its_stream_ends() {
 
 #[tokio::test]
 async fn a_waiting_tenant_at_its_concurrency_takes_the_place_its_stream_frees() {
-    let provider = Provider::builder()
-        .chunk_delay(Duration::from_millis(40))
-        .completion_tokens(12)
-        .tokens_per_chunk(1)
-        .spawn()
-        .await
-        .unwrap();
-    let extra = format!(
-        "  one: {{ key_sha256: \"{}\", concurrency: 1, mode: wait, max_wait: 30s }}",
-        hash("vk-one")
-    );
-    let gw = start(Gateway::new(config(&keyed(&extra), &provider.url())).unwrap()).await;
-    let http = client();
-    let url = gw.url("/v1/chat/completions");
-    let mut body = chat("long stream");
-    body["stream"] = json!(true);
-    let req = Request::post(&url)
-        .header("authorization", "Bearer vk-one")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let streaming = http.request(req).await.unwrap();
-    assert_eq!(streaming.status(), 200);
+    let (gw, http, url, streaming, _provider) =
+        one_place_taken_by_a_stream("concurrency: 1, mode: wait, max_wait: 30s").await;
     let second = {
         let (http, url) = (http.clone(), url.clone());
         tokio::spawn(async move {

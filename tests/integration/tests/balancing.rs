@@ -36,6 +36,25 @@ fn key(provider: &Provider, limiter: &RateLimitLayer) -> Svc {
     BoxCloneSyncService::new(limiter.layer(http))
 }
 
+/// Two keys, each its client to its provider behind its limiter, read for its room.
+fn two_keys(
+    providers: &[Provider; 2],
+    limiters: &[RateLimitLayer; 2],
+) -> tollgate_failover::FailoverBuilder<Svc> {
+    Failover::builder()
+        .backend(Backend::new("k1", key(&providers[0], &limiters[0])).capacity(limiters[0].clone()))
+        .backend(Backend::new("k2", key(&providers[1], &limiters[1])).capacity(limiters[1].clone()))
+}
+
+type Plain = BoxCloneSyncService<Request<ReplayBody>, Response<Full<Bytes>>, BoxError>;
+
+/// A backend that answers at once.
+fn plain() -> Plain {
+    BoxCloneSyncService::new(service_fn(|_: Request<ReplayBody>| async {
+        Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+    }))
+}
+
 fn limiter(name: &str) -> RateLimitLayer {
     RateLimitLayer::builder()
         .limit(Limit::new(name.to_owned(), Quota::per_minute(60)))
@@ -131,10 +150,8 @@ async fn a_key_that_starts_answering_429_gets_less_traffic_at_once() {
         Provider::builder().rpm(30).spawn().await.unwrap(),
     ];
     let limiters = [limiter("k1"), limiter("k2")];
-    let failover = Failover::builder()
+    let failover = two_keys(&providers, &limiters)
         .strategy(Strategy::Balanced)
-        .backend(Backend::new("k1", key(&providers[0], &limiters[0])).capacity(limiters[0].clone()))
-        .backend(Backend::new("k2", key(&providers[1], &limiters[1])).capacity(limiters[1].clone()))
         .build();
     let start = Instant::now();
     let answers = futures_util::future::join_all((0..180).map(|i| {
@@ -166,16 +183,10 @@ async fn a_key_that_starts_answering_429_gets_less_traffic_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn weights_three_to_one_split_a_thousand_requests_75_25() {
-    type Plain = BoxCloneSyncService<Request<ReplayBody>, Response<Full<Bytes>>, BoxError>;
-    let answer = || -> Plain {
-        BoxCloneSyncService::new(service_fn(|_: Request<ReplayBody>| async {
-            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(b"{}"))))
-        }))
-    };
     let failover = Failover::builder()
         .strategy(Strategy::Weighted)
-        .backend(Backend::new("old", answer()).weight(3))
-        .backend(Backend::new("new", answer()).weight(1))
+        .backend(Backend::new("old", plain()).weight(3))
+        .backend(Backend::new("new", plain()).weight(1))
         .build();
     let mut old = 0;
     for i in 0..1000 {
@@ -242,11 +253,9 @@ async fn a_sticky_tenant_stays_on_one_key_while_it_has_quota_then_spills_over() 
         Provider::builder().rpm(60).spawn().await.unwrap(),
     ];
     let limiters = [limiter("k1"), limiter("k2")];
-    let failover = Failover::builder()
+    let failover = two_keys(&providers, &limiters)
         .strategy(Strategy::Balanced)
         .sticky(Header::new("x-tenant-id"))
-        .backend(Backend::new("k1", key(&providers[0], &limiters[0])).capacity(limiters[0].clone()))
-        .backend(Backend::new("k2", key(&providers[1], &limiters[1])).capacity(limiters[1].clone()))
         .build();
     let send = |n: usize| {
         let f = failover.clone();
@@ -280,18 +289,12 @@ async fn a_sticky_tenant_stays_on_one_key_while_it_has_quota_then_spills_over() 
 
 #[tokio::test(start_paused = true)]
 async fn a_fallback_model_is_not_balanced_with_the_group_but_tried_after_it() {
-    type Plain = BoxCloneSyncService<Request<ReplayBody>, Response<Full<Bytes>>, BoxError>;
-    let answer = || -> Plain {
-        BoxCloneSyncService::new(service_fn(|_: Request<ReplayBody>| async {
-            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(b"{}"))))
-        }))
-    };
     let failover = Failover::builder()
         .strategy(Strategy::Balanced)
-        .backend(Backend::new("key-a", answer()))
-        .backend(Backend::new("key-b", answer()).priority(1))
+        .backend(Backend::new("key-a", plain()))
+        .backend(Backend::new("key-b", plain()).priority(1))
         .backend(
-            Backend::new("smaller", answer())
+            Backend::new("smaller", plain())
                 .model("gpt-4o-mini")
                 .priority(2),
         )
@@ -351,10 +354,8 @@ async fn with_quotas_in_redis_a_key_another_instance_drained_is_passed_over() {
             .store(store(), OnStoreFailure::Closed)
             .build()
     }];
-    let failover = Failover::builder()
+    let failover = two_keys(&providers, &limiters)
         .strategy(Strategy::Balanced)
-        .backend(Backend::new("k1", key(&providers[0], &limiters[0])).capacity(limiters[0].clone()))
-        .backend(Backend::new("k2", key(&providers[1], &limiters[1])).capacity(limiters[1].clone()))
         .build();
     let mut k2 = 0;
     for i in 0..20 {
