@@ -324,10 +324,15 @@ struct Job {
     include_usage: bool,
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, PartialEq)]
 enum JobKind {
     Chat,
-    Embeddings { inputs: usize },
+    /// One seed per input, from its text: an input's vector is the same whichever
+    /// request, and wherever in it, it comes (so a batch can be checked against single
+    /// calls).
+    Embeddings {
+        seeds: Vec<u64>,
+    },
 }
 
 fn bad_request(message: &str) -> Response<ProviderBody> {
@@ -358,13 +363,23 @@ fn parse_job(
             .ok_or_else(|| String::from("'input' is a required property"))?;
         let prompt_tokens = tokens::embedding_input(tokens::Vocab::for_model(&model), input)
             .ok_or_else(|| String::from("'input' is invalid"))?;
-        let inputs = match input {
-            Value::Array(items) if items.iter().all(|i| !i.is_number()) => items.len(),
-            _ => 1,
+        // FNV-1a of the input's JSON.
+        let seed = |v: &Value| {
+            v.to_string()
+                .bytes()
+                .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                })
+        };
+        let seeds = match input {
+            Value::Array(items) if items.iter().all(|i| !i.is_number()) => {
+                items.iter().map(seed).collect()
+            }
+            other => vec![seed(other)],
         };
         return Ok(Job {
             model,
-            kind: JobKind::Embeddings { inputs },
+            kind: JobKind::Embeddings { seeds },
             prompt_tokens,
             completion_tokens: 0,
             choices: 1,
@@ -426,14 +441,14 @@ impl Job {
     }
 
     fn answer_json(&self, id: &str) -> Value {
-        match self.kind {
-            JobKind::Embeddings { inputs } => json!({
+        match &self.kind {
+            JobKind::Embeddings { seeds } => json!({
                 "object": "list",
                 "model": self.model,
-                "data": (0..inputs).map(|i| json!({
+                "data": seeds.iter().enumerate().map(|(i, s)| json!({
                     "object": "embedding",
                     "index": i,
-                    "embedding": (0..8).map(|d| ((i * 8 + d) % 17) as f64 / 17.0).collect::<Vec<_>>(),
+                    "embedding": (0..8u64).map(|d| (s.wrapping_add(d * 7) % 17) as f64 / 17.0).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
                 "usage": self.usage(),
             }),
