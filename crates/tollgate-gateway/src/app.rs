@@ -38,6 +38,8 @@ struct Route {
     svc: PolicyService<ReplayBody>,
     /// Each backend's limiter and budget, for the dashboard.
     layers: Vec<tollgate::policy::BackendLayers>,
+    /// Its embeddings batching, unless the config turns it off for this model.
+    batch: Option<tollgate_batch::BatchLayer>,
 }
 
 /// A config, built.
@@ -87,6 +89,7 @@ impl Loaded {
                         .map_err(|e| e.context(&format!("models.{name}")))?;
                     Arc::new(Route {
                         name: name.clone(),
+                        batch: config.batching.layer_for(name),
                         policy,
                         svc,
                         layers,
@@ -1275,14 +1278,23 @@ impl std::error::Error for Passed {
     }
 }
 
-/// The tenant's own limits (requests, then tokens), then the model's stack.
+/// The tenant's own limits (requests, then tokens), then — for embeddings, unless the
+/// model is off — the batching of concurrent requests, then the model's stack (so a batch
+/// is one request for the model's limiter and its total for its budget).
 ///
 /// Each arm boxes its future as it is, a concrete type: the limiters' futures are generic
 /// over the error type, and one named inside an `async` block trips rustc's higher-ranked
 /// `Send` check in an axum handler.
 fn through_limits(tenant: &Tenant, route: &Route, req: Request<ReplayBody>) -> Answer {
     use futures_util::TryFutureExt;
-    let model = route.svc.clone();
+    let model = match route
+        .batch
+        .as_ref()
+        .filter(|_| req.uri().path() == "/v1/embeddings")
+    {
+        Some(batch) => tower::util::Either::Left(batch.layer(route.svc.clone())),
+        None => tower::util::Either::Right(route.svc.clone()),
+    };
     match (&tenant.rate, &tenant.tokens) {
         (None, None) => Box::pin(model.oneshot(req)),
         (Some(rate), None) => Box::pin(rate.layer(model).oneshot(req).map_err(boxed_error)),

@@ -58,6 +58,11 @@ pub struct Config {
     /// Alert rules and where their events go.
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// Embeddings batching: concurrent `/v1/embeddings` requests of one model and the same
+    /// parameters within `max_delay` (5 ms) go as one provider call — one request of the
+    /// model's quota instead of one each. On for every model but those in `off`.
+    #[serde(default)]
+    pub batching: BatchingConfig,
     /// What each model's tokens cost, in dollars per million (`input`, `output`,
     /// `cached_input`), for tenants' `budget`s. A model without a price is not counted.
     #[serde(default)]
@@ -66,6 +71,39 @@ pub struct Config {
     /// at once. Without it, the preference is ignored and requests are answered at once.
     #[serde(default)]
     pub jobs: Option<JobsConfig>,
+}
+
+/// See [`Config::batching`].
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// How long the first request of a batch waits for others (5 ms).
+    pub max_delay: Option<Dur>,
+    /// Models whose embeddings go one by one, as sent.
+    pub off: Vec<String>,
+}
+
+impl BatchingConfig {
+    /// The batching layer of `model`, unless it is off.
+    pub(crate) fn layer_for(&self, model: &str) -> Option<tollgate_batch::BatchLayer> {
+        if self.off.iter().any(|m| m == model) {
+            return None;
+        }
+        let exact = tollgate::tpm::estimate::Encoding::for_model(model);
+        Some(
+            tollgate_batch::BatchLayer::builder()
+                .max_delay(
+                    self.max_delay
+                        .map_or(std::time::Duration::from_millis(5), |d| d.0),
+                )
+                .count(move |text| {
+                    exact
+                        .and_then(|e| e.count(text))
+                        .unwrap_or_else(|| (text.len() as u64).div_ceil(4).max(1))
+                })
+                .build(),
+        )
+    }
 }
 
 /// A model's price, in US dollars per million tokens.
@@ -327,6 +365,7 @@ impl Config {
             admin_key_env: None,
             alerts: AlertsConfig::default(),
             jobs: None,
+            batching: BatchingConfig::default(),
             prices: BTreeMap::new(),
         }
     }

@@ -1159,6 +1159,44 @@ tenants:
     gw.shutdown().await;
 }
 
+/// 16 embeddings requests sent together through a gateway whose config ends in `extra`:
+/// the provider's request count, and each answer.
+async fn sixteen_embeddings(extra: &str) -> (u64, Vec<Answer>) {
+    let provider = Provider::builder().spawn().await.unwrap();
+    // A window long enough that 16 loopback requests surely meet in it.
+    let yaml = keyed("") + extra;
+    let gw = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let http = client();
+    let url = gw.url("/v1/embeddings");
+    let answers = futures_util::future::join_all((0..16).map(|i| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let body = json!({"model": "text-embedding-3-small", "input": format!("text {i}")});
+            post(&http, &url, "vk-acme", &body, &[]).await.unwrap()
+        }
+    }))
+    .await;
+    let calls = provider.stats().requests;
+    gw.shutdown().await;
+    (calls, answers)
+}
+
+#[tokio::test]
+async fn concurrent_embeddings_go_as_one_provider_call_unless_the_model_is_off() {
+    let (calls, answers) = sixteen_embeddings("batching: { max_delay: 300ms }\n").await;
+    assert_eq!(calls, 1, "one call for sixteen");
+    for a in &answers {
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        let v = a.json();
+        assert_eq!(v["data"].as_array().unwrap().len(), 1);
+        assert_eq!(v["data"][0]["index"], 0);
+        assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() >= 2);
+    }
+    let (calls, _) =
+        sixteen_embeddings("batching: { max_delay: 300ms, off: [text-embedding-3-small] }\n").await;
+    assert_eq!(calls, 16, "off: one by one");
+}
+
 async fn post_async(http: &HttpClient, url: &str, key: &str, body: &serde_json::Value) -> Answer {
     post(http, url, key, body, &[("prefer", "respond-async")])
         .await
