@@ -64,6 +64,10 @@
 //!   burst of 1,200 requests (6,000 full) through balanced and through ordered failover,
 //!   on tokio's paused clock over loopback: makespan ÷ the three quotas' floor, provider
 //!   429s, the share of the quotas left unused (goal: ≤ 1.05, ≤ 1%, ≈ 0).
+//! - `batching`: 2,000 single-text embeddings requests (10,000 full) at concurrency 64
+//!   against a provider at 600 RPM behind a limiter of that quota, with and without
+//!   `BatchLayer`, on the paused clock: upstream requests, speedup (makespan without ÷
+//!   with; goal ≥ 20), and whether every answer equals the request's alone.
 //! - `redis`: rate-limit decisions against the local Redis (`REDIS_URL`, or
 //!   127.0.0.1:6379) at concurrency 64, plain (one script call each) and pooled: decisions
 //!   per second, p99 latency, Redis calls per decision from `INFO commandstats`, and
@@ -73,6 +77,7 @@
 #![deny(missing_docs)]
 
 mod balancing;
+mod batching;
 mod blind;
 
 // The allocator the gateway ships with, for measuring the stack as it is deployed; the
@@ -174,6 +179,8 @@ enum Scenario {
     Fairness,
     /// One model over three keys of 200 RPM: a burst through balanced and ordered failover.
     Balancing,
+    /// Single-text embeddings against a 600 RPM provider, with and without batching.
+    Batching,
     /// The pass-through proxy `gateway` starts as its own process.
     #[value(hide = true)]
     Proxy,
@@ -209,6 +216,7 @@ fn main() -> ExitCode {
             Scenario::JobStore => job_store::run(&args).await,
             Scenario::Fairness => fairness::run(&args).await,
             Scenario::Balancing => balancing::run(&args),
+            Scenario::Batching => batching::run(&args),
             Scenario::Proxy => gateway::proxy(&args).await,
         }
     });
