@@ -587,12 +587,16 @@ fn request_id(headers: &HeaderMap) -> String {
         .map_or_else(|| format!("req_{}", random_hex()), str::to_owned)
 }
 
-/// The request headers a provider must not see: the caller's credentials (the backend's
-/// own replace them), what names the gateway's connection, and compression (usage is read
-/// from the answer as it passes).
+/// The request headers a provider must not see: the caller's credentials in every
+/// provider's spelling (the backend's own replace them), what names the gateway's
+/// connection, and compression (usage is read from the answer as it passes). The last
+/// hop (`Upstream`) drops the gateway's own `x-tollgate-*` headers and the caller's
+/// network's (`forwarded`, `x-forwarded-*`) once every layer has read them.
 const STRIPPED_REQUEST: &[&str] = &[
     "authorization",
     "x-api-key",
+    "api-key",
+    "x-goog-api-key",
     "host",
     "connection",
     "keep-alive",

@@ -136,8 +136,28 @@ impl Service<Request<BoxBody>> for Upstream {
     fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
         let trace = req.extensions_mut().remove::<Arc<Trace>>();
         // The tenant's name is for the gateway's own layers (the cache's partition, keyed
-        // limits); a provider has no use for it.
-        req.headers_mut().remove("x-tenant-id");
+        // limits); a provider has no use for it. Nor for the gateway's own `x-tollgate-*`
+        // headers (a cache TTL, a callback URL), nor for what names the caller's network:
+        // the gateway is the edge the provider sees.
+        let h = req.headers_mut();
+        h.remove("x-tenant-id");
+        for name in [
+            "forwarded",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "x-real-ip",
+        ] {
+            h.remove(name);
+        }
+        let internal: Vec<http::HeaderName> = h
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-tollgate-"))
+            .cloned()
+            .collect();
+        for name in internal {
+            h.remove(name);
+        }
         let call = self.client.request(req);
         let timeout = self.timeout;
         Box::pin(async move {
