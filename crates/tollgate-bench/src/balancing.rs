@@ -116,48 +116,43 @@ pub(crate) fn run(args: &Args) -> Result<(), BoxError> {
         .map_or(if args.quick { 1200 } else { 6000 }, |r| {
             usize::try_from(r).unwrap_or(1200)
         });
-    // Its own thread and runtime: the paused clock is the whole runtime's.
-    std::thread::spawn(move || -> Result<(), String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .map_err(|e| e.to_string())?;
-        rt.block_on(async move {
-            let rate = f64::from(RPM) / 60.0 * KEYS as f64;
-            let bursts = (RPM as usize * KEYS) as f64;
-            let floor = (n as f64 - bursts).max(0.0) / rate;
-            let mut line = String::new();
-            for (name, strategy) in [("balanced", Strategy::Balanced), ("ordered", Strategy::Ordered)] {
-                let o = burst(strategy, n).await.map_err(|e| e.to_string())?;
-                let t = o.makespan.as_secs_f64();
-                let capacity = bursts + rate * t;
-                let unused: f64 = o
-                    .per_key
-                    .iter()
-                    .map(|&k| (f64::from(RPM) + f64::from(RPM) / 60.0 * t - k as f64).max(0.0))
-                    .sum();
-                let idle = unused / capacity.max(1.0);
-                println!(
+    crate::load::on_paused_clock(move || async move {
+        let rate = f64::from(RPM) / 60.0 * KEYS as f64;
+        let bursts = (RPM as usize * KEYS) as f64;
+        let floor = (n as f64 - bursts).max(0.0) / rate;
+        let mut line = String::new();
+        for (name, strategy) in [
+            ("balanced", Strategy::Balanced),
+            ("ordered", Strategy::Ordered),
+        ] {
+            let o = burst(strategy, n).await.map_err(|e| e.to_string())?;
+            let t = o.makespan.as_secs_f64();
+            let capacity = bursts + rate * t;
+            let unused: f64 = o
+                .per_key
+                .iter()
+                .map(|&k| (f64::from(RPM) + f64::from(RPM) / 60.0 * t - k as f64).max(0.0))
+                .sum();
+            let idle = unused / capacity.max(1.0);
+            println!(
                     "  {name:<9} {n} requests in {t:.1} s (floor {floor:.1} s), per key {:?}, failed {}, provider 429s {}, idle share {idle:.3}",
                     o.per_key, o.failed, o.provider_429
                 );
-                if name == "balanced" {
-                    line = format!(
+            if name == "balanced" {
+                line = format!(
                         "RESULT balancing makespan_ratio={:.3} provider_429={} idle_share={idle:.3} failed={}",
                         t / floor.max(f64::MIN_POSITIVE),
                         o.provider_429,
                         o.failed
                     );
-                } else {
-                    line.push_str(&format!(" ordered_makespan_ratio={:.3}", t / floor.max(f64::MIN_POSITIVE)));
-                }
+            } else {
+                line.push_str(&format!(
+                    " ordered_makespan_ratio={:.3}",
+                    t / floor.max(f64::MIN_POSITIVE)
+                ));
             }
-            println!("{line}");
-            Ok(())
-        })
+        }
+        println!("{line}");
+        Ok(())
     })
-    .join()
-    .map_err(|_| "the balancing run panicked")?
-    .map_err(Into::into)
 }

@@ -116,42 +116,41 @@ pub(crate) fn run(args: &Args) -> Result<(), BoxError> {
         .map_or(if args.quick { 2000 } else { 10_000 }, |r| {
             usize::try_from(r).unwrap_or(2000)
         });
-    std::thread::spawn(move || -> Result<(), String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
+    crate::load::on_paused_clock(move || async move {
+        // Without batching: each text a request against the quota.
+        let plain_provider = Provider::builder()
+            .rpm(u64::from(RPM))
+            .spawn()
+            .await
             .map_err(|e| e.to_string())?;
-        rt.block_on(async move {
-            // Without batching: each text a request against the quota.
-            let plain_provider = Provider::builder().rpm(u64::from(RPM)).spawn().await.map_err(|e| e.to_string())?;
-            let plain = limited(&plain_provider).map_response(|r: Response<Incoming>| {
-                r.map(|b| b.map_err(|e| -> BoxError { e.into() }).boxed_unsync())
-            });
-            let (alone, slow) = drive(plain, n).await;
-            // With batching, in front of the same limiter.
-            let batched_provider = Provider::builder().rpm(u64::from(RPM)).spawn().await.map_err(|e| e.to_string())?;
-            let batched = tollgate_batch::BatchLayer::builder()
-                .max_delay(Duration::from_millis(5))
-                .count(|t| tollgate_testkit::tokens::Vocab::for_model(MODEL).count(t))
-                .build()
-                .layer(limited(&batched_provider));
-            let (together, fast) = drive(batched, n).await;
-            let upstream = batched_provider.stats().requests;
-            let identical = alone.iter().all(|v| !v.is_null() && !v["data"].is_null()) && alone == together;
-            let speedup = slow.as_secs_f64() / fast.as_secs_f64().max(1e-9);
-            println!(
-                "  without batching: {n} requests upstream in {:.1} s; with it: {upstream} in {:.2} s",
-                slow.as_secs_f64(),
-                fast.as_secs_f64()
-            );
-            println!(
+        let plain = limited(&plain_provider).map_response(|r: Response<Incoming>| {
+            r.map(|b| b.map_err(|e| -> BoxError { e.into() }).boxed_unsync())
+        });
+        let (alone, slow) = drive(plain, n).await;
+        // With batching, in front of the same limiter.
+        let batched_provider = Provider::builder()
+            .rpm(u64::from(RPM))
+            .spawn()
+            .await
+            .map_err(|e| e.to_string())?;
+        let batched = tollgate_batch::BatchLayer::builder()
+            .max_delay(Duration::from_millis(5))
+            .count(|t| tollgate_testkit::tokens::Vocab::for_model(MODEL).count(t))
+            .build()
+            .layer(limited(&batched_provider));
+        let (together, fast) = drive(batched, n).await;
+        let upstream = batched_provider.stats().requests;
+        let identical =
+            alone.iter().all(|v| !v.is_null() && !v["data"].is_null()) && alone == together;
+        let speedup = slow.as_secs_f64() / fast.as_secs_f64().max(1e-9);
+        println!(
+            "  without batching: {n} requests upstream in {:.1} s; with it: {upstream} in {:.2} s",
+            slow.as_secs_f64(),
+            fast.as_secs_f64()
+        );
+        println!(
                 "RESULT batching requests={n} upstream_requests={upstream} speedup={speedup:.1} identical={identical}"
             );
-            Ok(())
-        })
+        Ok(())
     })
-    .join()
-    .map_err(|_| "the batching run panicked")?
-    .map_err(Into::into)
 }

@@ -158,3 +158,26 @@ where
         .then_some(())
         .ok_or(format!("status {status}"))
 }
+
+/// Runs `run` on its own thread, in a runtime on tokio's paused clock (the clock is the
+/// whole runtime's, so it cannot be the bench's own): minutes of quota refill pass at
+/// once, and the times measured are exact scheduling figures.
+pub(crate) fn on_paused_clock<F, Fut>(
+    run: F,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), String>>,
+{
+    std::thread::spawn(move || -> Result<(), String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(run())
+    })
+    .join()
+    .map_err(|_| "the run on the paused clock panicked")?
+    .map_err(Into::into)
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::mpsc;
@@ -46,10 +46,16 @@ async fn serve(layer: ConcurrencyLayer) -> (std::net::SocketAddr, Streams) {
         let s = Arc::clone(&s);
         async move {
             let name = req.headers()["x-stream"].to_str().unwrap().to_owned();
+            // `x-stream: sized`: a whole answer with a Content-Length, as JSON is sent.
+            if name == "sized" {
+                return Ok::<_, Infallible>(Response::new(Either::Right(Full::new(
+                    Bytes::from_static(b"{\"ok\":true}"),
+                ))));
+            }
             let (tx, rx) = mpsc::channel(4);
             tx.send(Bytes::from_static(b"first ")).await.unwrap();
             s.lock().unwrap().insert(name, tx);
-            Ok::<_, Infallible>(Response::new(Chan(rx)))
+            Ok::<_, Infallible>(Response::new(Either::Left(Chan(rx))))
         }
     });
     let svc = layer.layer(handler);
@@ -217,4 +223,28 @@ async fn a_zero_limit_lets_nothing_through_and_never_asks_to_retry() {
     let e = svc.oneshot(Request::new(())).await.unwrap_err();
     let r = e.downcast::<tollgate_core::refusal::Refusal>().unwrap();
     assert_eq!(r.retry_after(), None);
+}
+
+#[tokio::test]
+async fn a_sized_answer_gives_its_place_back_at_its_last_byte() {
+    let layer = ConcurrencyLayer::builder()
+        .limit(InFlight::new("answers", 1).keyed_by(Header::new("x-tenant-id")))
+        .build();
+    let (addr, _streams) = serve(layer.clone()).await;
+    let http = client();
+    for _ in 0..3 {
+        // The server stops polling a sized body at its last byte; that end must free the
+        // place, or the next request of the tenant is refused.
+        let res = open(&http, addr, "a", "sized").await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["content-length"], "11");
+        assert_eq!(
+            res.into_body().collect().await.unwrap().to_bytes(),
+            "{\"ok\":true}"
+        );
+        until("the sized answer's place is back", || {
+            layer.in_flight(&tenant("a")) == 0
+        })
+        .await;
+    }
 }
