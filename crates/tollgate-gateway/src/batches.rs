@@ -295,26 +295,14 @@ pub(crate) async fn create(
                 &format!("a batch holds at most {MAX_LINES} lines"),
             ));
         }
-        let parsed: Result<Value, _> = serde_json::from_str(&line);
-        let v = match parsed {
-            Ok(v) if v.is_object() => v,
-            _ => {
-                line_errors.push(json!({"line": n, "custom_id": null, "message": "the line is not a JSON object"}));
+        let line = match tollgate_jobs::batch::parse_line(&line, endpoint) {
+            Ok(line) => line,
+            Err(e) => {
+                line_errors.push(json!({"line": n, "custom_id": e.custom_id, "message": e.message}));
                 continue;
             }
         };
-        let custom_id = v["custom_id"].as_str().map(str::to_owned);
-        let url = v["url"].as_str().unwrap_or_default();
-        let method = v["method"].as_str().unwrap_or("POST");
-        if custom_id.is_none()
-            || url != endpoint
-            || !method.eq_ignore_ascii_case("POST")
-            || !v["body"].is_object()
-        {
-            line_errors.push(json!({"line": n, "custom_id": custom_id, "message": format!("a line needs `custom_id`, `method: POST`, `url: {endpoint}` and a `body` object")}));
-            continue;
-        }
-        let model = v["body"]["model"].as_str().unwrap_or_default();
+        let model = line.model.as_str();
         match config.route(model) {
             Some((name, _)) if tenant.may_use(name) => {}
             _ => {
@@ -323,12 +311,12 @@ pub(crate) async fn create(
             }
         }
         let index = custom_ids.len();
-        custom_ids.push(custom_id.unwrap_or_default());
+        custom_ids.push(line.custom_id);
         queued.push(Job {
             id: format!("{id}_{index:06}"),
             tenant: tenant.name.to_string(),
             path: endpoint.to_owned(),
-            body: v["body"].to_string(),
+            body: line.body,
             state: JobState::Queued,
             status: None,
             response: None,

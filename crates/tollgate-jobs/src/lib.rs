@@ -38,6 +38,8 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod batch;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

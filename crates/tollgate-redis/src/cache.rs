@@ -31,7 +31,10 @@ impl RedisStore {
     }
 }
 
-fn encode(v: &Stored) -> Bytes {
+/// A cached answer in the form the cache keeps in Redis: a magic number, the status, the
+/// headers and the body's frames, each length-prefixed. Public so tools and fuzzers can
+/// read what the cache wrote; [`decode_entry`] reads it back.
+pub fn encode_entry(v: &Stored) -> Bytes {
     let mut out = BytesMut::with_capacity(v.size() + 256);
     out.put_slice(MAGIC);
     out.put_u16(v.status.as_u16());
@@ -59,7 +62,9 @@ fn take(buf: &mut Bytes) -> Option<Bytes> {
     (buf.remaining() >= n).then(|| buf.split_to(n))
 }
 
-fn decode(mut buf: Bytes) -> Option<Stored> {
+/// Reads an entry [`encode_entry`] wrote. Anything else — truncated, padded, another
+/// format, a status or header that `http` refuses — is `None` (a miss), never a panic.
+pub fn decode_entry(mut buf: Bytes) -> Option<Stored> {
     if buf.remaining() < 9 || &buf[..4] != MAGIC {
         return None;
     }
@@ -99,7 +104,7 @@ impl CacheStore for RedisStore {
             let got: Result<Option<Vec<u8>>, _> =
                 Self::timed(timeout, redis::cmd("GET").arg(&k).query_async(&mut conn)).await;
             match got {
-                Ok(Some(bytes)) => decode(Bytes::from(bytes)).map(Arc::new),
+                Ok(Some(bytes)) => decode_entry(Bytes::from(bytes)).map(Arc::new),
                 Ok(None) => None,
                 Err(e) => {
                     tracing::debug!(error = %e, "cache lookup in Redis failed; treated as a miss");
@@ -119,7 +124,7 @@ impl CacheStore for RedisStore {
             let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
             let cmd = redis::cmd("SET")
                 .arg(k)
-                .arg(encode(&value).as_ref())
+                .arg(encode_entry(&value).as_ref())
                 .arg("PX")
                 .arg(ms)
                 .to_owned();
@@ -151,19 +156,19 @@ mod tests {
             ],
             stream: true,
         };
-        let back = decode(encode(&v)).unwrap();
+        let back = decode_entry(encode_entry(&v)).unwrap();
         assert_eq!(
             (back.status, back.stream, back.frames.clone()),
             (v.status, v.stream, v.frames.clone())
         );
         assert_eq!(back.headers, v.headers);
-        let whole = encode(&v);
+        let whole = encode_entry(&v);
         for cut in 0..whole.len() {
             assert!(
-                decode(whole.slice(..cut)).is_none(),
+                decode_entry(whole.slice(..cut)).is_none(),
                 "a cut entry is a miss"
             );
         }
-        assert!(decode(Bytes::from_static(b"garbage!!!!!!!!")).is_none());
+        assert!(decode_entry(Bytes::from_static(b"garbage!!!!!!!!")).is_none());
     }
 }

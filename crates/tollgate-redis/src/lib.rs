@@ -81,6 +81,8 @@ mod jobs;
 mod pooled;
 mod scripts;
 
+#[cfg(feature = "cache")]
+pub use cache::{decode_entry, encode_entry};
 #[cfg(feature = "jobs")]
 pub use jobs::RedisJobStore;
 pub use pooled::PooledStore;
