@@ -86,8 +86,12 @@ pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return;
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
+            .stderr(Stdio::null())
             .status();
         for _ in 0..50 {
             if let Ok(Some(_)) = self.0.try_wait() {
@@ -124,7 +128,7 @@ pub(crate) async fn wait_listening(
 
 /// The `tollgate` binary: `--gateway-bin`, or the one beside this one (`cargo build
 /// --release -p tollgate-gateway`).
-fn gateway_bin(args: &Args) -> Result<std::path::PathBuf, BoxError> {
+pub(crate) fn gateway_bin(args: &Args) -> Result<std::path::PathBuf, BoxError> {
     if let Some(p) = &args.gateway_bin {
         return Ok(p.clone());
     }

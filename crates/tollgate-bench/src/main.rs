@@ -68,6 +68,17 @@
 //!   against a provider at 600 RPM behind a limiter of that quota, with and without
 //!   `BatchLayer`, on the paused clock: upstream requests, speedup (makespan without ÷
 //!   with; goal ≥ 20), and whether every answer equals the request's alone.
+//! - `soak [--minutes N]`: the `tollgate` binary under a steady mixed load (500/s, 1,000
+//!   tenants, streamed and not, hits and misses, a provider with 1% 5xx, 1% 429 and
+//!   resets) for N minutes (10; `--quick` 15 s), then 10⁶ requests of distinct keys to a
+//!   per-key limit (20,000 quick): RSS growth after warm-up, descriptor growth,
+//!   client-visible errors, p99 of the first and last window, RSS before, during and
+//!   after the keys (goal: growth within 10%, fds flat, 0 errors, RSS back near its start).
+//! - `chaos`: two `tollgate` instances on one Redis (a `redis-server` of its own) under a
+//!   load of 40/s with a batch running: Redis killed and restarted, the primary provider
+//!   killed and restarted, answering after 10 s, sending malformed JSON, cutting answers:
+//!   requests failed that the policy must absorb, hung past their deadline, panics, batch
+//!   lines lost or twice, time to recover from each fault (goal: 0, 0, 0, 0, 0).
 //! - `redis`: rate-limit decisions against the local Redis (`REDIS_URL`, or
 //!   127.0.0.1:6379) at concurrency 64, plain (one script call each) and pooled: decisions
 //!   per second, p99 latency, Redis calls per decision from `INFO commandstats`, and
@@ -79,6 +90,7 @@
 mod balancing;
 mod batching;
 mod blind;
+mod chaos;
 
 // The allocator the gateway ships with, for measuring the stack as it is deployed; the
 // default build measures it over the system allocator.
@@ -99,6 +111,7 @@ mod redis;
 mod report;
 mod retry;
 mod scenarios;
+mod soak;
 mod stack_cost;
 mod tpm;
 
@@ -121,6 +134,8 @@ struct Args {
     /// Requests to measure (default: 100000 quick, 1000000 full; a run also stops after 10 s quick, 60 s full).
     #[arg(long)]
     requests: Option<u64>,
+    #[arg(long)]
+    minutes: Option<f64>,
     /// `overhead`: measure this policy file instead of the built-in one (every layer).
     #[arg(long)]
     policy: Option<std::path::PathBuf>,
@@ -181,6 +196,8 @@ enum Scenario {
     Balancing,
     /// Single-text embeddings against a 600 RPM provider, with and without batching.
     Batching,
+    Soak,
+    Chaos,
     /// The pass-through proxy `gateway` starts as its own process.
     #[value(hide = true)]
     Proxy,
@@ -217,6 +234,8 @@ fn main() -> ExitCode {
             Scenario::Fairness => fairness::run(&args).await,
             Scenario::Balancing => balancing::run(&args),
             Scenario::Batching => batching::run(&args),
+            Scenario::Soak => soak::run(&args).await,
+            Scenario::Chaos => chaos::run(&args).await,
             Scenario::Proxy => gateway::proxy(&args).await,
         }
     });

@@ -298,7 +298,8 @@ pub(crate) async fn create(
         let line = match tollgate_jobs::batch::parse_line(&line, endpoint) {
             Ok(line) => line,
             Err(e) => {
-                line_errors.push(json!({"line": n, "custom_id": e.custom_id, "message": e.message}));
+                line_errors
+                    .push(json!({"line": n, "custom_id": e.custom_id, "message": e.message}));
                 continue;
             }
         };

@@ -184,6 +184,17 @@ fn prometheus() -> PrometheusHandle {
                 Err(_) => PrometheusBuilder::new().build_recorder(),
             };
             let handle = recorder.handle();
+            // A recorder built by hand keeps every histogram sample until something drains
+            // it; without a scrape of /metrics that was about 100 bytes per request,
+            // forever (found by `tollgate-bench soak`). Drain on the exporter's own
+            // schedule, on a thread so it runs with or without a tokio runtime.
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("tollgate-metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                });
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("another metrics recorder is installed: /metrics shows only what it does not take");
             }

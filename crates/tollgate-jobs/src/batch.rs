@@ -86,8 +86,11 @@ mod tests {
 
     #[test]
     fn a_line_fails_alone_and_says_which() {
-        let e = parse_line(r#"{"custom_id":"x","url":"/v1/embeddings"}"#, "/v1/embeddings")
-            .unwrap_err();
+        let e = parse_line(
+            r#"{"custom_id":"x","url":"/v1/embeddings"}"#,
+            "/v1/embeddings",
+        )
+        .unwrap_err();
         assert_eq!(e.custom_id.as_deref(), Some("x"));
         assert!(parse_line("[1,2]", "/v1/embeddings").is_err());
         assert!(parse_line("{\"custom_id\":", "/v1/embeddings").is_err());
@@ -98,7 +101,8 @@ mod tests {
     #[test]
     fn method_may_be_left_out_or_in_any_case() {
         for m in ["", r#""method":"post","#] {
-            let line = format!(r#"{{"custom_id":"x",{m}"url":"/v1/embeddings","body":{{"input":"a"}}}}"#);
+            let line =
+                format!(r#"{{"custom_id":"x",{m}"url":"/v1/embeddings","body":{{"input":"a"}}}}"#);
             let ok = parse_line(&line, "/v1/embeddings").unwrap();
             assert_eq!(ok.model, "");
             assert_eq!(ok.body, r#"{"input":"a"}"#);

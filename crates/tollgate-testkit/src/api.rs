@@ -230,6 +230,8 @@ impl State {
             Some(Fault::Cut)
         } else if hit(f.malformed_rate) {
             Some(Fault::Malformed)
+        } else if hit(f.rate_limited_rate) {
+            Some(Fault::Status(StatusCode::TOO_MANY_REQUESTS))
         } else {
             None
         }
@@ -577,6 +579,19 @@ impl State {
             Some(Fault::Reset) => {
                 self.count(&key, |s| s.faults += 1);
                 return Err(ResetFault);
+            }
+            Some(Fault::Status(StatusCode::TOO_MANY_REQUESTS)) => {
+                self.count(&key, |s| s.rate_limited += 1);
+                let mut res = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "requests",
+                    "rate_limit_exceeded",
+                    "Rate limit reached (the simulated provider answered 429 on purpose).",
+                );
+                let h = res.headers_mut();
+                h.insert("retry-after-ms", HeaderValue::from_static("100"));
+                h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return Ok(res);
             }
             Some(Fault::Status(status)) => {
                 self.count(&key, |s| s.faults += 1);

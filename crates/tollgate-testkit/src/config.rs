@@ -13,6 +13,7 @@ use std::time::Duration;
 /// | `slow` or `slow=250ms` | the answer waits (default [`Faults::slow_first_byte`]) before its first byte |
 /// | `cut` | the body stops halfway and the connection is closed |
 /// | `malformed` | a 200 whose JSON (or SSE event) is broken |
+/// | `429` | a 429 `rate_limit_exceeded` with `Retry-After: 1` and `retry-after-ms: 100`, as a provider over a quota the caller cannot see answers |
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Faults {
     /// Share of requests answered 500 or 503 (half each).
@@ -29,6 +30,9 @@ pub struct Faults {
     pub cut_rate: f64,
     /// Share of answers with broken JSON.
     pub malformed_rate: f64,
+    /// Share of requests answered 429 with a short `retry-after-ms` (100 ms), as a
+    /// provider over a quota shared with callers the gateway cannot see.
+    pub rate_limited_rate: f64,
 }
 
 /// The provider's settings. Build one with [`Provider::builder`](crate::Provider::builder).

@@ -215,6 +215,26 @@ mod build {
             .unwrap()
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_keyed_limit_drops_idle_keys_on_the_housekeeping_the_policy_sets() {
+        let policy = Policy::from_yaml(
+            "primary: { url: \"http://h\" }\nrate_limit: { requests: 60/min, key: \"header:x-user\", learn: false, housekeeping: 2s }\n",
+        )
+        .unwrap();
+        let (svc, layers) = policy.build_observed::<_, _, Full<Bytes>>(echo()).unwrap();
+        let limiter = layers[0].rate_limit.clone().unwrap();
+        for user in ["a", "b", "c"] {
+            let mut req = chat();
+            req.headers_mut().insert("x-user", user.parse().unwrap());
+            assert_eq!(svc.clone().oneshot(req).await.unwrap().status(), 200);
+        }
+        assert_eq!(limiter.keys(), 3);
+        // One cell comes back in 1 s; the 2 s housekeeping then finds every key as good as
+        // new and drops it.
+        tokio::time::sleep(std::time::Duration::from_millis(4100)).await;
+        assert_eq!(limiter.keys(), 0);
+    }
+
     #[tokio::test]
     async fn requests_go_to_the_backend_url_with_its_own_credentials() {
         std::env::set_var("TOLLGATE_TEST_KEY_A", "sk-from-env");

@@ -331,6 +331,9 @@ fn rate_limit_layer(
         .limit(limit)
         .mode(mode(p))
         .reserve(p.reserve.unwrap_or(0));
+    if let Some(every) = p.housekeeping {
+        builder = builder.housekeeping(Some(every.0));
+    }
     // A shared store holds a stated quota; one still to be learned is learned by each
     // instance in process (a store asked for "no bound" would bound nothing).
     if let (Some(store), Some(_)) = (shared, p.requests) {
@@ -351,6 +354,9 @@ fn tpm_layer(
         .budget(budget)
         .body_limit(body_limit)
         .mode(mode(p));
+    if let Some(every) = p.housekeeping {
+        builder = builder.housekeeping(Some(every.0));
+    }
     if let (Some(store), Some(_)) = (shared, p.tokens) {
         builder = store.tokens(builder);
     }

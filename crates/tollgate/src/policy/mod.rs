@@ -177,6 +177,11 @@ pub struct RateLimitConfig {
     /// keeps a tenth of a stated burst.
     #[serde(default)]
     pub reserve: Option<u32>,
+    /// How often the state of keys idle long enough to be back at a full quota is dropped
+    /// (60 s by default): what bounds the memory of a limit keyed by `header:NAME` or
+    /// `api_key` whatever the number of keys seen.
+    #[serde(default)]
+    pub housekeeping: Option<Dur>,
 }
 
 impl Default for RateLimitConfig {
@@ -194,6 +199,7 @@ impl Default for RateLimitConfig {
             adaptive: false,
             learn: None,
             reserve: None,
+            housekeeping: None,
         }
     }
 }
