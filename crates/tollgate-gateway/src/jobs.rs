@@ -7,7 +7,9 @@
 //! answer; `POST /v1/jobs/{id}/cancel` cancels one not yet answered.
 //!
 //! A job whose gateway died mid-call is claimed again once its lease runs out: it may
-//! reach the provider twice then, and only then; its answer is recorded once.
+//! reach the provider twice then, and only then; its answer is recorded once. The lease is
+//! not renewed while a call runs, so it must outlast the slowest call (`jobs.lease`, 5
+//! minutes by default): a call that takes longer is claimed again while it still runs.
 //!
 //! **How jobs and live traffic share a quota.** Jobs wait in the models' queues at
 //! priority 0, behind every live request, and a model's stated request quota keeps a

@@ -19,7 +19,8 @@
 //!
 //! The rules of [`JobStore`]: a claim holds until its lease runs out, and a job whose
 //! lease ran out is claimed again (its worker died) — so a job may reach the provider
-//! twice only when a gateway died while calling for it; its answer is recorded once.
+//! twice only when a gateway died while calling for it (or its call outlasted the lease,
+//! which the gateway does not renew); its answer is recorded once.
 //!
 //! ```no_run
 //! use std::time::Duration;
