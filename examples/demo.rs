@@ -244,6 +244,10 @@ async fn main() -> Result<ExitCode, BoxError> {
     let mp = MultiProgress::new();
     let (tg_bar, naive_bar) = (bar(&mp, "tollgate", n), bar(&mp, "naive", n));
     let (tg, naive) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+    // The token estimator loads its tables on first use (seconds, in a debug build on a
+    // loaded machine): load them now, or the burst reaches the primary only once its
+    // outage has begun, and the fallback's token quota runs out (CI failed so).
+    let _ = tollgate::tpm::estimate::Encoding::for_model("gpt-4o-mini").map(|e| e.count("warm up"));
     let started = Instant::now();
 
     let mut tasks = tokio::task::JoinSet::new();
