@@ -202,6 +202,18 @@ async fn main() -> Result<ExitCode, BoxError> {
     if let Some(f) = policy.fallbacks.first_mut() {
         f.url = fallback.url();
     }
+    // The burst is more than the fallback's minute of tokens when the outage sends it
+    // there: let a request wait for the refill (as `tollgate-bench goodput` does) rather
+    // than be refused at the policy's 30 s, which a slow machine overran by 0.1 s.
+    let patient = |rl: &mut Option<tollgate::policy::RateLimitConfig>| {
+        if let Some(rl) = rl {
+            rl.max_wait = Some(tollgate::policy::Dur(Duration::from_secs(120)));
+        }
+    };
+    patient(&mut policy.rate_limit);
+    for f in &mut policy.fallbacks {
+        patient(&mut f.rate_limit);
+    }
     // The gateway, in process, on a free port: the burst goes to it over HTTP.
     let gateway = Gateway::new(Config::open(
         [("gpt-4o-mini".to_owned(), policy)].into_iter().collect(),
