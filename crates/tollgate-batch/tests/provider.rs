@@ -188,3 +188,40 @@ async fn the_item_and_token_caps_split_a_large_group() {
         "the token cap split 8 texts into {calls} calls"
     );
 }
+
+/// `encoding_format: base64` is a parameter like any other: base64 callers are batched
+/// among themselves, never with float callers, and each gets the base64 vector it would
+/// get alone.
+#[tokio::test(start_paused = true)]
+async fn base64_callers_batch_together_and_get_their_own_base64_vectors() {
+    let provider = Provider::builder().spawn().await.unwrap();
+    let svc = layer(2048).layer(client(provider.url()));
+    let with = |i: usize, format: &str| {
+        let body =
+            json!({"model": "text-embedding-3-small", "input": text(i), "encoding_format": format});
+        Request::post("/v1/embeddings")
+            .header("authorization", "Bearer sk-test")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    };
+    let answers = futures_util::future::join_all((0..8).map(|i| {
+        let svc = svc.clone();
+        let format = if i % 2 == 0 { "base64" } else { "float" };
+        async move { json_of(svc.oneshot(with(i, format)).await.unwrap()).await }
+    }))
+    .await;
+    assert_eq!(provider.stats().requests, 2, "one call per encoding");
+    let direct = client(provider.url());
+    for (i, (status, got)) in answers.iter().enumerate() {
+        assert_eq!(*status, 200);
+        let base64 = i % 2 == 0;
+        assert_eq!(
+            got["data"][0]["embedding"].is_string(),
+            base64,
+            "caller {i}"
+        );
+        let alone = with(i, if base64 { "base64" } else { "float" });
+        let (_, alone) = json_of(direct.clone().oneshot(alone).await.unwrap()).await;
+        assert_eq!(got["data"], alone["data"], "caller {i}'s vectors");
+    }
+}

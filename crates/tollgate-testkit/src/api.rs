@@ -334,7 +334,23 @@ enum JobKind {
     /// calls).
     Embeddings {
         seeds: Vec<u64>,
+        /// `encoding_format: base64`: each vector as the base64 of its little-endian
+        /// `f32`s, as OpenAI sends it.
+        base64: bool,
     },
+}
+
+/// An input's vector: eight numbers from its seed, as floats or as OpenAI's base64 of
+/// little-endian `f32`s.
+fn embedding(seed: u64, base64: bool) -> Value {
+    let v = (0..8u64).map(|d| (seed.wrapping_add(d * 7) % 17) as f32 / 17.0);
+    if base64 {
+        use base64::Engine as _;
+        let bytes: Vec<u8> = v.flat_map(f32::to_le_bytes).collect();
+        Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+    } else {
+        v.map(f64::from).collect()
+    }
 }
 
 fn bad_request(message: &str) -> Response<ProviderBody> {
@@ -379,9 +395,18 @@ fn parse_job(
             }
             other => vec![seed(other)],
         };
+        let base64 = match v.get("encoding_format").and_then(Value::as_str) {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(format!(
+                    "'{other}' is not one of ['float', 'base64'] - 'encoding_format'"
+                ))
+            }
+        };
         return Ok(Job {
             model,
-            kind: JobKind::Embeddings { seeds },
+            kind: JobKind::Embeddings { seeds, base64 },
             prompt_tokens,
             completion_tokens: 0,
             choices: 1,
@@ -444,13 +469,13 @@ impl Job {
 
     fn answer_json(&self, id: &str) -> Value {
         match &self.kind {
-            JobKind::Embeddings { seeds } => json!({
+            JobKind::Embeddings { seeds, base64 } => json!({
                 "object": "list",
                 "model": self.model,
                 "data": seeds.iter().enumerate().map(|(i, s)| json!({
                     "object": "embedding",
                     "index": i,
-                    "embedding": (0..8u64).map(|d| (s.wrapping_add(d * 7) % 17) as f64 / 17.0).collect::<Vec<_>>(),
+                    "embedding": embedding(*s, *base64),
                 })).collect::<Vec<_>>(),
                 "usage": self.usage(),
             }),
