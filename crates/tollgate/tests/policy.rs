@@ -156,6 +156,53 @@ fn values_that_parse_but_make_no_sense_are_refused() {
 }
 
 #[test]
+fn a_backends_group_is_balanced_with_its_fallbacks_after_it() {
+    use tollgate::policy::StrategyConfig;
+    let p = Policy::from_yaml(
+        r#"
+backends:
+  - { name: key-a, url: "http://a", api_key_env: KEY_A, weight: 3 }
+  - { name: key-b, url: "http://b", api_key_env: KEY_B, rate_limit: { requests: 60/min } }
+fallbacks: [ { name: mini, url: "http://a", model: gpt-4o-mini } ]
+"#,
+    )
+    .unwrap();
+    assert_eq!(p.primary.name.as_deref(), Some("key-a"));
+    assert_eq!(p.primary.weight, Some(3));
+    let rest: Vec<_> = p.fallbacks.iter().map(|b| b.name.as_deref()).collect();
+    assert_eq!(
+        rest,
+        [Some("key-b"), Some("mini")],
+        "the group, then the fallbacks"
+    );
+    assert!(p.fallbacks[0].rate_limit.is_some());
+    assert_eq!(p.failover.strategy, Some(StrategyConfig::Balanced));
+    let said = p.describe();
+    assert!(
+        said.contains("balanced") && said.contains("key-a → http://a, weight 3"),
+        "{said}"
+    );
+
+    // The file's own strategy wins; primary and fallbacks stay ordered by default.
+    let weighted = Policy::from_yaml(
+        "backends: [ { url: \"http://a\" }, { name: b, url: \"http://b\" } ]\nfailover: { strategy: weighted }\n",
+    )
+    .unwrap();
+    assert_eq!(weighted.failover.strategy, Some(StrategyConfig::Weighted));
+    let plain = Policy::from_yaml("primary: { url: \"http://a\" }\n").unwrap();
+    assert_eq!(plain.failover.strategy, None);
+
+    // One of the two forms, never both, never neither; an entry is checked like any.
+    let both = yaml_err("primary: { url: \"http://a\" }\nbackends: [ { url: \"http://b\" } ]\n");
+    assert!(both.message().contains("not both"), "{both}");
+    let none = yaml_err("backends: []\n");
+    assert!(none.message().contains("no backend"), "{none}");
+    let bad = yaml_err("backends:\n  - { url: \"http://a\", wieght: 2 }\n");
+    assert_eq!(bad.line(), Some(2), "{bad}");
+    assert!(bad.message().contains("wieght"), "{bad}");
+}
+
+#[test]
 fn garbage_never_panics() {
     for text in [
         "",

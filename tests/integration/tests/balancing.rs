@@ -196,29 +196,26 @@ async fn weights_three_to_one_split_a_thousand_requests_75_25() {
     assert!((720..=780).contains(&old), "old took {old} of 1000");
 }
 
-/// The same from a policy file: `strategy: balanced` over a primary and a fallback, each
-/// with its own key and the same quota.
-#[tokio::test(start_paused = true)]
-async fn a_policy_with_strategy_balanced_spreads_a_burst_over_both_keys() {
+/// The stack a policy file with two backends builds, each sent to its own provider of
+/// 60 a minute.
+async fn policy_stack(yaml: &str) -> (tollgate::policy::PolicyService<Full<Bytes>>, [Provider; 2]) {
     use hyper_util::client::legacy::connect::HttpConnector;
     use tollgate::policy::{BoxBody, Policy};
     let providers = [
         Provider::builder().rpm(60).spawn().await.unwrap(),
         Provider::builder().rpm(60).spawn().await.unwrap(),
     ];
-    let mut policy = Policy::from_yaml(
-        r#"
-primary:   { url: "http://placeholder", headers: { authorization: "Bearer sk-1" } }
-fallbacks: [ { name: second, url: "http://placeholder", headers: { authorization: "Bearer sk-2" } } ]
-rate_limit: { requests: 60/min, mode: wait, max_wait: 5m, learn: false }
-failover:  { strategy: balanced }
-"#,
-    )
-    .unwrap();
+    let mut policy = Policy::from_yaml(yaml).unwrap();
     policy.primary.url = providers[0].url();
     policy.fallbacks[0].url = providers[1].url();
     let client: Client<HttpConnector, BoxBody> = Client::builder(TokioExecutor::new()).build_http();
-    let stack: tollgate::policy::PolicyService<Full<Bytes>> = policy.build(client).unwrap();
+    (policy.build(client).unwrap(), providers)
+}
+
+/// The same from a policy file: `strategy: balanced` over a primary and a fallback, each
+/// with its own key and the same quota; and a `backends:` group, balanced by default.
+async fn policy_burst(yaml: &str) {
+    let (stack, providers) = policy_stack(yaml).await;
     let start = Instant::now();
     let answers = futures_util::future::join_all((0..240).map(|i| {
         let s = stack.clone();
@@ -243,6 +240,68 @@ failover:  { strategy: balanced }
     assert_eq!(provider_429, 0);
     assert!((116..=124).contains(&second), "{second}");
     assert!(makespan <= Duration::from_secs(63), "{makespan:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_with_strategy_balanced_spreads_a_burst_over_both_keys() {
+    policy_burst(
+        r#"
+primary:   { url: "http://placeholder", headers: { authorization: "Bearer sk-1" } }
+fallbacks: [ { name: second, url: "http://placeholder", headers: { authorization: "Bearer sk-2" } } ]
+rate_limit: { requests: 60/min, mode: wait, max_wait: 5m, learn: false }
+failover:  { strategy: balanced }
+"#,
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_with_a_backends_group_balances_it_without_saying_so() {
+    policy_burst(
+        r#"
+backends:
+  - { name: first,  url: "http://placeholder", headers: { authorization: "Bearer sk-1" } }
+  - { name: second, url: "http://placeholder", headers: { authorization: "Bearer sk-2" } }
+rate_limit: { requests: 60/min, mode: wait, max_wait: 5m, learn: false }
+"#,
+    )
+    .await;
+}
+
+/// `failover.sticky` in the policy file: each tenant on one backend while it has room,
+/// and the tenants spread over both.
+#[tokio::test(start_paused = true)]
+async fn a_policy_with_sticky_tenants_keeps_each_on_one_backend() {
+    let (stack, _providers) = policy_stack(
+        r#"
+backends:
+  - { name: first,  url: "http://placeholder", headers: { authorization: "Bearer sk-1" } }
+  - { name: second, url: "http://placeholder", headers: { authorization: "Bearer sk-2" } }
+rate_limit: { requests: 60/min, mode: wait, max_wait: 5m, learn: false }
+failover: { sticky: "header:x-tenant-id" }
+"#,
+    )
+    .await;
+    let mut homes = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for tenant in ["t1", "t2", "t3", "t4", "t5", "t6"] {
+        for i in 0..8 {
+            let mut req = chat(i);
+            req.headers_mut()
+                .insert("x-tenant-id", HeaderValue::from_static(tenant));
+            let res = stack.clone().oneshot(req).await.unwrap();
+            let who = res.headers()[X_TOLLGATE_BACKEND]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            res.into_body().collect().await.unwrap();
+            homes.entry(tenant.to_owned()).or_default().push(who);
+        }
+    }
+    for (tenant, seen) in &homes {
+        assert!(seen.iter().all(|w| *w == seen[0]), "{tenant}: {seen:?}");
+    }
+    let firsts: std::collections::BTreeSet<_> = homes.values().map(|s| s[0].clone()).collect();
+    assert_eq!(firsts.len(), 2, "six tenants over both backends: {homes:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -150,11 +150,15 @@ impl Policy {
                 None => AllCooling::Refuse,
             })
             .on_context_length(f.on_context_length)
-            .strategy(match f.strategy {
+            .strategy(match f.strategy.unwrap_or_default() {
                 super::StrategyConfig::Ordered => tollgate_failover::Strategy::Ordered,
                 super::StrategyConfig::Balanced => tollgate_failover::Strategy::Balanced,
                 super::StrategyConfig::Weighted => tollgate_failover::Strategy::Weighted,
-            })
+            });
+        if let Some(key) = &f.sticky {
+            failover = failover.sticky(key.extractor());
+        }
+        failover = failover
             // A backend whose provider said "later" is waited for as long as its own
             // limiter would wait.
             .wait_for_quota(

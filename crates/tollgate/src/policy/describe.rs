@@ -90,7 +90,20 @@ impl Policy {
                 None => "answer at once with the time until one is back".to_owned(),
             }
         )?;
-        writeln!(out, "backends, in the order tried:")?;
+        let sticky = f.sticky.as_ref().map_or(String::new(), |k| {
+            format!(", each {} kept on one while it has room", key(Some(k)))
+        });
+        match f.strategy.unwrap_or_default() {
+            super::StrategyConfig::Ordered => writeln!(out, "backends, in the order tried:")?,
+            super::StrategyConfig::Balanced => writeln!(
+                out,
+                "backends: those of the first one's model balanced, the one with the most room for its weight first{sticky}; the others after, in this order:"
+            )?,
+            super::StrategyConfig::Weighted => writeln!(
+                out,
+                "backends: those of the first one's model drawn by their weights{sticky}; the others after, in this order:"
+            )?,
+        }
         let mut backends: Vec<(usize, &BackendConfig)> = self.backends().collect();
         backends.sort_by_key(|(i, b)| (*i > 0, b.priority.unwrap_or(*i as u32)));
         for (n, (i, b)) in backends.into_iter().enumerate() {
@@ -126,6 +139,11 @@ impl Policy {
         write!(out, "  {n}. {} → {}", b.name_or(i), b.url)?;
         if let Some(m) = &b.model {
             write!(out, ", model rewritten to {m}")?;
+        }
+        if let Some(w) = b.weight.filter(|_| {
+            self.failover.strategy.unwrap_or_default() != super::StrategyConfig::Ordered
+        }) {
+            write!(out, ", weight {w}")?;
         }
         let mut sent: Vec<&str> = b.headers.keys().map(String::as_str).collect();
         if b.api_key_env.is_some() {

@@ -58,34 +58,91 @@ pub use build::{BackendLayers, BoxBody, PolicyService};
 pub use units::{Dur, KeySpec, Rate, Size};
 
 /// A whole strategy: backends, limits, retries, cache, failover and store.
+///
+/// In a file, the backends are either `primary` and `fallbacks`, or `backends:` — a group
+/// of equal backends of one model (several keys, regions or hosts, each with its own
+/// `weight`, `rate_limit` and credentials), balanced by their room unless
+/// `failover.strategy` says otherwise — with `fallbacks` (other models) tried after the
+/// group. The first of `backends` becomes [`primary`](Self::primary), the rest lead
+/// [`fallbacks`](Self::fallbacks).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "PolicyFile")]
 pub struct Policy {
     /// The backend tried first.
     pub primary: BackendConfig,
     /// Backends tried, by priority, when the primary fails or would wait too long.
-    #[serde(default)]
     pub fallbacks: Vec<BackendConfig>,
     /// Limits per backend, mirroring the provider's (each backend may set its own). Left
     /// out, each backend learns its provider's quotas from the answers' `x-ratelimit-*`
     /// headers ([`RateLimitConfig::default`]).
-    #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
     /// Retries per backend.
-    #[serde(default)]
     pub retry: Option<RetryConfig>,
     /// The response cache in front of everything.
-    #[serde(default)]
     pub cache: Option<CacheConfig>,
     /// When backends are set aside and what happens when all are.
-    #[serde(default)]
     pub failover: FailoverConfig,
     /// Where limits, budgets and cache entries are kept.
-    #[serde(default)]
     pub store: Store,
     /// The largest request body read (10 MiB by default); larger ones get 413.
-    #[serde(default)]
     pub body_limit: Option<Size>,
+}
+
+/// A policy as written: `primary` and `fallbacks`, or a `backends` group (see [`Policy`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    primary: Option<BackendConfig>,
+    #[serde(default)]
+    backends: Vec<BackendConfig>,
+    #[serde(default)]
+    fallbacks: Vec<BackendConfig>,
+    #[serde(default)]
+    rate_limit: Option<RateLimitConfig>,
+    #[serde(default)]
+    retry: Option<RetryConfig>,
+    #[serde(default)]
+    cache: Option<CacheConfig>,
+    #[serde(default)]
+    failover: FailoverConfig,
+    #[serde(default)]
+    store: Store,
+    #[serde(default)]
+    body_limit: Option<Size>,
+}
+
+impl TryFrom<PolicyFile> for Policy {
+    type Error = String;
+
+    fn try_from(f: PolicyFile) -> Result<Self, String> {
+        let mut failover = f.failover;
+        let mut group = f.backends.into_iter();
+        let (primary, fallbacks) = match (f.primary, group.next()) {
+            (Some(p), None) => (p, f.fallbacks),
+            (None, Some(first)) => {
+                // A group of equal backends is balanced unless the file says otherwise.
+                failover.strategy.get_or_insert(StrategyConfig::Balanced);
+                (first, group.chain(f.fallbacks).collect())
+            }
+            (Some(_), Some(_)) => {
+                return Err("set `primary` (and `fallbacks`) or `backends`, not both".into())
+            }
+            (None, None) => {
+                return Err("no backend: set `primary` (and `fallbacks`) or `backends`".into())
+            }
+        };
+        Ok(Policy {
+            primary,
+            fallbacks,
+            rate_limit: f.rate_limit,
+            retry: f.retry,
+            cache: f.cache,
+            failover,
+            store: f.store,
+            body_limit: f.body_limit,
+        })
+    }
 }
 
 /// One backend: where it is, which model it serves, its credentials.
@@ -314,12 +371,19 @@ pub struct FailoverConfig {
     /// Move on when a backend says the prompt is too long for its context.
     #[serde(default)]
     pub on_context_length: bool,
-    /// How each request's backends are ordered: `ordered` (the default: by priority,
-    /// the next only when one could not take it), `balanced` (the one whose limits have
-    /// the most room for their weight goes first, so every key's quota is used) or
-    /// `weighted` (fixed shares by weight, e.g. for a migration).
+    /// How each request's backends are ordered: `ordered` (by priority, the next only
+    /// when one could not take it), `balanced` (the one whose limits have the most room
+    /// for their weight goes first, so every key's quota is used) or `weighted` (fixed
+    /// shares by weight, e.g. for a migration). Left out: `balanced` for a `backends:`
+    /// group, `ordered` otherwise.
     #[serde(default)]
-    pub strategy: StrategyConfig,
+    pub strategy: Option<StrategyConfig>,
+    /// With `balanced` or `weighted`: keep each key's requests (`header:x-tenant-id`, a
+    /// conversation header, `api_key`) on one backend while it has room, so the
+    /// provider's prompt cache keeps being hit. The cost: that key's load is not spread,
+    /// and it moves on only when its backend has no room left.
+    #[serde(default)]
+    pub sticky: Option<KeySpec>,
 }
 
 /// See [`FailoverConfig::strategy`].
