@@ -330,6 +330,41 @@ mod sqlite {
             })
         }
 
+        fn renew(
+            &self,
+            id: &str,
+            claim: u32,
+            now_ms: u64,
+            lease: Duration,
+        ) -> StoreFuture<Result<bool, StoreError>> {
+            let id = id.to_owned();
+            let until = now_ms as i64 + lease.as_millis() as i64;
+            self.blocking(move |c| {
+                let tx = c
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(err)?;
+                let text: Option<String> = tx
+                    .query_row("SELECT job FROM jobs WHERE id = ?1", params![id], |r| {
+                        r.get(0)
+                    })
+                    .optional()
+                    .map_err(err)?;
+                let Some(text) = text else { return Ok(false) };
+                let mut job = dec(&text)?;
+                if job.state != JobState::InProgress || job.claims != claim {
+                    return Ok(false);
+                }
+                job.lease_until_ms = Some(until as u64);
+                tx.execute(
+                    "UPDATE jobs SET lease_until = ?2, job = ?3 WHERE id = ?1",
+                    params![id, until, enc(&job)?],
+                )
+                .map_err(err)?;
+                tx.commit().map_err(err)?;
+                Ok(true)
+            })
+        }
+
         fn get(&self, id: &str) -> StoreFuture<Result<Option<Job>, StoreError>> {
             let id = id.to_owned();
             self.blocking(move |c| {

@@ -394,8 +394,9 @@ pub struct Job {
 ///
 /// The rules every store keeps: a job is claimed by one worker at a time (a claim holds
 /// until its lease runs out, and a job whose lease ran out may be claimed again — the
-/// worker died); its answer is recorded once (`finish` succeeds only for the claim in
-/// force); a final job never changes again.
+/// worker died); a worker alive keeps its claim by renewing the lease while it runs the
+/// job; its answer is recorded once (`finish` succeeds only for the claim in force); a
+/// final job never changes again.
 pub trait JobStore: Send + Sync + 'static {
     /// Adds a queued job.
     fn enqueue(&self, job: Job) -> StoreFuture<Result<(), StoreError>>;
@@ -413,6 +414,16 @@ pub trait JobStore: Send + Sync + 'static {
         status: u16,
         response: String,
         now_ms: u64,
+    ) -> StoreFuture<Result<bool, StoreError>>;
+    /// Extends the lease of the claim numbered `claim` to `lease` from `now_ms`, so a
+    /// call that runs long is not taken over while its worker lives: `false` when that
+    /// claim is no longer in force (taken over, cancelled, over) and nothing changed.
+    fn renew(
+        &self,
+        id: &str,
+        claim: u32,
+        now_ms: u64,
+        lease: Duration,
     ) -> StoreFuture<Result<bool, StoreError>>;
     /// The job, if there is one of that id.
     fn get(&self, id: &str) -> StoreFuture<Result<Option<Job>, StoreError>>;

@@ -166,7 +166,8 @@ pub struct JobsConfig {
     /// Jobs run at once (4 by default).
     #[serde(default)]
     pub workers: Option<u32>,
-    /// How long a worker's claim on a job holds (5 min by default): a job whose gateway
+    /// How long a worker's claim on a job holds unless renewed (5 min by default): a
+    /// worker renews it every third of it while its call runs, and a job whose gateway
     /// died mid-call is taken over once it runs out.
     #[serde(default)]
     pub lease: Option<Dur>,

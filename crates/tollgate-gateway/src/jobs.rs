@@ -6,10 +6,11 @@
 //! leaves. `GET /v1/jobs/{id}` tells where a job stands and, once answered, gives the
 //! answer; `POST /v1/jobs/{id}/cancel` cancels one not yet answered.
 //!
-//! A job whose gateway died mid-call is claimed again once its lease runs out: it may
-//! reach the provider twice then, and only then; its answer is recorded once. The lease is
-//! not renewed while a call runs, so it must outlast the slowest call (`jobs.lease`, 5
-//! minutes by default): a call that takes longer is claimed again while it still runs.
+//! A job whose gateway died mid-call is claimed again once its lease runs out (`jobs.lease`,
+//! 5 minutes by default): it may reach the provider twice then, and only then; its answer
+//! is recorded once. A worker alive renews its lease every third of it while the call
+//! runs, so a slow call is never taken over; a gateway cut off from its store for longer
+//! than a lease may lose its claim, and then its answer is not recorded.
 //!
 //! **How jobs and live traffic share a quota.** Jobs wait in the models' queues at
 //! priority 0, behind every live request, and a model's stated request quota keeps a
@@ -276,7 +277,13 @@ pub(crate) async fn work(shared: Arc<Shared0>) {
             continue;
         };
         match jobs.store.claim(Stats::now_ms(), jobs.lease).await {
-            Ok(Some(job)) => run(&shared, &jobs, job).await,
+            Ok(Some(job)) => {
+                let (id, claim) = (job.id.clone(), job.claims);
+                tokio::select! {
+                    () = run(&shared, &jobs, job) => {}
+                    () = keep_lease(&jobs, &id, claim) => {}
+                }
+            }
             Ok(None) => {
                 tokio::select! {
                     () = jobs.submitted.notified() => {}
@@ -287,6 +294,33 @@ pub(crate) async fn work(shared: Arc<Shared0>) {
                 tracing::warn!(error = %e, "the job store could not be read");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+        }
+    }
+}
+
+/// Renews a running job's lease every third of it, so a call that runs long is not
+/// taken over by another worker while this one lives. Never ends: the job's run does.
+async fn keep_lease(jobs: &Jobs, id: &str, claim: u32) {
+    let every = (jobs.lease / 3).max(Duration::from_millis(10));
+    let mut renewing = true;
+    loop {
+        tokio::time::sleep(every).await;
+        if !renewing {
+            continue;
+        }
+        match jobs
+            .store
+            .renew(id, claim, Stats::now_ms(), jobs.lease)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                // Cancelled, or taken over after this worker lost the store for a lease:
+                // its answer will not be recorded.
+                tracing::info!(job = %id, "the job's claim is no longer in force");
+                renewing = false;
+            }
+            Err(e) => tracing::warn!(job = %id, error = %e, "a job's lease could not be renewed"),
         }
     }
 }

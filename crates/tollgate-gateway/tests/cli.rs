@@ -384,9 +384,8 @@ fn fresh_dir(name: &str) -> std::path::PathBuf {
 
 /// An open gateway on `port` with jobs kept in `dir` (a lease of 1 s, and the settings
 /// `jobs`) and one model, `gpt-4o`, at `provider`.
-/// The lease must outlast the slowest call (as the config's docs say): 3 s is ten times
-/// the batch tests' 300 ms calls and twice the 1.5 s one. At 1 s, a loaded CI machine
-/// stretched a call past it and the line was claimed again while still running.
+/// A live worker renews its lease every third of it; 3 s leaves a loaded CI machine room
+/// for a late renewal, and is what a restarted gateway waits out before taking over.
 fn jobs_yaml(port: u16, dir: &std::path::Path, jobs: &str, provider: &str) -> String {
     format!(
         "listen: 127.0.0.1:{port}\nopen: true\njobs: {{ path: \"{}\", lease: 3s, {jobs} }}\nmodels:\n  gpt-4o:\n    primary: {{ url: \"{provider}\" }}\n",

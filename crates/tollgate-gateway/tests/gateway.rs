@@ -1283,6 +1283,35 @@ async fn a_request_preferring_async_is_kept_answered_later_and_shown_to_its_tena
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A call that takes seven leases is not taken over by the gateway's other worker: the
+/// worker running it renews its lease. (Without renewal the idle worker claims it after
+/// 300 ms and the provider is asked twice.) Real time, about two seconds.
+#[tokio::test]
+async fn a_job_slower_than_its_lease_runs_once_while_its_worker_renews_the_lease() {
+    let provider = Provider::builder()
+        .latency(Duration::from_millis(2100))
+        .spawn()
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("tollgate-jobs-renew-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let yaml = format!(
+        "open: true\njobs: {{ path: \"{}\", workers: 2, lease: 300ms }}\nmodels:\n  gpt-4o:\n    primary: {{ url: \"{{provider}}\" }}\n",
+        dir.join("jobs.redb").display()
+    );
+    let gw = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let http = client();
+    let a = post_async(&http, &gw.url("/v1/chat/completions"), "k", &chat("slowly")).await;
+    assert_eq!(a.status, 202, "{:?}", a.body);
+    let id = a.json()["id"].as_str().unwrap().to_owned();
+    let done = job_done(&http, &gw, &id, "k").await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["attempts"], 1, "never claimed again: {done}");
+    assert_eq!(provider.stats().requests, 1, "the provider was asked once");
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn without_a_job_store_the_preference_is_ignored_and_answered_at_once() {
     let provider = Provider::builder().spawn().await.unwrap();

@@ -18,7 +18,8 @@
 //! build on the 2-core machine where this was measured, and a C compiler to every target.
 //!
 //! The rules of [`JobStore`]: a claim holds until its lease runs out, and a job whose
-//! lease ran out is claimed again (its worker died) — so a job may reach the provider
+//! lease ran out is claimed again (its worker died; a worker alive renews its lease while
+//! the call runs) — so a job may reach the provider
 //! twice only when a gateway died while calling for it (or its call outlasted the lease,
 //! which the gateway does not renew); its answer is recorded once.
 //!
@@ -261,6 +262,38 @@ impl JobStore for FileStore {
         })
     }
 
+    fn renew(
+        &self,
+        id: &str,
+        claim: u32,
+        now_ms: u64,
+        lease: Duration,
+    ) -> StoreFuture<Result<bool, StoreError>> {
+        let id = id.to_owned();
+        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+        self.blocking(move |db| {
+            let w = db.begin_write().map_err(err)?;
+            let renewed = {
+                let mut jobs = w.open_table(JOBS).map_err(err)?;
+                let found = jobs
+                    .get(id.as_str())
+                    .map_err(err)?
+                    .map(|v| v.value().to_owned());
+                match found.map(|t| decode(&t)).transpose()? {
+                    Some(mut job) if job.state == JobState::InProgress && job.claims == claim => {
+                        job.lease_until_ms = Some(now_ms.saturating_add(lease_ms));
+                        jobs.insert(job.id.as_str(), encode(&job)?.as_str())
+                            .map_err(err)?;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            w.commit().map_err(err)?;
+            Ok(renewed)
+        })
+    }
+
     fn get(&self, id: &str) -> StoreFuture<Result<Option<Job>, StoreError>> {
         let id = id.to_owned();
         self.blocking(move |db| {
@@ -380,6 +413,26 @@ mod tests {
             "all or none"
         );
         assert_eq!(s.pending().unwrap(), 101);
+    }
+
+    #[tokio::test]
+    async fn a_renewed_lease_keeps_a_long_call_from_being_taken_over() {
+        let s = FileStore::open(path("renew")).unwrap();
+        s.enqueue(job("j", 1)).await.unwrap();
+        let first = s.claim(0, LEASE).await.unwrap().unwrap();
+        // Renewed at 50 s: held until 110 s, past the first lease's 60 s.
+        assert!(s.renew("j", first.claims, 50_000, LEASE).await.unwrap());
+        assert!(
+            s.claim(100_000, LEASE).await.unwrap().is_none(),
+            "still held"
+        );
+        // Not renewed again (its worker died): taken over once the renewed lease ends.
+        let second = s.claim(110_000, LEASE).await.unwrap().unwrap();
+        assert_eq!(second.claims, 2);
+        assert!(
+            !s.renew("j", first.claims, 110_001, LEASE).await.unwrap(),
+            "the old claim renews nothing once taken over"
+        );
     }
 
     #[tokio::test]

@@ -42,6 +42,21 @@ end
 return 1
 ";
 
+/// Extends the lease of claim ARGV[2], if it is still the claim in force: the stream
+/// entry is claimed again by this consumer (ARGV[3]) with `XCLAIM … 0 JUSTID`, which
+/// sets its idle time to zero, so `XAUTOCLAIM` leaves it for another lease.
+const RENEW: &str = r"
+if redis.call('HGET', KEYS[1], 'state') ~= 'in_progress' then return 0 end
+if redis.call('HGET', KEYS[1], 'claims') ~= ARGV[2] then return 0 end
+local e = redis.call('HGET', KEYS[1], 'entry')
+if e then
+  local c = redis.call('XCLAIM', KEYS[2], ARGV[1], ARGV[3], 0, e, 'JUSTID')
+  if #c == 0 then return 0 end
+end
+redis.call('HSET', KEYS[1], 'lease_until', ARGV[4])
+return 1
+";
+
 /// Ends a job that is not over as ARGV[2] (cancelled, expired).
 const STOP: &str = r"
 local st = redis.call('HGET', KEYS[1], 'state')
@@ -90,8 +105,10 @@ return #KEYS - 2
 /// - A sorted set indexes the ids, so a batch's lines are listed by their prefix
 ///   (`ZRANGEBYLEX`).
 ///
-/// A job may reach the provider twice only when the instance running it died (or lost
-/// Redis for longer than the lease) mid-call; its answer is recorded once.
+/// A worker renews its lease while its call runs ([`JobStore::renew`], which also resets
+/// the entry's idle time), so a long call is not taken over. A job may reach the provider
+/// twice only when the instance running it died (or lost Redis for longer than the lease)
+/// mid-call; its answer is recorded once.
 ///
 /// Keys live under the store's namespace (`{tollgate}` unless
 /// [`RedisStore::namespace`] set another) and do not expire: a finished job stays until
@@ -103,7 +120,7 @@ pub struct RedisJobStore {
     namespace: Arc<str>,
     consumer: Arc<str>,
     timeout: Duration,
-    scripts: Arc<[Script; 4]>,
+    scripts: Arc<[Script; 5]>,
     /// The group has been made (or found) on this connection's Redis.
     grouped: Arc<tokio::sync::OnceCell<()>>,
 }
@@ -131,6 +148,7 @@ impl RedisJobStore {
                 Script::new(FINISH),
                 Script::new(STOP),
                 Script::new(ENQUEUE),
+                Script::new(RENEW),
             ]),
             grouped: Arc::new(tokio::sync::OnceCell::new()),
         }
@@ -425,6 +443,29 @@ impl JobStore for RedisJobStore {
                 .arg(status)
                 .arg(response)
                 .arg(now_ms);
+            let done: i64 = RedisStore::timed(this.timeout, inv.invoke_async(&mut conn)).await?;
+            Ok(done == 1)
+        })
+    }
+
+    fn renew(
+        &self,
+        id: &str,
+        claim: u32,
+        now_ms: u64,
+        lease: Duration,
+    ) -> StoreFuture<Result<bool, StoreError>> {
+        let this = self.clone();
+        let id = id.to_owned();
+        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+        Box::pin(async move {
+            let mut conn = this.conn.clone();
+            let mut inv = this.scripts[4].key(this.hash(&id));
+            inv.key(this.stream())
+                .arg(GROUP)
+                .arg(claim)
+                .arg(&*this.consumer)
+                .arg(now_ms.saturating_add(lease_ms));
             let done: i64 = RedisStore::timed(this.timeout, inv.invoke_async(&mut conn)).await?;
             Ok(done == 1)
         })

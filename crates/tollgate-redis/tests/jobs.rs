@@ -91,6 +91,52 @@ async fn a_dead_instances_job_is_taken_over_after_the_lease_and_only_the_new_cla
     );
 }
 
+/// A worker alive renews its lease: its entry is not taken over while it renews, however
+/// long past the first lease, and is once it stops. Real time (Redis's clock measures the
+/// lease), about three seconds.
+#[tokio::test]
+async fn a_renewed_lease_is_not_taken_over_and_a_lapsed_one_is() {
+    let Some(url) = tollgate_testkit::redis::redis_url("jobs renewal") else {
+        return;
+    };
+    let ns = namespace("renew");
+    let (busy, other) = (store(&url, &ns), store(&url, &ns));
+    let lease = Duration::from_millis(600);
+    busy.enqueue(job("j", 1)).await.unwrap();
+    let held = busy.claim(0, lease).await.unwrap().unwrap();
+    // Three leases long, renewed every third of one: never free for the other instance.
+    for _ in 0..9 {
+        tokio::time::sleep(lease / 3).await;
+        assert!(busy.renew("j", held.claims, 1, lease).await.unwrap());
+        assert!(
+            other.claim(1, lease).await.unwrap().is_none(),
+            "a renewed claim holds"
+        );
+    }
+    // It stops renewing (its instance died): taken over after a lease.
+    let started = std::time::Instant::now();
+    let taken = loop {
+        if let Some(j) = other.claim(2, lease).await.unwrap() {
+            break j;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never taken over"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "not before the lease"
+    );
+    assert_eq!(taken.claims, 2);
+    assert!(
+        !busy.renew("j", held.claims, 3, lease).await.unwrap(),
+        "the old claim renews nothing once taken over"
+    );
+    assert!(other.renew("j", taken.claims, 3, lease).await.unwrap());
+}
+
 #[tokio::test]
 async fn an_unreachable_redis_is_an_error_not_a_hang() {
     let s = RedisJobStore::new(&RedisStore::open("redis://127.0.0.1:1").unwrap())

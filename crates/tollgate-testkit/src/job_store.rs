@@ -47,6 +47,7 @@ pub async fn contract(store: &dyn JobStore, prefix: &str) {
     claims_once_each_in_order(store, prefix).await;
     batches_all_or_none(store, prefix).await;
     cancelled_and_expired_are_never_claimed(store, prefix).await;
+    renewed_only_for_the_claim_in_force(store, prefix).await;
 }
 
 /// Drains the store of claimable jobs.
@@ -196,4 +197,41 @@ async fn cancelled_and_expired_are_never_claimed(s: &dyn JobStore, p: &str) {
         .await
         .expect("cancel")
         .is_none());
+}
+
+async fn renewed_only_for_the_claim_in_force(s: &dyn JobStore, p: &str) {
+    let (a, b) = (format!("{p}-renew-a"), format!("{p}-renew-b"));
+    s.enqueue(job(&a, 1)).await.expect("enqueue");
+    s.enqueue(job(&b, 2)).await.expect("enqueue");
+    let ja = s.claim(10, LEASE).await.expect("claim").expect("a job");
+    let jb = s.claim(10, LEASE).await.expect("claim").expect("a job");
+    assert_eq!((ja.id.as_str(), jb.id.as_str()), (a.as_str(), b.as_str()));
+    assert!(
+        s.renew(&a, ja.claims, 20, LEASE).await.expect("renew"),
+        "the claim in force is renewed"
+    );
+    let renewed = s.get(&a).await.expect("get").expect("there");
+    assert_eq!(renewed.lease_until_ms, Some(20 + 60_000));
+    assert_eq!(renewed.claims, ja.claims, "a renewal is not a new claim");
+    assert!(
+        !s.renew(&a, ja.claims + 1, 20, LEASE).await.expect("renew"),
+        "another claim's number renews nothing"
+    );
+    assert!(s
+        .finish(&a, ja.claims, JobState::Completed, 200, "{}".into(), 30)
+        .await
+        .expect("finish"));
+    assert!(
+        !s.renew(&a, ja.claims, 31, LEASE).await.expect("renew"),
+        "an answered job's lease is gone"
+    );
+    s.cancel(&b, 32).await.expect("cancel");
+    assert!(
+        !s.renew(&b, jb.claims, 33, LEASE).await.expect("renew"),
+        "a cancelled job's lease is gone"
+    );
+    assert!(!s
+        .renew(&format!("{p}-renew-nope"), 1, 34, LEASE)
+        .await
+        .expect("renew"));
 }
