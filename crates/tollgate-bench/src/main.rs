@@ -196,7 +196,9 @@ enum Scenario {
     Balancing,
     /// Single-text embeddings against a 600 RPM provider, with and without batching.
     Batching,
+    /// The gateway binary under steady load for `--minutes`, then a million distinct keys: RSS, fds and p99 first against last.
     Soak,
+    /// Two gateways on their own Redis, a primary and a fallback, while Redis, the primary and the network fail in turn.
     Chaos,
     /// The pass-through proxy `gateway` starts as its own process.
     #[value(hide = true)]
