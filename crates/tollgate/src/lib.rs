@@ -1,7 +1,8 @@
 //! Tower middleware for programs that call rate-limited LLM APIs, and for the gateways in
 //! front of them.
 //!
-//! This crate gathers Tollgate's layers, each behind a Cargo feature (all on by default):
+//! This crate gathers Tollgate's layers, each behind a Cargo feature (all on by default
+//! but `jobs`):
 //!
 //! | feature | module | what it does |
 //! |---|---|---|
@@ -11,6 +12,10 @@
 //! | `cache` | [`cache`] | a response cache keyed by the request, per tenant, single-flight |
 //! | `failover` | [`failover`] | from a primary backend to fallbacks, with cooldown |
 //! | `redis` | [`redis`] | Redis-backed stores, so many instances share one quota and one cache |
+//! | `batch` | [`batch`] | concurrent embeddings requests of one model sent as one provider call |
+//! | `concurrency` | [`concurrency`] | requests in flight per key, freed when the answer's body ends |
+//! | `cost` | [`cost`] | budgets in dollars per key and window: the estimate held, the usage charged |
+//! | `jobs` | `jobs` | the embedded durable job store (redb) a gateway runs background work from |
 //! | `policy` | [`policy`] | the whole stack from one YAML or TOML file |
 //!
 //! [`core`] is the shared vocabulary: request facts, keys, refusals, server hints, the
@@ -26,8 +31,10 @@
 //!      ┌───────────┬──────────┼──────────┬───────────┬──────────────┐
 //!  ratelimit      tpm       retry      cache      failover     redis (stores)
 //!  (meter kit)  (meter kit) (RequestBody) (Watched)  (Watched)
+//!  concurrency   cost       batch                               jobs (embedded store)
+//!  (meter kit)  (meter kit) (RequestBody)
 //!      └───────────┴──────────┴────┬─────┴───────────┴──────────────┘
-//!                              tollgate (this facade, the policy file)
+//!                  tollgate (this facade, the policy file) ─ tollgate-gateway
 //! ```
 //!
 //! # The request path
@@ -46,6 +53,10 @@
 //!            └ base URL, credentials
 //!              └ the HTTP client
 //! ```
+//!
+//! A gateway puts a tenant's own limits in front of that (concurrency, cost, requests,
+//! tokens), then the embeddings batch layer, then the model's stack: so a batch of many
+//! callers is one request for the model's rate limiter and its total for the budget.
 //!
 //! The cache sits outside everything that spends quota; each retry passes the limits
 //! again; failover sits outside retry so a backend gets its retries before the next is
@@ -176,3 +187,15 @@ pub use tollgate_retry as retry;
 /// The tokens-per-minute budget (`tollgate-tpm`).
 #[cfg(feature = "tpm")]
 pub use tollgate_tpm as tpm;
+/// Micro-batching of embeddings requests (`tollgate-batch`).
+#[cfg(feature = "batch")]
+pub use tollgate_batch as batch;
+/// Requests in flight per key (`tollgate-concurrency`).
+#[cfg(feature = "concurrency")]
+pub use tollgate_concurrency as concurrency;
+/// Cost budgets (`tollgate-cost`).
+#[cfg(feature = "cost")]
+pub use tollgate_cost as cost;
+/// The embedded durable job store (`tollgate-jobs`).
+#[cfg(feature = "jobs")]
+pub use tollgate_jobs as jobs;
