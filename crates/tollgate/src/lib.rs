@@ -169,12 +169,24 @@ pub use ext::ServiceBuilderExt;
 /// The shared vocabulary: request facts, keys, refusals, server hints, clocks.
 pub use tollgate_core as core;
 
+/// Micro-batching of embeddings requests (`tollgate-batch`).
+#[cfg(feature = "batch")]
+pub use tollgate_batch as batch;
 /// The response cache (`tollgate-cache`).
 #[cfg(feature = "cache")]
 pub use tollgate_cache as cache;
+/// Requests in flight per key (`tollgate-concurrency`).
+#[cfg(feature = "concurrency")]
+pub use tollgate_concurrency as concurrency;
+/// Cost budgets (`tollgate-cost`).
+#[cfg(feature = "cost")]
+pub use tollgate_cost as cost;
 /// Failover across backends (`tollgate-failover`).
 #[cfg(feature = "failover")]
 pub use tollgate_failover as failover;
+/// The embedded durable job store (`tollgate-jobs`).
+#[cfg(feature = "jobs")]
+pub use tollgate_jobs as jobs;
 /// GCRA rate limiting (`tollgate-ratelimit`).
 #[cfg(feature = "ratelimit")]
 pub use tollgate_ratelimit as ratelimit;
@@ -187,15 +199,3 @@ pub use tollgate_retry as retry;
 /// The tokens-per-minute budget (`tollgate-tpm`).
 #[cfg(feature = "tpm")]
 pub use tollgate_tpm as tpm;
-/// Micro-batching of embeddings requests (`tollgate-batch`).
-#[cfg(feature = "batch")]
-pub use tollgate_batch as batch;
-/// Requests in flight per key (`tollgate-concurrency`).
-#[cfg(feature = "concurrency")]
-pub use tollgate_concurrency as concurrency;
-/// Cost budgets (`tollgate-cost`).
-#[cfg(feature = "cost")]
-pub use tollgate_cost as cost;
-/// The embedded durable job store (`tollgate-jobs`).
-#[cfg(feature = "jobs")]
-pub use tollgate_jobs as jobs;
