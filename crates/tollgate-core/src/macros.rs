@@ -144,12 +144,15 @@ macro_rules! meter_builder_methods {
         /// outage can never multiply the quota. The store is asked again half a second
         /// after a failure, and everything goes back to it once it answers.
         ///
-        /// In wait mode a request waits out the store's exact `retry_after` on its own
-        /// timer (up to `max_wait`) and asks again; `max_queue`, priorities and the fair
-        /// share apply only to the in-process fallback. So while the store answers, the
-        /// shared quota holds across instances, but the next cell goes to whichever
-        /// waiting request asks first once it is free — within an instance as across
-        /// them, neither priority nor weight orders the store's waiters.
+        /// In wait mode a request waits out the store's exact `retry_after` (up to
+        /// `max_wait`) and asks again, in line: this instance's waiters for the same
+        /// buckets keep the order of the in-process queue — priority, then the fair share
+        /// by weight — and only the first of them asks the store, so each cell the store
+        /// gives this instance goes to the one that order says
+        /// ([`Ask::in_line`]($crate::meter::Ask::in_line)). Across instances the shared
+        /// quota holds, but the store's next cell goes to whichever instance asks first:
+        /// priorities and weights order each instance's own waiters, not the instances.
+        /// `max_queue` applies only to the in-process fallback.
         pub fn store(
             mut self,
             store: impl $crate::store::$store,

@@ -42,7 +42,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -55,7 +55,8 @@ use crate::store::{
     StoreError, StoreFuture, StoreHealth, TokenCell, TokenDecision, TokenStore,
 };
 use crate::wait::{
-    Denial, ExtensionPriority, ExtensionShare, Mode, PriorityExtractor, ShareExtractor,
+    Denial, ExtensionPriority, ExtensionShare, Fair, Mode, Priority, PriorityExtractor, Share,
+    ShareExtractor, Slot, Tagged,
 };
 
 /// What a [`Meter`]'s quota must be able to do.
@@ -346,6 +347,8 @@ pub trait MeterStore: Send + Sync + 'static {
     ) -> StoreFuture<Result<Self::Decision, StoreError>>;
     /// The store's answer, as a meter sees it.
     fn verdict(decision: Self::Decision) -> StoreVerdict<Self::Grant>;
+    /// The bucket a cell names: requests asking for the same buckets wait in one line.
+    fn cell_key(cell: &Self::Cell) -> &Key;
 }
 
 /// A store's answer, as a meter sees it.
@@ -374,6 +377,9 @@ impl MeterStore for dyn RateStore {
     ) -> StoreFuture<Result<RateDecision, StoreError>> {
         self.acquire(cells)
     }
+    fn cell_key(cell: &RateCell) -> &Key {
+        &cell.key
+    }
     fn verdict(decision: RateDecision) -> StoreVerdict<()> {
         match decision {
             RateDecision::Admitted => StoreVerdict::Granted(()),
@@ -398,6 +404,9 @@ impl MeterStore for dyn TokenStore {
         cost: u64,
     ) -> StoreFuture<Result<TokenDecision, StoreError>> {
         self.reserve(cells, cost)
+    }
+    fn cell_key(cell: &TokenCell) -> &Key {
+        &cell.key
     }
     fn verdict(decision: TokenDecision) -> StoreVerdict<u64> {
         match decision {
@@ -424,6 +433,9 @@ impl MeterStore for dyn CostStore {
     ) -> StoreFuture<Result<CostDecision, StoreError>> {
         self.hold(cells, cost)
     }
+    fn cell_key(cell: &CostCell) -> &Key {
+        &cell.key
+    }
     fn verdict(decision: CostDecision) -> StoreVerdict<()> {
         match decision {
             CostDecision::Held => StoreVerdict::Granted(()),
@@ -449,6 +461,20 @@ pub struct Guarded<S: ?Sized> {
     /// `retry_after`); cleared by a grant. What a balancer reads of the shared quota,
     /// at no extra call.
     denied_until: std::sync::Mutex<Option<Instant>>,
+    /// This instance's waiters for the store, in line (see [`Ask::in_line`]).
+    line: std::sync::Mutex<Line>,
+}
+
+/// This instance's requests waiting for a shared store's cells, in order: by priority,
+/// then by the fair share's start tags, then arrival — the order of the in-process
+/// [`WaitQueue`](crate::wait::WaitQueue). One lane per set of buckets; only the first of a
+/// lane asks the store, so the next cell this instance is given goes to it.
+#[derive(Default)]
+struct Line {
+    fair: Fair,
+    /// Each lane's waiters, and the waker of each one waiting for its turn.
+    lanes: std::collections::HashMap<u64, std::collections::BTreeMap<Slot, Option<Waker>>>,
+    waiting: usize,
 }
 
 impl<S: ?Sized> fmt::Debug for Guarded<S> {
@@ -473,8 +499,85 @@ impl<S: ?Sized> Guarded<S> {
             on_failure,
             health: StoreHealth::new(now),
             denied_until: std::sync::Mutex::new(None),
+            line: std::sync::Mutex::new(Line::default()),
             what,
         }
+    }
+
+    fn line(&self) -> std::sync::MutexGuard<'_, Line> {
+        // Each critical section leaves the line whole.
+        self.line
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether anyone of this instance waits in `lane`.
+    fn lane_busy(&self, lane: u64) -> bool {
+        self.line().lanes.get(&lane).is_some_and(|l| !l.is_empty())
+    }
+
+    /// Takes a place in `lane`.
+    fn join(&self, lane: u64, priority: Priority, share: Option<Share>, cost: u64) -> Tagged {
+        let mut line = self.line();
+        let tags = line.fair.tag(priority, share, cost);
+        line.lanes.entry(lane).or_default().insert(tags.slot, None);
+        line.waiting += 1;
+        tags
+    }
+
+    /// Whether `slot` is first in `lane`; if not, `waker` is woken when it is.
+    fn first(&self, lane: u64, slot: Slot, waker: &Waker) -> bool {
+        let mut line = self.line();
+        let Some(l) = line.lanes.get_mut(&lane) else {
+            return true;
+        };
+        if l.keys().next().is_none_or(|first| *first == slot) {
+            return true;
+        }
+        if let Some(w) = l.get_mut(&slot) {
+            if !w.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                *w = Some(waker.clone());
+            }
+        }
+        false
+    }
+
+    /// Leaves `lane`, served or not, and wakes whoever is first now.
+    fn leave(&self, lane: u64, tags: &Tagged, served: bool) {
+        let woken = {
+            let mut line = self.line();
+            let mut woken = None;
+            let mut left = false;
+            if let Some(l) = line.lanes.get_mut(&lane) {
+                left = l.remove(&tags.slot).is_some();
+                woken = l.values_mut().next().and_then(Option::take);
+                if l.is_empty() {
+                    line.lanes.remove(&lane);
+                }
+            }
+            if left {
+                line.waiting -= 1;
+            }
+            let waiting = line.waiting;
+            if served {
+                line.fair.served(tags.slot.start, waiting);
+            } else {
+                line.fair.untag(tags);
+            }
+            woken
+        };
+        if let Some(w) = woken {
+            w.wake();
+        }
+    }
+
+    /// A request of `share` served at once, with nobody in line: its flow is charged, so
+    /// a flow that just took the burst is not also first in line next.
+    fn charge(&self, priority: Priority, share: Share, cost: u64) {
+        let mut line = self.line();
+        let tags = line.fair.tag(priority, Some(share), cost);
+        let waiting = line.waiting;
+        line.fair.served(tags.slot.start, waiting);
     }
 
     /// The store.
@@ -555,6 +658,19 @@ pub struct Ask<S: ?Sized, C, D> {
     sleep: Option<Sleep>,
     /// The last denial's `retry_after` in this call: the pace cells come back at.
     paced: Option<Duration>,
+    /// Its place among this instance's waiters, when it keeps one ([`Ask::in_line`]).
+    order: Option<Order>,
+    /// The deadline's timer while it waits for its turn.
+    turn_sleep: Option<Sleep>,
+}
+
+/// A request's place in its lane.
+#[derive(Debug)]
+struct Order {
+    lane: u64,
+    priority: Priority,
+    share: Option<Share>,
+    tags: Option<Tagged>,
 }
 
 /// The guarded call to a [`RateStore`].
@@ -598,6 +714,45 @@ impl<S: MeterStore<Cell = C, Decision = D> + ?Sized, C, D> Ask<S, C, D> {
             pending: None,
             sleep: None,
             paced: None,
+            order: None,
+            turn_sleep: None,
+        }
+    }
+
+    /// Keeps this instance's order among the store's waiters: a request that must wait
+    /// takes its place in line by `priority` and `share` (as in the in-process
+    /// [`WaitQueue`](crate::wait::WaitQueue)), and only the first in line for the same
+    /// buckets asks the store, so each cell the store gives this instance goes to the one
+    /// the order says. Across instances the store's cells still go to whichever asks
+    /// first. Only in wait mode: a request that does not wait keeps no order.
+    pub fn in_line(mut self, priority: Priority, share: Option<Share>) -> Self {
+        if self.deadline.is_some() {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for c in self.cells.iter() {
+                S::cell_key(c).as_str().hash(&mut h);
+            }
+            self.order = Some(Order {
+                lane: h.finish(),
+                priority,
+                share,
+                tags: None,
+            });
+        }
+        self
+    }
+
+    /// Leaves the line, if it is in it.
+    fn leave(&mut self, served: bool) {
+        if let Some(o) = self.order.as_mut() {
+            match o.tags.take() {
+                Some(t) => self.guard.leave(o.lane, &t, served),
+                None => {
+                    if let (true, Some(share)) = (served, o.share) {
+                        self.guard.charge(o.priority, share, self.cost);
+                    }
+                }
+            }
         }
     }
 
@@ -616,11 +771,17 @@ impl<S: MeterStore<Cell = C, Decision = D> + ?Sized, C, D> Future for Ask<S, C, 
         let this = self.get_mut();
         loop {
             if !this.ask {
+                this.leave(false);
                 return Poll::Ready(this.guard.without_store(None));
             }
             if let Some(sleep) = this.sleep.as_mut() {
                 ready!(sleep.as_mut().poll(cx));
                 this.sleep = None;
+            }
+            if this.pending.is_none() {
+                if let Some(waited) = this.wait_for_turn(cx) {
+                    return waited;
+                }
             }
             let (guard, cells, cost) = (&this.guard, &this.cells, this.cost);
             let fut = this
@@ -635,6 +796,7 @@ impl<S: MeterStore<Cell = C, Decision = D> + ?Sized, C, D> Future for Ask<S, C, 
                     // next comes about as far off again. Granted at once: room.
                     let now = this.clock.now();
                     this.guard.note_denied(this.paced.map(|d| later(now, d)));
+                    this.leave(true);
                     return Poll::Ready(Asked::Granted(g));
                 }
                 Ok(StoreVerdict::Denied {
@@ -651,23 +813,80 @@ impl<S: MeterStore<Cell = C, Decision = D> + ?Sized, C, D> Future for Ask<S, C, 
                     this.guard
                         .health
                         .failed(this.clock.now(), this.guard.what, &e);
+                    this.leave(false);
                     return Poll::Ready(this.guard.without_store(Some(e)));
                 }
             };
-            let refused = |reason| {
-                Poll::Ready(Asked::Refused {
-                    binding,
-                    retry_after,
-                    reason,
-                })
-            };
-            match (retry_after, this.deadline) {
-                (None, _) => return refused(Reason::TooLarge),
-                (Some(_), None) => return refused(Reason::OverLimit),
+            let reason = match (retry_after, this.deadline) {
+                (None, _) => Reason::TooLarge,
+                (Some(_), None) => Reason::OverLimit,
                 (Some(wait), Some(deadline)) if later(this.clock.now(), wait) > deadline => {
-                    return refused(Reason::WaitTooLong)
+                    Reason::WaitTooLong
                 }
-                (Some(wait), Some(_)) => this.sleep = Some(this.clock.sleep(wait)),
+                (Some(wait), Some(_)) => {
+                    // It waits: in line, if it keeps an order.
+                    if let Some(o) = this.order.as_mut().filter(|o| o.tags.is_none()) {
+                        o.tags = Some(this.guard.join(o.lane, o.priority, o.share, this.cost));
+                    }
+                    this.sleep = Some(this.clock.sleep(wait));
+                    continue;
+                }
+            };
+            this.leave(false);
+            return Poll::Ready(Asked::Refused {
+                binding,
+                retry_after,
+                reason,
+            });
+        }
+    }
+}
+
+impl<S: MeterStore<Cell = C, Decision = D> + ?Sized, C, D> Ask<S, C, D> {
+    /// Before asking the store: joins a busy lane (so a newcomer does not take the cell
+    /// the first in line waits for), and waits while others are ahead — up to the
+    /// deadline. `None`: its turn, ask.
+    fn wait_for_turn(&mut self, cx: &mut Context<'_>) -> Option<Poll<Asked<S::Grant>>> {
+        let o = self.order.as_mut()?;
+        if o.tags.is_none() && self.guard.lane_busy(o.lane) {
+            o.tags = Some(self.guard.join(o.lane, o.priority, o.share, self.cost));
+        }
+        let tags = o.tags?;
+        if self.guard.first(o.lane, tags.slot, cx.waker()) {
+            self.turn_sleep = None;
+            return None;
+        }
+        let deadline = self.deadline?;
+        let now = self.clock.now();
+        if now < deadline {
+            let sleep = self
+                .turn_sleep
+                .get_or_insert_with(|| self.clock.sleep_until(deadline));
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Some(Poll::Pending);
+            }
+        }
+        // The deadline passed with others still ahead.
+        let retry_after = self
+            .guard
+            .denied_until()
+            .map(|t| t.saturating_duration_since(now))
+            .or(self.paced)
+            .or(Some(Duration::ZERO));
+        self.leave(false);
+        Some(Poll::Ready(Asked::Refused {
+            binding: 0,
+            retry_after,
+            reason: Reason::WaitTooLong,
+        }))
+    }
+}
+
+impl<S: ?Sized, C, D> Drop for Ask<S, C, D> {
+    fn drop(&mut self) {
+        if let Some(o) = self.order.as_mut() {
+            if let Some(t) = o.tags.take() {
+                self.guard.leave(o.lane, &t, false);
             }
         }
     }

@@ -87,7 +87,8 @@ where
                 1,
                 shared.mode(),
                 shared.clock().clone(),
-            );
+            )
+            .in_line(priority, share);
             let ready = tollgate_core::service::take_ready(&mut self.inner);
             let wait = RemoteWait {
                 ask,

@@ -220,3 +220,141 @@ proptest! {
         });
     }
 }
+
+/// A GCRA store in memory on tokio's clock, standing in for Redis (shared by every
+/// "instance" that holds a clone): what tollgate-redis's script decides, one call each.
+#[derive(Clone, Default)]
+struct Gcra {
+    tat: Arc<Mutex<std::collections::HashMap<String, Instant>>>,
+}
+
+impl tollgate_core::store::RateStore for Gcra {
+    fn acquire(
+        &self,
+        cells: Arc<[tollgate_core::store::RateCell]>,
+    ) -> tollgate_core::store::StoreFuture<
+        Result<tollgate_core::store::RateDecision, tollgate_core::store::StoreError>,
+    > {
+        use tollgate_core::store::RateDecision;
+        let now = Instant::now();
+        let mut tat = self.tat.lock().unwrap();
+        let mut denied: Option<(usize, Duration)> = None;
+        let mut next = Vec::new();
+        for (i, c) in cells.iter().enumerate() {
+            let t = tat.get(c.key.as_str()).copied().unwrap_or(now).max(now);
+            let tolerance = c.interval * c.burst.saturating_sub(1);
+            let allow_at = t.checked_sub(tolerance).unwrap_or(now);
+            if allow_at > now {
+                let wait = allow_at - now;
+                if denied.is_none_or(|(_, w)| wait > w) {
+                    denied = Some((i, wait));
+                }
+            }
+            next.push((c.key.as_str().to_owned(), t + c.interval));
+        }
+        let decision = match denied {
+            Some((binding, retry_after)) => RateDecision::Denied {
+                binding,
+                retry_after,
+            },
+            None => {
+                tat.extend(next);
+                RateDecision::Admitted
+            }
+        };
+        Box::pin(std::future::ready(Ok(decision)))
+    }
+}
+
+fn stored(weights: &[(&str, u32)], per_second: u32, store: &Gcra) -> RateLimitLayer {
+    let mut share = FairShare::by(Header::new("x-tenant-id"));
+    for (t, w) in weights {
+        share = share.weight(*t, *w);
+    }
+    RateLimitLayer::builder()
+        .limit(Limit::new("model", Quota::per_second(per_second).burst(1)))
+        .wait(Duration::from_secs(3600))
+        .share(share)
+        .store(store.clone(), tollgate_core::store::OnStoreFailure::Closed)
+        .build()
+}
+
+/// With the quota in a shared store (Redis, for many instances), an instance keeps the
+/// fair share among its own waiters: only the first in line asks the store, so each cell
+/// the store gives goes where the weights say. (Without that order every waiter asks on
+/// its own timer and whoever asks first wins: an even split.)
+#[tokio::test(start_paused = true)]
+async fn with_a_shared_store_weights_three_to_one_still_give_three_quarters() {
+    let store = Gcra::default();
+    let svc = stored(&[("a", 3)], 10, &store).layer(ok_service());
+    let (log, start) = (Log::default(), Instant::now());
+    let mut tasks = send(&svc, &log, start, "a", 200).await;
+    tasks.extend(send(&svc, &log, start, "b", 200).await);
+    join(tasks).await;
+    for from in (0..=16).map(Duration::from_secs) {
+        let (a, all) = window(&log, "a", from);
+        assert!(
+            (98..=101).contains(&all),
+            "the quota is used whole: {all} from {from:?}"
+        );
+        assert!((72..=78).contains(&a), "a had {a} of {all} from {from:?}");
+    }
+}
+
+/// Two instances on one store: the quota holds across them (10 a second in all), each
+/// keeps its own tenants' weights, and the store's cells go to whichever instance asks
+/// first — so the split between instances follows how many of them wait, not weights.
+#[tokio::test(start_paused = true)]
+async fn two_instances_on_one_store_share_its_quota_and_each_keeps_its_weights() {
+    let store = Gcra::default();
+    let one = stored(&[("a", 3)], 10, &store).layer(ok_service());
+    let two = stored(&[("a", 3)], 10, &store).layer(ok_service());
+    let (log, start) = (Log::default(), Instant::now());
+    let mut tasks = send(&one, &log, start, "a", 150).await;
+    tasks.extend(send(&one, &log, start, "b", 150).await);
+    tasks.extend(send(&two, &log, start, "c", 100).await);
+    join(tasks).await;
+    let (_, all) = window(&log, "a", Duration::from_secs(5));
+    assert!(
+        (98..=101).contains(&all),
+        "one quota for both: {all} in 10 s"
+    );
+    // While all three wait (the first 10 s): a and b, on one instance, split what it
+    // gets 3:1.
+    let (a, _) = window(&log, "a", Duration::ZERO);
+    let (b, _) = window(&log, "b", Duration::ZERO);
+    let share = a as f64 / (a + b) as f64;
+    assert!((0.70..=0.80).contains(&share), "a {a}, b {b}: {share:.2}");
+}
+
+/// Priorities hold among one instance's waiters with the quota in a shared store too: a
+/// live request (priority 1) arriving behind background work (priority 0) is served
+/// first. (This is what keeps a gateway's jobs behind its live traffic with Redis.)
+#[tokio::test(start_paused = true)]
+async fn with_a_shared_store_a_higher_priority_goes_first() {
+    let store = Gcra::default();
+    let layer = RateLimitLayer::builder()
+        .limit(Limit::new("model", Quota::per_second(1).burst(1)))
+        .wait(Duration::from_secs(60))
+        .priority(tollgate_ratelimit::HeaderPriority::new(
+            http::HeaderName::from_static("x-priority"),
+        ))
+        .store(store, tollgate_core::store::OnStoreFailure::Closed)
+        .build();
+    let svc = layer.layer(ok_service());
+    svc.clone().oneshot(req("x")).await.unwrap(); // takes the only cell
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (name, prio) in [("job1", "0"), ("job2", "0"), ("live", "1"), ("job3", "0")] {
+        let (mut svc, order) = (svc.clone(), Arc::clone(&order));
+        let mut r = req("x");
+        r.headers_mut().insert("x-priority", prio.parse().unwrap());
+        tasks.push(tokio::spawn(async move {
+            svc.ready().await.unwrap().call(r).await.unwrap();
+            order.lock().unwrap().push(name);
+        }));
+        tokio::task::yield_now().await;
+    }
+    join(tasks).await;
+    assert_eq!(*order.lock().unwrap(), ["live", "job1", "job2", "job3"]);
+}

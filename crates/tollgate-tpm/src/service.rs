@@ -18,7 +18,7 @@ use tollgate_core::key::{Key, RequestHead};
 use tollgate_core::refusal::Refusal;
 use tollgate_core::usage::UsageReport;
 use tollgate_core::usage::UsageScanner;
-use tollgate_core::wait::{Admission, Mode, Priority};
+use tollgate_core::wait::{Admission, Mode, Priority, Share};
 use tollgate_core::BoxError;
 use tower::Service;
 
@@ -77,6 +77,7 @@ async fn reserve_in_store(
     shared: &Shared,
     remote: &Remote,
     ticket: &Ticket,
+    (priority, share): (Priority, Option<Share>),
 ) -> Result<Option<RemoteHold>, BoxError> {
     let budgets = shared.queue.admitter();
     let cells: Arc<[TokenCell]> = budgets
@@ -96,7 +97,8 @@ async fn reserve_in_store(
         ticket.cost,
         shared.queue.mode(),
         shared.queue.clock().clone(),
-    );
+    )
+    .in_line(priority, share);
     match ask.await {
         Asked::Granted(hold) => Ok(Some(RemoteHold {
             store: Arc::clone(remote.guard.store()),
@@ -209,7 +211,7 @@ async fn reserve(
     };
     let ticket = Ticket { keys, cost };
     let hold = match &shared.remote {
-        Some(remote) => reserve_in_store(shared, remote, &ticket).await?,
+        Some(remote) => reserve_in_store(shared, remote, &ticket, (priority, share)).await?,
         None => None,
     };
     if hold.is_none() {

@@ -30,10 +30,12 @@
 //!   of each other flow. Requests without a share are one flow of weight 1: among
 //!   themselves, arrival order.
 
+mod fair;
 mod priority;
 mod queue;
 mod share;
 
+pub(crate) use fair::{Fair, Slot, Tagged};
 pub use priority::{
     priority_fn, ExtensionPriority, HeaderPriority, Priority, PriorityExtractor, PriorityFn,
 };

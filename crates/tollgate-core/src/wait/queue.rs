@@ -1,7 +1,6 @@
 //! The queue itself. See the [module docs](super).
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -12,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Admit, Denial, Mode, Priority, Share};
+use super::{Admit, Denial, Fair, Mode, Priority, Share, Slot, Tagged};
 use crate::clock::{Clock, SharedClock, Sleep};
 use crate::refusal::{LimitKind, Reason, Refusal};
 
@@ -47,21 +46,6 @@ pub enum Admission<A: Admit> {
     Refused(Refusal),
 }
 
-/// A waiter's place: by priority, then by its start tag in the fair share (which is
-/// arrival order for requests without a [`Share`]: they are one flow), then arrival.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Slot {
-    priority: Reverse<Priority>,
-    start: u128,
-    seq: u64,
-}
-
-/// Virtual time per unit of cost at weight 1.
-const UNIT: u128 = 1 << 32;
-
-/// The flow of requests without a share.
-const UNSHARED: u64 = u64::MAX;
-
 struct Entry<T> {
     ticket: Arc<T>,
     granted: bool,
@@ -71,49 +55,19 @@ struct Entry<T> {
     waker: Option<Waker>,
     /// The limit that holds it back.
     binding: usize,
-    /// Its flow, and its finish tag there (start + cost ÷ weight).
-    flow: u64,
-    finish: u128,
+    /// Its tags in the fair share.
+    tags: Tagged,
 }
 
 struct Queue<T> {
     entries: BTreeMap<Slot, Entry<T>>,
-    next_seq: u64,
-    /// The fair share's virtual time: the start tag of the last waiter granted.
-    vtime: u128,
-    /// Each flow's last finish tag; a flow whose tag is behind `vtime` is idle and starts
-    /// again at `vtime` (no credit for having been away, no debt).
-    flows: HashMap<u64, u128>,
+    fair: Fair,
 }
 
 impl<T> Queue<T> {
-    /// Tags a new waiter of `share` costing `cost`: its start and finish tags, its
-    /// flow's tag advanced.
-    fn tag(&mut self, share: Option<Share>, cost: u64) -> (u64, u128, u128) {
-        let (flow, weight) = share.map_or((UNSHARED, 1), |s| (s.flow(), s.weight()));
-        let last = self.flows.get(&flow).copied().unwrap_or(0);
-        let start = last.max(self.vtime);
-        let finish = start.saturating_add(u128::from(cost.max(1)) * UNIT / u128::from(weight));
-        self.flows.insert(flow, finish);
-        (flow, start, finish)
-    }
-
-    /// A waiter left without being served: its flow gives back its tag when it was the
-    /// flow's last.
-    fn untag(&mut self, slot: &Slot, flow: u64, finish: u128) {
-        if self.flows.get(&flow) == Some(&finish) {
-            self.flows.insert(flow, slot.start);
-        }
-    }
-
-    /// A waiter was served: virtual time moves to its start tag, and idle flows are
-    /// forgotten now and then.
+    /// A waiter was served: the fair share's virtual time moves on.
     fn served(&mut self, start: u128) {
-        self.vtime = self.vtime.max(start);
-        if self.flows.len() > 64 + 2 * self.entries.len() {
-            let v = self.vtime;
-            self.flows.retain(|_, f| *f > v);
-        }
+        self.fair.served(start, self.entries.len());
     }
 }
 
@@ -132,9 +86,7 @@ impl<A: Admit> WaitQueue<A> {
             clock,
             queue: Mutex::new(Queue {
                 entries: BTreeMap::new(),
-                next_seq: 0,
-                vtime: 0,
-                flows: HashMap::new(),
+                fair: Fair::default(),
             }),
             waiting: AtomicUsize::new(0),
         }
@@ -250,12 +202,8 @@ impl<A: Admit> WaitQueue<A> {
         let cost = self.admit.cost(&ticket);
         let result = {
             let mut q = lock(&self.queue);
-            let (flow, start, finish) = q.tag(share, cost);
-            let slot = Slot {
-                priority: Reverse(priority),
-                start,
-                seq: q.next_seq,
-            };
+            let tags = q.fair.tag(priority, share, cost);
+            let (slot, start) = (tags.slot, tags.slot.start);
             let ahead: Vec<&Entry<A::Ticket>> = q
                 .entries
                 .range(..slot)
@@ -272,7 +220,7 @@ impl<A: Admit> WaitQueue<A> {
                     }
                     Err(denied) => {
                         if let Some(r) = self.refused(&ticket, denied, Some(max_wait)) {
-                            q.untag(&slot, flow, finish);
+                            q.fair.untag(&tags);
                             return Admission::Refused(r);
                         }
                         match denied {
@@ -297,17 +245,16 @@ impl<A: Admit> WaitQueue<A> {
                 )
             };
             if estimate > max_wait {
-                q.untag(&slot, flow, finish);
+                q.fair.untag(&tags);
                 Err(self
                     .admit
                     .refusal(&ticket, binding, Some(estimate), Reason::WaitTooLong))
             } else if q.entries.len() >= max_queue {
-                q.untag(&slot, flow, finish);
+                q.fair.untag(&tags);
                 Err(self
                     .admit
                     .refusal(&ticket, binding, Some(estimate), Reason::QueueFull))
             } else {
-                q.next_seq += 1;
                 q.entries.insert(
                     slot,
                     Entry {
@@ -317,8 +264,7 @@ impl<A: Admit> WaitQueue<A> {
                         ready_at: None,
                         waker: None,
                         binding,
-                        flow,
-                        finish,
+                        tags,
                     },
                 );
                 self.waiting.fetch_add(1, Ordering::AcqRel);
@@ -448,9 +394,9 @@ impl<A: Admit> Future for Acquire<A> {
                     Some(e) if now >= self.deadline => {
                         let (binding, ticket) = (e.binding, Arc::clone(&e.ticket));
                         let wait = e.ready_at.map(|t| t.saturating_duration_since(now));
-                        let (flow, finish) = (e.flow, e.finish);
+                        let tags = e.tags;
                         q.entries.remove(&self.slot);
-                        q.untag(&self.slot, flow, finish);
+                        q.fair.untag(&tags);
                         // Whoever was behind may now be first in line.
                         q.dispatch(&shared.admit, now, None, &mut wakers);
                         Step::Done(Err(shared.admit.refusal(
@@ -521,7 +467,7 @@ impl<A: Admit> Drop for Acquire<A> {
                 if e.granted {
                     self.queue.admit.refund(&e.ticket);
                 } else {
-                    q.untag(&self.slot, e.flow, e.finish);
+                    q.fair.untag(&e.tags);
                 }
             }
             q.dispatch(&self.queue.admit, now, None, &mut wakers);
