@@ -17,16 +17,21 @@ use tower::{Layer, Service, ServiceExt};
 
 const INTERVAL: Duration = Duration::from_millis(100);
 
-fn layer(weights: &[(&str, u32)], per_second: u32) -> RateLimitLayer {
+/// The tenants' fair share by `x-tenant-id`, with these weights (1 for the rest).
+fn share(weights: &[(&str, u32)]) -> FairShare {
     let mut share = FairShare::by(Header::new("x-tenant-id"));
     for (t, w) in weights {
         share = share.weight(*t, *w);
     }
+    share
+}
+
+fn layer(weights: &[(&str, u32)], per_second: u32) -> RateLimitLayer {
     RateLimitLayer::builder()
         .limit(Limit::new("model", Quota::per_second(per_second).burst(1)))
         .wait(Duration::from_secs(3600))
         .max_queue(100_000)
-        .share(share)
+        .share(share(weights))
         .build()
 }
 
@@ -267,14 +272,10 @@ impl tollgate_core::store::RateStore for Gcra {
 }
 
 fn stored(weights: &[(&str, u32)], per_second: u32, store: &Gcra) -> RateLimitLayer {
-    let mut share = FairShare::by(Header::new("x-tenant-id"));
-    for (t, w) in weights {
-        share = share.weight(*t, *w);
-    }
     RateLimitLayer::builder()
         .limit(Limit::new("model", Quota::per_second(per_second).burst(1)))
         .wait(Duration::from_secs(3600))
-        .share(share)
+        .share(share(weights))
         .store(store.clone(), tollgate_core::store::OnStoreFailure::Closed)
         .build()
 }
