@@ -185,6 +185,10 @@ pub trait CostStore: Send + Sync + 'static {
         held: u64,
         cost: u64,
     ) -> StoreFuture<Result<(), StoreError>>;
+
+    /// Where each cell stands now, summed over every instance: `(spent, held)` in
+    /// nanodollars, one pair per cell (zeros for a window nobody has spent in).
+    fn standing(&self, cells: Arc<[CostCell]>) -> StoreFuture<Result<Vec<(u64, u64)>, StoreError>>;
 }
 
 /// After a store fails, requests go straight to the failure policy for this long; then

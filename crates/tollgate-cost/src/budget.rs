@@ -102,7 +102,10 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> u64 {
 #[derive(Clone)]
 pub struct CostBudget {
     pub(crate) name: Arc<str>,
+    /// What this instance may spend in process (its share, with a store failing open).
     pub(crate) amount: Money,
+    /// The whole budget: what the shared store holds every instance to.
+    pub(crate) whole: Money,
     pub(crate) window: Window,
     key: Option<Arc<dyn KeyExtractor>>,
 }
@@ -123,6 +126,7 @@ impl CostBudget {
         Self {
             name: name.into(),
             amount,
+            whole: amount,
             window,
             key: None,
         }
@@ -228,6 +232,28 @@ impl Ledger {
             a.held = a.held.minus(held);
             a.spent = a.spent.plus(cost);
         });
+    }
+
+    /// The shared store's account of `key` in the window in force: the whole budget,
+    /// whatever this instance's share in process.
+    pub(crate) fn cell(&self, key: &Key, now: SystemTime) -> tollgate_core::store::CostCell {
+        let (window_start, window_end) = self.budget.window.bounds(now);
+        tollgate_core::store::CostCell {
+            key: Key::prefixed(self.budget.name(), key.as_str()),
+            amount: self.budget.whole.nanos(),
+            window_start,
+            window_end,
+        }
+    }
+
+    /// Where `key` stands in the store's account `(spent, held)` (nanodollars).
+    pub(crate) fn standing_of(&self, (spent, held): (u64, u64), now: SystemTime) -> Standing {
+        Standing {
+            spent: Money::from_nanos(spent),
+            held: Money::from_nanos(held),
+            amount: self.budget.whole,
+            resets_in: self.resets_in(now),
+        }
     }
 
     pub(crate) fn standing(&self, key: &Key, now: SystemTime) -> Standing {

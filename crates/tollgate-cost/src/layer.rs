@@ -75,6 +75,36 @@ impl CostLayer {
             .map(|l| l.standing(key, now))
     }
 
+    /// Whether the budgets are kept in a shared store (every instance spends one).
+    pub fn is_shared(&self) -> bool {
+        self.shared.remote.is_some()
+    }
+
+    /// Where `key` stands in the budget named `budget`, summed over every instance: read
+    /// from the shared store when the layer has one (one round trip), else
+    /// [`standing`](Self::standing). When the store cannot answer, this instance's own
+    /// account is given.
+    pub async fn standing_shared(&self, budget: &str, key: &Key) -> Option<Standing> {
+        let now = self.shared.now();
+        let ledger = self
+            .shared
+            .ledgers
+            .iter()
+            .find(|l| l.budget.name() == budget)?;
+        if let Some(guard) = &self.shared.remote {
+            let cells: Arc<[tollgate_core::store::CostCell]> = Arc::from([ledger.cell(key, now)]);
+            match guard.store().standing(cells).await {
+                Ok(all) => {
+                    if let Some(pair) = all.first() {
+                        return Some(ledger.standing_of(*pair, now));
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "a cost budget's standing could not be read"),
+            }
+        }
+        Some(ledger.standing(key, now))
+    }
+
     /// Drops the accounts of windows that are over (call it now and then; they are a few
     /// words each).
     pub fn retain_recent(&self) {

@@ -77,7 +77,7 @@ fn over_budget(shared: &Shared, i: usize, key: &Key, left: Money) -> Refusal {
     )
     .with_key(key.clone())
     .with_quota(QuotaState {
-        limit: l.budget.amount.micros(),
+        limit: l.budget.whole.micros(),
         window: Duration::from_secs(end - start),
         remaining: left.micros(),
     })
@@ -101,15 +101,7 @@ async fn hold(shared: &Arc<Shared>, keys: &[Key], cost: Money) -> Result<Held, B
         .ledgers
         .iter()
         .zip(keys)
-        .map(|(l, k)| {
-            let (window_start, window_end) = l.budget.window.bounds(now);
-            CostCell {
-                key: Key::prefixed(l.budget.name(), k.as_str()),
-                amount: l.budget.amount.nanos(),
-                window_start,
-                window_end,
-            }
-        })
+        .map(|(l, k)| l.cell(k, now))
         .collect();
     let ask = CostAsk::new(
         Arc::clone(guard),

@@ -227,9 +227,58 @@ pub(crate) struct Shared0 {
     pub(crate) metrics: PrometheusHandle,
     /// One reload at a time.
     pub(crate) reloading: tokio::sync::Mutex<()>,
+    /// Each tenant's standing in its cost budget, summed over every instance when the
+    /// budget is kept in Redis: read once a second ([`refresh_spend`]).
+    pub(crate) spend: std::sync::Mutex<HashMap<String, tollgate_cost::Standing>>,
 }
 
 type St = State<Arc<Shared0>>;
+
+/// The budget a tenant's cost layer keeps, and the key it keeps it under.
+fn budget_of(name: &str) -> (String, tollgate_core::key::Key) {
+    (
+        format!("tenant:{name}:budget"),
+        tollgate_core::key::Key::global(),
+    )
+}
+
+/// Reads the standing of every tenant whose cost budget is kept in Redis (one round trip
+/// a tenant) into [`Shared0::spend`], for the dashboard and the alerts.
+pub(crate) async fn refresh_spend(s: &Shared0) {
+    let loaded = s.loaded.load_full();
+    let mut fresh = HashMap::new();
+    for name in loaded.config.tenants.keys() {
+        let Some(cost) = loaded
+            .tenants
+            .by_name(name)
+            .and_then(|t| t.cost.clone())
+            .filter(tollgate_cost::CostLayer::is_shared)
+        else {
+            continue;
+        };
+        let (budget, key) = budget_of(name);
+        if let Some(st) = cost.standing_shared(&budget, &key).await {
+            fresh.insert(name.clone(), st);
+        }
+    }
+    if let Ok(mut spend) = s.spend.lock() {
+        *spend = fresh;
+    }
+}
+
+/// A tenant's standing in its cost budget: kept in Redis, the last read of every
+/// instance's spend (this instance's own before the first read); in process, as it is now.
+fn standing(s: &Shared0, loaded: &Loaded, name: &str) -> Option<tollgate_cost::Standing> {
+    let tenant = loaded.tenants.by_name(name)?;
+    let cost = tenant.cost.as_ref()?;
+    if cost.is_shared() {
+        if let Some(st) = s.spend.lock().ok().and_then(|m| m.get(name).copied()) {
+            return Some(st);
+        }
+    }
+    let (budget, key) = budget_of(name);
+    cost.standing(&budget, &key)
+}
 
 pub(crate) fn router(state: Arc<Shared0>) -> Router {
     Router::new()
@@ -472,16 +521,13 @@ async fn dashboard(State(s): St, headers: HeaderMap) -> Response<Body> {
 }
 
 /// Each tenant with a budget: the share of it spent in the window in force, in percent.
-pub(crate) fn spend_percent(loaded: &Loaded) -> HashMap<String, f64> {
+pub(crate) fn spend_percent(s: &Shared0, loaded: &Loaded) -> HashMap<String, f64> {
     loaded
         .config
         .tenants
         .keys()
         .filter_map(|name| {
-            let st = loaded.tenants.by_name(name)?.cost.as_ref()?.standing(
-                &format!("tenant:{name}:budget"),
-                &tollgate_core::key::Key::global(),
-            )?;
+            let st = standing(s, loaded, name)?;
             let budget = st.amount.nanos().max(1) as f64;
             Some((name.clone(), st.spent.nanos() as f64 * 100.0 / budget))
         })
@@ -503,13 +549,7 @@ fn stats_json(s: &Shared0) -> serde_json::Value {
     if let Some(tenants) = v.get_mut("tenants").and_then(|t| t.as_array_mut()) {
         for t in tenants {
             let name = t["name"].as_str().unwrap_or_default().to_owned();
-            let standing = loaded.tenants.by_name(&name).and_then(|tenant| {
-                tenant.cost.as_ref()?.standing(
-                    &format!("tenant:{name}:budget"),
-                    &tollgate_core::key::Key::global(),
-                )
-            });
-            if let Some(st) = standing {
+            if let Some(st) = standing(s, &loaded, &name) {
                 t["spend"] = serde_json::json!({
                     "spent_usd": st.spent.as_dollars(),
                     "held_usd": st.held.as_dollars(),

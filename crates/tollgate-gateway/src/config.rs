@@ -309,9 +309,9 @@ pub struct TenantConfig {
     pub weight: Option<u32>,
     /// Its spend per window, in US dollars: `10/day`, `300/month` (calendar windows in
     /// UTC) or `5/1h`; priced by the top-level `prices`. Over it: a 429 `budget_exceeded`
-    /// until the window starts again. Kept in the gateway's `store` when it names Redis
-    /// (every instance spends one budget; `/api/stats` then shows only what this instance
-    /// counted in process, while Redis was away).
+    /// until the window starts again. Kept in the gateway's `store` when it names Redis:
+    /// every instance spends one budget, and `/api/stats`, the dashboard and the
+    /// `quota_used` alert read what all of them spent (once a second).
     pub budget: Option<BudgetRate>,
     /// The models (names or aliases) it may use; all when left out.
     pub models: Option<Vec<String>>,

@@ -229,6 +229,7 @@ impl Gateway {
                 path,
                 metrics,
                 reloading: tokio::sync::Mutex::new(()),
+                spend: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
         })
     }
@@ -350,7 +351,8 @@ impl Gateway {
         Ok(())
     }
 
-    /// The alert rules' evaluation, once a second, and the deliveries of their events.
+    /// Once a second, the tenants' spend read from a shared store and the alert rules'
+    /// evaluation; and the deliveries of their events.
     fn start_alerts(&self) -> [tokio::task::JoinHandle<()>; 2] {
         let (notifier, rx) = alerts::Notifier::new();
         let shared = Arc::clone(&self.shared);
@@ -364,6 +366,7 @@ impl Gateway {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
                 tick.tick().await;
+                app::refresh_spend(&shared).await;
                 let loaded = shared.loaded.load_full();
                 let rules = &loaded.config.alerts.rules;
                 if rules.is_empty() {
@@ -375,7 +378,7 @@ impl Gateway {
                 } else {
                     String::new()
                 };
-                evaluator.set_spend(app::spend_percent(&loaded));
+                evaluator.set_spend(app::spend_percent(&shared, &loaded));
                 for event in evaluator.evaluate(&loaded.config, &shared.stats, &metrics) {
                     notifier.send(event);
                 }

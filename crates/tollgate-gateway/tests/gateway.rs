@@ -770,6 +770,79 @@ models:
     b.shutdown().await;
 }
 
+/// Two gateways on one Redis spend one tenant budget, and each one's `/api/stats` (the
+/// dashboard's feed, and what the `quota_used` alert reads) shows what both spent.
+#[tokio::test]
+async fn two_gateways_on_one_redis_show_the_spend_of_both() {
+    let Some(redis) =
+        tollgate_testkit::redis::redis_url("two_gateways_on_one_redis_show_the_spend_of_both")
+    else {
+        return;
+    };
+    let provider = Provider::builder().spawn().await.unwrap();
+    let ns = format!("gw-spend-{}-{}", std::process::id(), fastrand::u64(..));
+    let yaml = format!(
+        r#"
+store: {{ url: "{redis}", namespace: "{ns}" }}
+prices:
+  gpt-4o: {{ input: 2.5, output: 10 }}
+models:
+  gpt-4o:
+    primary: {{ url: "{{provider}}" }}
+tenants:
+  acme: {{ key_sha256: "{}", budget: "5/day" }}
+"#,
+        hash("vk-acme")
+    );
+    let a = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let b = start(Gateway::new(config(&yaml, &provider.url())).unwrap()).await;
+    let http = client();
+    let mut charged = 0f64;
+    for (i, gw) in [&a, &b, &a, &b, &b].into_iter().enumerate() {
+        let r = post(
+            &http,
+            &gw.url("/v1/chat/completions"),
+            "vk-acme",
+            &chat(&format!("q{i}")),
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+        let u = &r.json()["usage"];
+        charged += u["prompt_tokens"].as_f64().unwrap() * 2.5e-6
+            + u["completion_tokens"].as_f64().unwrap() * 10e-6;
+    }
+    // Each reads Redis once a second; give both a few seconds, bounded.
+    let spent = |gw: &Running| {
+        let (http, url) = (http.clone(), gw.url("/api/stats"));
+        async move {
+            let stats = get(&http, &url, None).await.json();
+            stats["tenants"]
+                .as_array()
+                .and_then(|ts| ts.iter().find(|t| t["name"] == "acme").cloned())
+                .and_then(|t| t["spend"]["spent_usd"].as_f64())
+                .unwrap_or(-1.0)
+        }
+    };
+    for gw in [&a, &b] {
+        let mut seen = -1.0;
+        for _ in 0..60 {
+            seen = spent(gw).await;
+            if (seen - charged).abs() < 1e-9 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            (seen - charged).abs() < 1e-9,
+            "one gateway shows {seen}, both charged {charged}"
+        );
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 #[tokio::test]
 async fn h2c_clients_are_served_on_the_same_port() {
     let provider = Provider::builder().spawn().await.unwrap();

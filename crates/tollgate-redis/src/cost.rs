@@ -97,4 +97,19 @@ impl CostStore for RedisStore {
             Ok(())
         })
     }
+
+    fn standing(&self, cells: Arc<[CostCell]>) -> StoreFuture<Result<Vec<(u64, u64)>, StoreError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            for (key, _, _) in this.cost_keys(&cells) {
+                pipe.cmd("HMGET").arg(key).arg("s").arg("h");
+            }
+            let mut conn = this.conn.clone();
+            let all: Vec<(Option<i64>, Option<i64>)> =
+                RedisStore::timed(this.timeout, pipe.query_async(&mut conn)).await?;
+            let n = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
+            Ok(all.into_iter().map(|(s, h)| (n(s), n(h))).collect())
+        })
+    }
 }

@@ -29,6 +29,10 @@ fn provider() -> tower::util::ServiceFn<fn(Request<ReplayBody>) -> std::future::
 }
 
 fn layer(store: RedisStore) -> CostLayer {
+    layer_failing(store, OnStoreFailure::Closed)
+}
+
+fn layer_failing(store: RedisStore, on_failure: OnStoreFailure) -> CostLayer {
     CostLayer::builder()
         .prices(Prices::new().model("gpt-4o", Price::per_million(2.5, 10.0)))
         .budget(
@@ -37,7 +41,7 @@ fn layer(store: RedisStore) -> CostLayer {
         )
         // Every request is estimated at what it will cost, so the budget holds ten.
         .estimate(|_| (1000, 100))
-        .store(store, OnStoreFailure::Closed)
+        .store(store, on_failure)
         .build()
 }
 
@@ -91,6 +95,57 @@ async fn two_instances_spend_one_budget_in_redis() {
     );
     // Another tenant's budget is its own.
     assert!(a.oneshot(chat("other")).await.is_ok());
+}
+
+/// Failing open, each instance keeps only its share in process for when Redis is away;
+/// Redis still holds the two to the whole budget. And either instance reads what both
+/// spent (what a dashboard or an alert shows), not only its own.
+#[tokio::test]
+async fn the_whole_budget_is_kept_in_redis_and_read_back_summed_over_instances() {
+    let Some(url) = tollgate_testkit::redis::redis_url("cost budgets standing") else {
+        return;
+    };
+    let ns = format!("test:cost:{}:{:x}", std::process::id(), fastrand::u64(..));
+    let open = || {
+        RedisStore::open(&url)
+            .unwrap()
+            .namespace(&ns)
+            .timeout(Duration::from_secs(2))
+    };
+    let open_for_4 = OnStoreFailure::Open { instances: 4 };
+    let (la, lb) = (
+        layer_failing(open(), open_for_4),
+        layer_failing(open(), open_for_4),
+    );
+    let (a, b) = (la.clone().layer(provider()), lb.clone().layer(provider()));
+    let mut passed = 0;
+    for i in 0..30 {
+        let svc = if i % 2 == 0 { a.clone() } else { b.clone() };
+        if let Ok(res) = svc.oneshot(chat("acme")).await {
+            res.into_body().collect().await.unwrap();
+            passed += 1;
+        }
+    }
+    assert_eq!(passed, 10, "the whole $0.035, not a quarter of it");
+    let acme = tollgate_core::key::Key::prefixed("tenant", "acme");
+    let started = std::time::Instant::now();
+    let st = loop {
+        let st = lb.standing_shared("daily", &acme).await.unwrap();
+        if st.held == Money::ZERO || started.elapsed() > Duration::from_secs(3) {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(st.held, Money::ZERO, "every settlement arrived");
+    assert_eq!(st.spent, Money::dollars(0.035), "both instances' spend");
+    assert_eq!(st.amount, Money::dollars(0.035), "the whole budget");
+    assert_eq!(
+        la.standing_shared("daily", &acme).await.unwrap().spent,
+        st.spent,
+        "the same from the other instance"
+    );
+    // In process, neither instance spent anything: Redis answered every request.
+    assert_eq!(la.standing("daily", &acme).unwrap().spent, Money::ZERO);
 }
 
 #[tokio::test]
