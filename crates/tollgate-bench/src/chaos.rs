@@ -19,10 +19,11 @@
 //!
 //! Outcomes: `failed` counts requests that got no whole 200 where the policy says they
 //! must (every phase but 4 and 5: a dead Redis, a dead or slow primary are absorbed by the
-//! fallback, the local share and the retries). In phases 4 and 5 the provider's broken
-//! 200 reaches the client as it was sent — an answer already begun cannot be retried —
-//! and is counted as `passed_on`, checked against the faults the provider injected (any
-//! excess is `failed`). `hung`: requests past their deadline. `panics`: "panicked" in
+//! fallback, the local share and the retries). In phases 4 and 5 a broken non-streamed
+//! answer is read whole and checked by the retry layer, so it is asked again (or goes to
+//! the fallback) and never reaches the client; a broken stream, already begun, reaches
+//! the client as it was sent and is counted as `passed_on`, checked against the faults
+//! the provider injected (any excess is `failed`). `hung`: requests past their deadline. `panics`: "panicked" in
 //! either gateway's stderr. `provider_429`: the primary's 429s (its quota is never to be
 //! exceeded, Redis or not). `lost` / `duplicated`: batch lines missing from, or appearing
 //! twice in, the output and error files together. `recover_ms_*`: from the end of each

@@ -231,15 +231,9 @@ impl fmt::Debug for RequestFacts {
     }
 }
 
+/// A request without a `Content-Type` is read as JSON, as OpenAI's API reads it.
 fn is_json_content_type(headers: &HeaderMap) -> bool {
-    let Some(ct) = headers.get(CONTENT_TYPE) else {
-        return true;
-    };
-    let Ok(ct) = ct.to_str() else { return false };
-    let essence = ct.split(';').next().unwrap_or("").trim();
-    let b = essence.as_bytes();
-    essence.eq_ignore_ascii_case("application/json")
-        || b.len() > 5 && b[b.len() - 5..].eq_ignore_ascii_case(b"+json")
+    headers.get(CONTENT_TYPE).is_none() || crate::headers::is_json(headers)
 }
 
 impl RequestFacts {

@@ -283,6 +283,21 @@ pub fn is_event_stream(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("text/event-stream"))
 }
 
+/// Whether `Content-Type` says JSON: `application/json` or any `…+json`, parameters
+/// aside, in any case. `false` without a `Content-Type`.
+pub fn is_json(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    let b = essence.as_bytes();
+    essence.eq_ignore_ascii_case("application/json")
+        || b.len() > 5 && b[b.len() - 5..].eq_ignore_ascii_case(b"+json")
+}
+
 /// Writes `Retry-After` as whole seconds, rounded up so a client that waits exactly that
 /// long is never early (`0.2 s` becomes `1`).
 pub fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {

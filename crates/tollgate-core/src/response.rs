@@ -3,8 +3,9 @@
 //! [`openai_error`] builds `{"error": {"message", "type", "param", "code"}}` with a status.
 //! [`ErrorResponseLayer`] is the one step a server takes to turn Tollgate's typed errors —
 //! a [`Refusal`] (429 with `Retry-After` and `RateLimit` headers), a [`FactsError`]
-//! (413, 400), [`Unavailable`](crate::unavailable::Unavailable) (503 with `Retry-After`)
-//! or a [`StoreError`](crate::store::StoreError) (503) — into responses; any other error
+//! (413, 400), [`Unavailable`](crate::unavailable::Unavailable) (503 with `Retry-After`),
+//! a [`BrokenAnswer`](crate::unavailable::BrokenAnswer) (502) or a
+//! [`StoreError`](crate::store::StoreError) (503) — into responses; any other error
 //! passes through unchanged.
 //!
 //! ```
@@ -78,6 +79,9 @@ pub fn error_response<B: From<Bytes>>(
         }
         if let Some(u) = e.downcast_ref::<crate::unavailable::Unavailable>() {
             return Some(u.to_response());
+        }
+        if let Some(b) = e.downcast_ref::<crate::unavailable::BrokenAnswer>() {
+            return Some(b.to_response());
         }
         if let Some(e) = e.downcast_ref::<crate::store::StoreError>() {
             // The shared quota could not be consulted and the layer fails closed: the

@@ -68,3 +68,75 @@ impl fmt::Display for Unavailable {
 }
 
 impl std::error::Error for Unavailable {}
+
+/// A backend answered 2xx with a JSON body that broke off before its end, or that is not
+/// JSON: an answer the caller could not use. The retry layer reads such answers whole
+/// before passing them on, so it can ask again (and failover can move on) instead of
+/// handing the caller a broken 200; past every attempt, the caller gets a **502** with
+/// code `upstream_answer_broken`.
+#[derive(Debug)]
+pub struct BrokenAnswer {
+    why: BrokenWhy,
+}
+
+/// How an answer was broken.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BrokenWhy {
+    /// Its body ended early: the connection was cut, or it timed out mid-body.
+    Cut(crate::BoxError),
+    /// Its body came whole but is not JSON.
+    Malformed(serde_json::Error),
+}
+
+impl BrokenAnswer {
+    /// An answer whose body broke off with `error`.
+    pub fn cut(error: impl Into<crate::BoxError>) -> Self {
+        Self {
+            why: BrokenWhy::Cut(error.into()),
+        }
+    }
+
+    /// An answer whose body is not JSON.
+    pub fn malformed(error: serde_json::Error) -> Self {
+        Self {
+            why: BrokenWhy::Malformed(error),
+        }
+    }
+
+    /// How it was broken.
+    pub fn why(&self) -> &BrokenWhy {
+        &self.why
+    }
+
+    /// The 502 a server answers with, in OpenAI's error shape.
+    pub fn to_response<B: From<Bytes>>(&self) -> Response<B> {
+        openai_error(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            "upstream_answer_broken",
+            &self.to_string(),
+        )
+    }
+}
+
+impl fmt::Display for BrokenAnswer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.why {
+            BrokenWhy::Cut(e) => write!(f, "the upstream's answer broke off before its end: {e}"),
+            BrokenWhy::Malformed(e) => write!(
+                f,
+                "the upstream answered 200 with a body that is not JSON: {e}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for BrokenAnswer {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.why {
+            BrokenWhy::Cut(e) => Some(e.as_ref()),
+            BrokenWhy::Malformed(e) => Some(e),
+        }
+    }
+}

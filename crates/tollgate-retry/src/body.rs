@@ -12,10 +12,16 @@ use tollgate_core::BoxError;
 /// The largest error body kept for the classifier to read.
 pub(crate) const MAX_ERROR_BODY: usize = 64 * 1024;
 
+/// The largest 2xx JSON answer read whole and checked before it is passed on; a larger
+/// one streams through as it comes, unchecked.
+pub(crate) const MAX_CHECKED_BODY: usize = 8 * 1024 * 1024;
+
 pin_project! {
     /// The body of an answer through [`Retry`](crate::Retry): error answers (400 and up,
     /// of known length up to 64 KiB) are read whole so the classifier can see their error
-    /// code; every other body streams through untouched.
+    /// code; 2xx JSON answers (up to 8 MiB) are read whole and checked, so one that broke
+    /// off or is not JSON is asked again rather than passed on; every other body streams
+    /// through untouched.
     pub struct RetryBody<B> {
         #[pin]
         kind: ResponseKind<B>,
@@ -26,6 +32,8 @@ pin_project! {
     #[project = ResponseKindProj]
     enum ResponseKind<B> {
         Buffered { bytes: Bytes, #[pin] body: Full<Bytes> },
+        // What was read before it grew past the check's cap, then the rest as it comes.
+        Prefixed { read: std::collections::VecDeque<Frame<Bytes>>, rest: Pin<Box<B>> },
         Streaming { #[pin] body: B },
     }
 }
@@ -40,6 +48,15 @@ impl<B> RetryBody<B> {
         }
     }
 
+    pub(crate) fn prefixed(
+        read: std::collections::VecDeque<Frame<Bytes>>,
+        rest: Pin<Box<B>>,
+    ) -> Self {
+        Self {
+            kind: ResponseKind::Prefixed { read, rest },
+        }
+    }
+
     pub(crate) fn streaming(body: B) -> Self {
         Self {
             kind: ResponseKind::Streaming { body },
@@ -50,7 +67,7 @@ impl<B> RetryBody<B> {
     pub fn buffered(&self) -> Option<&Bytes> {
         match &self.kind {
             ResponseKind::Buffered { bytes, .. } => Some(bytes),
-            ResponseKind::Streaming { .. } => None,
+            ResponseKind::Prefixed { .. } | ResponseKind::Streaming { .. } => None,
         }
     }
 }
@@ -79,6 +96,10 @@ where
             ResponseKindProj::Buffered { body, .. } => {
                 body.poll_frame(cx).map_err(|never| match never {})
             }
+            ResponseKindProj::Prefixed { read, rest } => match read.pop_front() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None => rest.as_mut().poll_frame(cx).map_err(Into::into),
+            },
             ResponseKindProj::Streaming { body } => body.poll_frame(cx).map_err(Into::into),
         }
     }
@@ -86,6 +107,7 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             ResponseKind::Buffered { body, .. } => body.is_end_stream(),
+            ResponseKind::Prefixed { read, rest } => read.is_empty() && rest.is_end_stream(),
             ResponseKind::Streaming { body } => body.is_end_stream(),
         }
     }
@@ -93,7 +115,81 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             ResponseKind::Buffered { body, .. } => body.size_hint(),
+            ResponseKind::Prefixed { read, rest } => {
+                let queued: u64 = read
+                    .iter()
+                    .filter_map(Frame::data_ref)
+                    .map(|d| d.len() as u64)
+                    .sum();
+                let r = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(r.lower() + queued);
+                if let Some(u) = r.upper() {
+                    hint.set_upper(u + queued);
+                }
+                hint
+            }
             ResponseKind::Streaming { body } => body.size_hint(),
         }
     }
+}
+
+/// Reads a 2xx JSON answer whole and checks it is JSON: a body that breaks off, or is not
+/// JSON, is a [`BrokenAnswer`](tollgate_core::unavailable::BrokenAnswer) — an error the
+/// retry classifies as a transport failure. Past [`MAX_CHECKED_BODY`] it stops reading
+/// and hands on what it read and the rest, unchecked.
+pub(crate) async fn checked<B>(body: B) -> Result<RetryBody<B>, BoxError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    use http_body_util::BodyExt;
+    use tollgate_core::unavailable::BrokenAnswer;
+    // Boxed, so the rest of a body too large to check can be handed on whatever its type.
+    let mut body = Box::pin(body);
+    let mut read = std::collections::VecDeque::new();
+    let mut len = 0usize;
+    let mut trailers = false;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BrokenAnswer::cut)?;
+        if let Some(d) = frame.data_ref() {
+            len += d.len();
+        } else {
+            trailers = true;
+        }
+        read.push_back(frame);
+        if len > MAX_CHECKED_BODY {
+            return Ok(RetryBody::prefixed(read, body));
+        }
+    }
+    let whole = match (read.len(), trailers) {
+        // One frame (the usual answer of known length): no copy.
+        (1, false) => read
+            .pop_front()
+            .and_then(|f| f.into_data().ok())
+            .unwrap_or_default(),
+        (_, false) => {
+            let mut all = bytes::BytesMut::with_capacity(len);
+            for f in &read {
+                if let Some(d) = f.data_ref() {
+                    all.extend_from_slice(d);
+                }
+            }
+            all.freeze()
+        }
+        // Trailers on a JSON answer are rare: check the data, keep every frame.
+        (_, true) => {
+            let mut all = bytes::BytesMut::with_capacity(len);
+            for f in &read {
+                if let Some(d) = f.data_ref() {
+                    all.extend_from_slice(d);
+                }
+            }
+            serde_json::from_slice::<serde::de::IgnoredAny>(&all)
+                .map_err(BrokenAnswer::malformed)?;
+            return Ok(RetryBody::prefixed(read, body));
+        }
+    };
+    serde_json::from_slice::<serde::de::IgnoredAny>(&whole).map_err(BrokenAnswer::malformed)?;
+    Ok(RetryBody::read(whole))
 }

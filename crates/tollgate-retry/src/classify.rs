@@ -41,6 +41,8 @@ pub enum RetryReason {
     Conflict,
     /// The connection failed, or no answer came.
     Transport,
+    /// A 2xx JSON answer broke off before its end, or is not JSON.
+    BrokenAnswer,
     /// The server said `x-should-retry: true`.
     ServerSaid,
     /// gRPC `RESOURCE_EXHAUSTED` or `UNAVAILABLE`.
@@ -57,6 +59,7 @@ impl RetryReason {
             RetryReason::RequestTimeout => "request_timeout",
             RetryReason::Conflict => "conflict",
             RetryReason::Transport => "transport",
+            RetryReason::BrokenAnswer => "broken_answer",
             RetryReason::ServerSaid => "server_said",
             RetryReason::Grpc => "grpc",
         }
@@ -171,6 +174,12 @@ pub fn error_verdict(err: &(dyn std::error::Error + 'static)) -> Verdict {
         }
         if e.is::<tollgate_core::facts::FactsError>() || e.is::<crate::DeadlineExceeded>() {
             return Verdict::Return;
+        }
+        if e.is::<tollgate_core::unavailable::BrokenAnswer>() {
+            return Verdict::Retry {
+                reason: RetryReason::BrokenAnswer,
+                hint: None,
+            };
         }
     }
     Verdict::Retry {

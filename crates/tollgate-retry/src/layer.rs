@@ -20,7 +20,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::backoff::Backoff;
-use crate::body::{RetryBody, MAX_ERROR_BODY};
+use crate::body::{RetryBody, MAX_CHECKED_BODY, MAX_ERROR_BODY};
 use crate::classify::{Classifier, HttpClassifier};
 use crate::policy::{Attempt, Config, RetryPolicy};
 use tollgate_core::body::RequestBody;
@@ -291,6 +291,13 @@ where
                         let (parts, body) = res.into_parts();
                         let body = if parts.status.as_u16() >= 400 && small {
                             RetryBody::read(body.collect().await.map_err(Into::into)?.to_bytes())
+                        } else if parts.status.is_success()
+                            && tollgate_core::headers::is_json(&parts.headers)
+                            && body.size_hint().lower() <= MAX_CHECKED_BODY as u64
+                        {
+                            // A whole JSON document: read it before passing it on, so an
+                            // answer that broke off or is not JSON is asked again.
+                            crate::body::checked(body).await?
                         } else {
                             RetryBody::streaming(body)
                         };

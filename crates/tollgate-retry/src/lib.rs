@@ -25,6 +25,13 @@
 //!   pacing signal from a working service, so its retries are bounded by `max_retries`,
 //!   the deadline and `max_server_wait` alone; 5xx, transport errors and 429s without a
 //!   hint draw on the budget.
+//! - **It checks whole answers:** a 2xx JSON answer (up to 8 MiB) is read whole before
+//!   it is passed on, so one whose body breaks off or is not JSON — a cut connection, a
+//!   provider's truncated write — is asked again like a transport failure
+//!   (`reason="broken_answer"`) instead of reaching the caller as a broken 200. Past every
+//!   attempt the error is a [`BrokenAnswer`](tollgate_core::unavailable::BrokenAnswer): a
+//!   502 `upstream_answer_broken` through `ErrorResponseLayer`, and failover moves on.
+//!   Streams are never held back.
 //! - **It replays bodies:** the request body is buffered once (or taken from the
 //!   `tollgate-core` facts an outer layer put there) and replayed; a body over the cap is
 //!   sent once and never retried, and the log says so. A streamed answer is retried only
