@@ -147,49 +147,47 @@ where
     use tollgate_core::unavailable::BrokenAnswer;
     // Boxed, so the rest of a body too large to check can be handed on whatever its type.
     let mut body = Box::pin(body);
-    let mut read = std::collections::VecDeque::new();
+    // The usual answer is one data frame: kept apart, it needs no queue and no copy.
+    let mut first: Option<Bytes> = None;
+    let mut more: Vec<Frame<Bytes>> = Vec::new();
     let mut len = 0usize;
-    let mut trailers = false;
+    let all = |first: Option<Bytes>, more: Vec<Frame<Bytes>>| {
+        first
+            .map(Frame::data)
+            .into_iter()
+            .chain(more)
+            .collect::<std::collections::VecDeque<_>>()
+    };
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(BrokenAnswer::cut)?;
         if let Some(d) = frame.data_ref() {
             len += d.len();
-        } else {
-            trailers = true;
         }
-        read.push_back(frame);
+        match frame.into_data() {
+            Ok(d) if first.is_none() && more.is_empty() => first = Some(d),
+            Ok(d) => more.push(Frame::data(d)),
+            Err(trailers) => more.push(trailers),
+        }
         if len > MAX_CHECKED_BODY {
-            return Ok(RetryBody::prefixed(read, body));
+            return Ok(RetryBody::prefixed(all(first, more), body));
         }
     }
-    let whole = match (read.len(), trailers) {
-        // One frame (the usual answer of known length): no copy.
-        (1, false) => read
-            .pop_front()
-            .and_then(|f| f.into_data().ok())
-            .unwrap_or_default(),
-        (_, false) => {
-            let mut all = bytes::BytesMut::with_capacity(len);
-            for f in &read {
-                if let Some(d) = f.data_ref() {
-                    all.extend_from_slice(d);
-                }
-            }
-            all.freeze()
+    if more.is_empty() {
+        let whole = first.unwrap_or_default();
+        serde_json::from_slice::<serde::de::IgnoredAny>(&whole).map_err(BrokenAnswer::malformed)?;
+        return Ok(RetryBody::read(whole));
+    }
+    let frames = all(first, more);
+    let mut joined = bytes::BytesMut::with_capacity(len);
+    for f in &frames {
+        if let Some(d) = f.data_ref() {
+            joined.extend_from_slice(d);
         }
-        // Trailers on a JSON answer are rare: check the data, keep every frame.
-        (_, true) => {
-            let mut all = bytes::BytesMut::with_capacity(len);
-            for f in &read {
-                if let Some(d) = f.data_ref() {
-                    all.extend_from_slice(d);
-                }
-            }
-            serde_json::from_slice::<serde::de::IgnoredAny>(&all)
-                .map_err(BrokenAnswer::malformed)?;
-            return Ok(RetryBody::prefixed(read, body));
-        }
-    };
-    serde_json::from_slice::<serde::de::IgnoredAny>(&whole).map_err(BrokenAnswer::malformed)?;
-    Ok(RetryBody::read(whole))
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(&joined).map_err(BrokenAnswer::malformed)?;
+    if frames.iter().any(|f| !f.is_data()) {
+        // Trailers on a JSON answer are rare: every frame is kept as it came.
+        return Ok(RetryBody::prefixed(frames, body));
+    }
+    Ok(RetryBody::read(joined.freeze()))
 }

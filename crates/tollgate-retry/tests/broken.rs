@@ -127,3 +127,64 @@ async fn a_streamed_answer_is_passed_on_unchecked() {
     assert!(!seen.contains("[DONE]"), "{seen}");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+/// An answer of many frames, from a service that answers at once: (calls, the layer's
+/// answer or error).
+async fn frames(chunks: Vec<Bytes>) -> (usize, Result<Bytes, String>) {
+    use tollgate_testkit::body::ScriptedBody;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&calls);
+    let svc = tower::service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        let body = ScriptedBody::new(chunks.clone(), std::time::Duration::ZERO, None);
+        let res = Response::builder()
+            .header("content-type", "application/json; charset=utf-8")
+            .body(body)
+            .unwrap();
+        std::future::ready(Ok::<_, tollgate_core::BoxError>(res))
+    });
+    let out = match layer().layer(svc).oneshot(chat(false)).await {
+        Ok(res) => res
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    (calls.load(Ordering::SeqCst), out)
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_in_many_frames_is_joined_checked_and_passed_on_whole() {
+    let parts = ["{\"object\":", "\"chat.completion\",", "\"choices\":[]}"];
+    let (calls, out) = frames(
+        parts
+            .iter()
+            .map(|p| Bytes::from_static(p.as_bytes()))
+            .collect(),
+    )
+    .await;
+    assert_eq!(calls, 1);
+    assert_eq!(out.unwrap(), Bytes::from(parts.concat()));
+    // The same frames without their end are not JSON: asked again, every time.
+    let (calls, out) = frames(vec![Bytes::from_static(b"{\"object\":"); 2]).await;
+    assert_eq!(calls, 3);
+    assert!(out.unwrap_err().contains("not JSON"));
+}
+
+/// Past the 8 MiB the check reads, an answer streams on as it comes, every byte of it,
+/// unchecked (it is not asked again, however it ends).
+#[tokio::test(start_paused = true)]
+async fn an_answer_past_the_cap_streams_on_unchecked() {
+    let mib = Bytes::from(vec![b' '; 1 << 20]);
+    let mut chunks = vec![Bytes::from_static(b"[")];
+    chunks.extend(std::iter::repeat_n(mib, 9));
+    let (calls, out) = frames(chunks).await;
+    assert_eq!(calls, 1);
+    assert_eq!(
+        out.unwrap().len(),
+        1 + 9 * (1 << 20),
+        "every byte, the unclosed `[` too"
+    );
+}
