@@ -278,8 +278,10 @@ pub struct Timeouts {
     /// How long an idle HTTP/2 connection is kept: pinged after this long with nothing
     /// sent, closed when the ping is not answered within it (60 s by default).
     pub idle: Option<Dur>,
-    /// How long a provider may take to start its answer, per attempt (300 s by default;
-    /// a stream may then run as long as it keeps sending).
+    /// How long a provider may be silent, per attempt: before its answer starts, and
+    /// between two parts of it (300 s by default). A stream may run as long as it keeps
+    /// sending; one silent longer ends with an `event: error` (`stream_interrupted`), and
+    /// a non-streamed answer cut so is asked again.
     pub upstream: Option<Dur>,
 }
 

@@ -94,6 +94,78 @@ impl std::fmt::Display for UpstreamTimeout {
 
 impl std::error::Error for UpstreamTimeout {}
 
+/// The provider fell silent mid-answer for longer than the upstream timeout.
+#[derive(Debug)]
+pub(crate) struct UpstreamSilent(pub(crate) Duration);
+
+impl std::fmt::Display for UpstreamSilent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the provider sent nothing more of its answer for {}",
+            humantime::format_duration(self.0)
+        )
+    }
+}
+
+impl std::error::Error for UpstreamSilent {}
+
+/// A provider's answer body that ends in an error ([`UpstreamSilent`]) when the provider
+/// sends nothing for the upstream timeout: a stalled answer would otherwise hold its
+/// connection, and its caller, for ever. A non-streamed answer cut so is asked again by
+/// the retry layer; a stream ends with the error event the failover layer writes.
+#[derive(Debug)]
+pub(crate) struct Quiet<B> {
+    body: B,
+    limit: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> Quiet<B> {
+    fn new(body: B, limit: Duration) -> Self {
+        Self {
+            body,
+            limit,
+            timer: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+}
+
+impl<B> http_body::Body for Quiet<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = tokio::time::Instant::now() + this.limit;
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(UpstreamSilent(this.limit))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// The pooled client with its timeout.
 #[derive(Clone, Debug)]
 pub(crate) struct Upstream {
@@ -124,9 +196,9 @@ impl Upstream {
 }
 
 impl Service<Request<BoxBody>> for Upstream {
-    type Response = Response<Incoming>;
+    type Response = Response<Quiet<Incoming>>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Quiet<Incoming>>, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         // The pool takes any number of requests; connections are made per request.
@@ -188,7 +260,7 @@ impl Service<Request<BoxBody>> for Upstream {
                         }
                         t.saw(res.headers());
                     }
-                    Ok(res)
+                    Ok(res.map(|b| Quiet::new(b, timeout)))
                 }
                 Ok(Err(e)) => Err(Box::new(e) as BoxError),
                 Err(_) => Err(Box::new(UpstreamTimeout(timeout)) as BoxError),

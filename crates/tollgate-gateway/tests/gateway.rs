@@ -578,6 +578,36 @@ async fn a_dead_provider_is_a_502_and_a_slow_one_a_504() {
     gw.shutdown().await;
 }
 
+/// A provider that starts its stream, then falls silent longer than the upstream timeout:
+/// the stream ends with an error event the SDK can read, instead of holding the caller.
+#[tokio::test]
+async fn a_stream_whose_provider_falls_silent_ends_with_an_error_event() {
+    let silent = Provider::builder()
+        .chunk_delay(Duration::from_secs(30))
+        .spawn()
+        .await
+        .unwrap();
+    let yaml = "open: true\ntimeouts: { upstream: 300ms }\nmodels:\n  gpt-4o:\n    primary: { url: \"{provider}\" }\n    rate_limit: { requests: 100/s, learn: false }\n";
+    let gw = start(Gateway::new(config(yaml, &silent.url())).unwrap()).await;
+    let http = client();
+    let mut body = chat("stream, then stop");
+    body["stream"] = json!(true);
+    let started = std::time::Instant::now();
+    let a = post(&http, &gw.url("/v1/chat/completions"), "k", &body, &[])
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200);
+    let text = String::from_utf8_lossy(&a.body);
+    assert!(text.contains("event: error"), "{text}");
+    assert!(text.contains("stream_interrupted"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "ended after the silence, not after the provider's 30 s: {:?}",
+        started.elapsed()
+    );
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn health_readiness_and_metrics_with_the_genai_names() {
     let provider = Provider::builder().spawn().await.unwrap();
