@@ -110,15 +110,19 @@ impl std::fmt::Display for UpstreamSilent {
 
 impl std::error::Error for UpstreamSilent {}
 
-/// A provider's answer body that ends in an error ([`UpstreamSilent`]) when the provider
-/// sends nothing for the upstream timeout: a stalled answer would otherwise hold its
-/// connection, and its caller, for ever. A non-streamed answer cut so is asked again by
-/// the retry layer; a stream ends with the error event the failover layer writes.
-#[derive(Debug)]
-pub(crate) struct Quiet<B> {
-    body: B,
-    limit: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
+pin_project_lite::pin_project! {
+    /// A provider's answer body that ends in an error ([`UpstreamSilent`]) when the provider
+    /// sends nothing for the upstream timeout: a stalled answer would otherwise hold its
+    /// connection, and its caller, for ever. A non-streamed answer cut so is asked again by
+    /// the retry layer; a stream ends with the error event the failover layer writes.
+    #[derive(Debug)]
+    pub(crate) struct Quiet<B> {
+        body: B,
+        limit: Duration,
+        // Inline: no allocation per answer.
+        #[pin]
+        timer: tokio::time::Sleep,
+    }
 }
 
 impl<B> Quiet<B> {
@@ -126,7 +130,7 @@ impl<B> Quiet<B> {
         Self {
             body,
             limit,
-            timer: Box::pin(tokio::time::sleep(limit)),
+            timer: tokio::time::sleep(limit),
         }
     }
 }
@@ -140,18 +144,18 @@ where
     type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.body).poll_frame(cx) {
+        let mut this = self.project();
+        match Pin::new(&mut *this.body).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let deadline = tokio::time::Instant::now() + this.limit;
+                let deadline = tokio::time::Instant::now() + *this.limit;
                 this.timer.as_mut().reset(deadline);
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(UpstreamSilent(this.limit))))),
+            Poll::Pending => match this.timer.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(UpstreamSilent(*this.limit))))),
                 Poll::Pending => Poll::Pending,
             },
         }
