@@ -230,6 +230,23 @@ mod sqlite {
         serde_json::from_str(s).map_err(err)
     }
 
+    /// The job `id`, if claim `claim` is the one in force on it.
+    fn in_force(
+        tx: &rusqlite::Transaction<'_>,
+        id: &str,
+        claim: u32,
+    ) -> Result<Option<Job>, StoreError> {
+        let text: Option<String> = tx
+            .query_row("SELECT job FROM jobs WHERE id = ?1", params![id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(err)?;
+        let Some(text) = text else { return Ok(None) };
+        let job = dec(&text)?;
+        Ok((job.state == JobState::InProgress && job.claims == claim).then_some(job))
+    }
+
     impl JobStore for SqliteStore {
         fn enqueue(&self, job: Job) -> StoreFuture<Result<(), StoreError>> {
             self.enqueue_many(vec![job])
@@ -304,17 +321,9 @@ mod sqlite {
                 let tx = c
                     .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                     .map_err(err)?;
-                let text: Option<String> = tx
-                    .query_row("SELECT job FROM jobs WHERE id = ?1", params![id], |r| {
-                        r.get(0)
-                    })
-                    .optional()
-                    .map_err(err)?;
-                let Some(text) = text else { return Ok(false) };
-                let mut job = dec(&text)?;
-                if job.state != JobState::InProgress || job.claims != claim {
+                let Some(mut job) = in_force(&tx, &id, claim)? else {
                     return Ok(false);
-                }
+                };
                 job.state = state;
                 job.status = Some(status);
                 job.response = Some(response);
@@ -343,17 +352,9 @@ mod sqlite {
                 let tx = c
                     .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                     .map_err(err)?;
-                let text: Option<String> = tx
-                    .query_row("SELECT job FROM jobs WHERE id = ?1", params![id], |r| {
-                        r.get(0)
-                    })
-                    .optional()
-                    .map_err(err)?;
-                let Some(text) = text else { return Ok(false) };
-                let mut job = dec(&text)?;
-                if job.state != JobState::InProgress || job.claims != claim {
+                let Some(mut job) = in_force(&tx, &id, claim)? else {
                     return Ok(false);
-                }
+                };
                 job.lease_until_ms = Some(until as u64);
                 tx.execute(
                     "UPDATE jobs SET lease_until = ?2, job = ?3 WHERE id = ?1",

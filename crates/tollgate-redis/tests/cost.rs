@@ -54,18 +54,23 @@ fn chat(tenant: &str) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// Opens stores on `url` in a namespace of their own: each store is one instance.
+fn stores(url: &str) -> impl Fn() -> RedisStore + '_ {
+    let ns = format!("test:cost:{}:{:x}", std::process::id(), fastrand::u64(..));
+    move || {
+        RedisStore::open(url)
+            .unwrap()
+            .namespace(&ns)
+            .timeout(Duration::from_secs(2))
+    }
+}
+
 #[tokio::test]
 async fn two_instances_spend_one_budget_in_redis() {
     let Some(url) = tollgate_testkit::redis::redis_url("cost budgets shared") else {
         return;
     };
-    let ns = format!("test:cost:{}:{:x}", std::process::id(), fastrand::u64(..));
-    let open = || {
-        RedisStore::open(&url)
-            .unwrap()
-            .namespace(&ns)
-            .timeout(Duration::from_secs(2))
-    };
+    let open = stores(&url);
     let (a, b) = (
         layer(open()).layer(provider()),
         layer(open()).layer(provider()),
@@ -105,13 +110,7 @@ async fn the_whole_budget_is_kept_in_redis_and_read_back_summed_over_instances()
     let Some(url) = tollgate_testkit::redis::redis_url("cost budgets standing") else {
         return;
     };
-    let ns = format!("test:cost:{}:{:x}", std::process::id(), fastrand::u64(..));
-    let open = || {
-        RedisStore::open(&url)
-            .unwrap()
-            .namespace(&ns)
-            .timeout(Duration::from_secs(2))
-    };
+    let open = stores(&url);
     let open_for_4 = OnStoreFailure::Open { instances: 4 };
     let (la, lb) = (
         layer_failing(open(), open_for_4),
