@@ -75,13 +75,19 @@ fn window(log: &Log, tenant: &str, from: Duration) -> (usize, usize) {
     )
 }
 
+/// 200 requests of tenant a, then 200 of b, all waiting at once; who passed when.
+async fn two_hundred_each(svc: &tollgate_ratelimit::RateLimit<common::Ok200>) -> Log {
+    let (log, start) = (Log::default(), Instant::now());
+    let mut tasks = send(svc, &log, start, "a", 200).await;
+    tasks.extend(send(svc, &log, start, "b", 200).await);
+    join(tasks).await;
+    log
+}
+
 #[tokio::test(start_paused = true)]
 async fn weights_three_to_one_give_three_quarters_of_the_cells_in_every_ten_seconds() {
     let svc = layer(&[("a", 3)], 10).layer(ok_service());
-    let (log, start) = (Log::default(), Instant::now());
-    let mut tasks = send(&svc, &log, start, "a", 200).await;
-    tasks.extend(send(&svc, &log, start, "b", 200).await);
-    join(tasks).await;
+    let log = two_hundred_each(&svc).await;
     // Both wait until a has had its 200 (at about 26 s): every 10-second window in
     // that time gives a three quarters of the cells, ± 3.
     for from in (0..=16).map(Duration::from_secs) {
@@ -288,10 +294,7 @@ fn stored(weights: &[(&str, u32)], per_second: u32, store: &Gcra) -> RateLimitLa
 async fn with_a_shared_store_weights_three_to_one_still_give_three_quarters() {
     let store = Gcra::default();
     let svc = stored(&[("a", 3)], 10, &store).layer(ok_service());
-    let (log, start) = (Log::default(), Instant::now());
-    let mut tasks = send(&svc, &log, start, "a", 200).await;
-    tasks.extend(send(&svc, &log, start, "b", 200).await);
-    join(tasks).await;
+    let log = two_hundred_each(&svc).await;
     for from in (0..=16).map(Duration::from_secs) {
         let (a, all) = window(&log, "a", from);
         assert!(
