@@ -578,6 +578,67 @@ async fn a_dead_provider_is_a_502_and_a_slow_one_a_504() {
     gw.shutdown().await;
 }
 
+/// Behind the real server: a primary whose 200s are all malformed is asked again, then
+/// set aside, and the caller gets the fallback's whole answer with its Content-Length;
+/// with no backend left that answers whole, the caller gets a 502, never the broken body.
+#[tokio::test]
+async fn a_malformed_answer_goes_to_the_fallback_and_never_reaches_the_caller() {
+    let broken = Provider::builder()
+        .faults(tollgate_testkit::Faults {
+            malformed_rate: 1.0,
+            ..Default::default()
+        })
+        .spawn()
+        .await
+        .unwrap();
+    let good = Provider::builder().spawn().await.unwrap();
+    let yaml = format!(
+        "open: true\nmodels:\n  gpt-4o:\n    primary: {{ url: \"{}\" }}\n    fallbacks: [ {{ name: good, url: \"{}\" }} ]\n    retry: {{ max_retries: 1, backoff: 10ms }}\n    rate_limit: {{ requests: 100/s, learn: false }}\n",
+        broken.url(),
+        good.url()
+    );
+    let gw = start(Gateway::new(Config::from_yaml(&yaml).unwrap()).unwrap()).await;
+    let http = client();
+    let a = post(
+        &http,
+        &gw.url("/v1/chat/completions"),
+        "k",
+        &chat("whole, please"),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.json()["object"], "chat.completion");
+    assert_eq!(a.header("x-tollgate-backend"), Some("good"));
+    assert_eq!(
+        a.header("content-length"),
+        Some(a.body.len().to_string().as_str()),
+        "a sized answer stays sized"
+    );
+    assert_eq!(broken.stats().faults, 2, "the first try and one retry");
+    gw.shutdown().await;
+
+    // The only backend's answers all broken: a 502 in OpenAI's shape.
+    let yaml = format!(
+        "open: true\nmodels:\n  gpt-4o:\n    primary: {{ url: \"{}\" }}\n    retry: {{ max_retries: 1, backoff: 10ms }}\n    rate_limit: {{ requests: 100/s, learn: false }}\n",
+        broken.url()
+    );
+    let gw = start(Gateway::new(Config::from_yaml(&yaml).unwrap()).unwrap()).await;
+    let a = post(
+        &http,
+        &gw.url("/v1/chat/completions"),
+        "k",
+        &chat("again"),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 502, "{:?}", a.body);
+    assert_eq!(a.json()["error"]["code"], "upstream_answer_broken");
+    gw.shutdown().await;
+}
+
 /// A provider that starts its stream, then falls silent longer than the upstream timeout:
 /// the stream ends with an error event the SDK can read, instead of holding the caller.
 #[tokio::test]
