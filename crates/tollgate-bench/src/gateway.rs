@@ -59,7 +59,7 @@ fn body(i: u64) -> Bytes {
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat`'s times.
-fn clock_ticks() -> f64 {
+pub(crate) fn clock_ticks() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -70,7 +70,7 @@ fn clock_ticks() -> f64 {
 }
 
 /// utime + stime of `pid`, in ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces.
     let rest = stat.rsplit_once(')')?.1;

@@ -44,6 +44,10 @@ impl std::fmt::Debug for Recording {
 /// its size: kept as it is, an entry would hold that whole buffer while the cache counts
 /// only the entry's bytes.
 fn compact(frames: &[Bytes], size: usize) -> Vec<Bytes> {
+    if let [one] = frames {
+        // The usual answer, one frame: one allocation of its size.
+        return vec![Bytes::copy_from_slice(one)];
+    }
     let mut all = bytes::BytesMut::with_capacity(size);
     for f in frames {
         all.extend_from_slice(f);

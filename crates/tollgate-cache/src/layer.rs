@@ -397,7 +397,9 @@ where
             let res = svc.call(req).await.map_err(Into::into)?;
             let (parts, body) = res.into_parts();
             let body = if parts.status.is_success() {
-                let mut headers = HeaderMap::new();
+                // Sized for the two it may hold: a map grown from empty reserves room for
+                // six, and an entry keeps that room (about 0.5 KiB) for its TTL.
+                let mut headers = HeaderMap::with_capacity(2);
                 for name in [CONTENT_TYPE, CONTENT_ENCODING] {
                     // Copied, not cloned: a value hyper parsed is a slice of its read
                     // buffer, and an entry holding it would keep that whole buffer (KiBs)
