@@ -95,19 +95,27 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> S::Future {
         let base = &self.base;
-        let pq = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(base.scheme.clone());
-        parts.authority = Some(base.authority.clone());
-        parts.path_and_query = if base.prefix.is_empty() {
-            PathAndQuery::try_from(pq).ok()
+        if base.prefix.is_empty() && req.uri().path_and_query().is_some() {
+            // The usual case: the request's own path is moved into the new URI, not
+            // parsed and copied again. A scheme, an authority and a path that are each
+            // valid always join into a valid URI.
+            let mut parts = std::mem::take(req.uri_mut()).into_parts();
+            parts.scheme = Some(base.scheme.clone());
+            parts.authority = Some(base.authority.clone());
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
         } else {
-            PathAndQuery::try_from(format!("{}{pq}", base.prefix)).ok()
-        };
-        // Both halves were valid URI parts, so their join is too; keep the request's URI if
-        // it somehow is not, rather than panic.
-        if let Ok(uri) = Uri::from_parts(parts) {
-            *req.uri_mut() = uri;
+            let pq = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(base.scheme.clone());
+            parts.authority = Some(base.authority.clone());
+            parts.path_and_query = PathAndQuery::try_from(format!("{}{pq}", base.prefix)).ok();
+            // Both halves were valid URI parts, so their join is too; keep the request's
+            // URI if it somehow is not, rather than panic.
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
         }
         req.headers_mut().remove(http::header::HOST);
         self.inner.call(req)
