@@ -73,6 +73,7 @@ pub mod store;
 pub mod unavailable;
 pub mod usage;
 pub mod usage_chunk;
+mod usage_fields;
 pub mod wait;
 
 /// The boxed error type of tower stacks.

@@ -25,7 +25,10 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 use http::HeaderMap;
+use serde::Deserialize;
 use serde_json::Value;
+
+use crate::usage_fields::{Details, Event, Obj};
 
 /// The default cap on a JSON response body kept to read its usage: 16 MiB. Larger bodies
 /// are passed on untouched and yield no usage.
@@ -53,8 +56,11 @@ pub struct Usage {
 impl Usage {
     /// Reads usage from a whole JSON response body.
     pub fn from_json_bytes(body: &[u8]) -> Option<Usage> {
-        let v: Value = serde_json::from_slice(body).ok()?;
-        Self::from_json(&v)
+        let mut partial = Partial::default();
+        if !partial.merge_json(body) {
+            return None;
+        }
+        partial.finish()
     }
 
     /// Reads usage from a parsed JSON response (or one SSE event's JSON).
@@ -77,63 +83,70 @@ struct Partial {
 
 impl Partial {
     fn merge_event(&mut self, v: &Value) {
-        let Some(obj) = v.as_object() else { return };
-        // Where each provider puts it: OpenAI and Anthropic `usage`, Gemini
-        // `usageMetadata`, Anthropic's `message_start` `message.usage`, the Responses
-        // API's `response.completed` `response.usage`.
-        let found = obj
-            .get("usage")
-            .filter(|u| u.is_object())
-            .or_else(|| obj.get("usageMetadata"))
-            .or_else(|| obj.get("message").and_then(|m| m.get("usage")))
-            .or_else(|| obj.get("response").and_then(|r| r.get("usage")));
-        if let Some(Value::Object(u)) = found {
-            let n = |k: &str| u.get(k).and_then(Value::as_u64);
-            let sum = |ks: &[&str]| {
-                ks.iter()
-                    .filter_map(|k| n(k))
-                    .fold(None, |acc: Option<u64>, x| {
-                        Some(acc.unwrap_or(0).saturating_add(x))
-                    })
-            };
-            // OpenAI chat/completions/embeddings.
-            if let Some(p) = n("prompt_tokens") {
-                self.input = Some(p);
+        if let Ok(Obj::Is(event)) = Obj::<Event>::deserialize(v) {
+            self.merge(&event);
+        }
+    }
+
+    /// Reads `bytes` (an answer, or one SSE event's data) and merges its usage; false when
+    /// it is not JSON.
+    fn merge_json(&mut self, bytes: &[u8]) -> bool {
+        match serde_json::from_slice::<Obj<Event>>(bytes) {
+            Ok(Obj::Is(event)) => {
+                self.merge(&event);
+                true
             }
-            if let Some(c) = n("completion_tokens") {
-                self.output = Some(c);
-            }
-            // Anthropic and the Responses API.
-            if let Some(i) = sum(&[
-                "input_tokens",
-                "cache_creation_input_tokens",
-                "cache_read_input_tokens",
-            ]) {
-                self.input = Some(i);
-            }
-            if let Some(o) = n("output_tokens") {
-                self.output = Some(o);
-            }
-            // Gemini.
-            if let Some(p) = n("promptTokenCount") {
-                self.input = Some(p);
-            }
-            if let Some(o) = sum(&["candidatesTokenCount", "thoughtsTokenCount"]) {
-                self.output = Some(o);
-            }
-            if let Some(t) = n("total_tokens").or_else(|| n("totalTokenCount")) {
-                self.total = Some(t);
-            }
-            let cached = n("cache_read_input_tokens")
-                .or_else(|| n("cachedContentTokenCount"))
-                .or_else(|| {
-                    ["prompt_tokens_details", "input_tokens_details"]
-                        .iter()
-                        .find_map(|d| u.get(*d)?.get("cached_tokens")?.as_u64())
-                });
-            if let Some(c) = cached {
-                self.cached = Some(c);
-            }
+            Ok(_) => true,
+            Err(_) => false,
+        }
+    }
+
+    fn merge(&mut self, event: &Event) {
+        let Some(u) = event.counts() else { return };
+        let sum = |ks: &[Option<u64>]| {
+            ks.iter().flatten().fold(None, |acc: Option<u64>, x| {
+                Some(acc.unwrap_or(0).saturating_add(*x))
+            })
+        };
+        // OpenAI chat/completions/embeddings.
+        if let Some(p) = u.prompt_tokens {
+            self.input = Some(p);
+        }
+        if let Some(c) = u.completion_tokens {
+            self.output = Some(c);
+        }
+        // Anthropic and the Responses API.
+        if let Some(i) = sum(&[
+            u.input_tokens,
+            u.cache_creation_input_tokens,
+            u.cache_read_input_tokens,
+        ]) {
+            self.input = Some(i);
+        }
+        if let Some(o) = u.output_tokens {
+            self.output = Some(o);
+        }
+        // Gemini.
+        if let Some(p) = u.prompt_token_count {
+            self.input = Some(p);
+        }
+        if let Some(o) = sum(&[u.candidates_token_count, u.thoughts_token_count]) {
+            self.output = Some(o);
+        }
+        if let Some(t) = u.total_tokens.or(u.total_token_count) {
+            self.total = Some(t);
+        }
+        let details = |d: &Obj<Details>| match d {
+            Obj::Is(d) => d.cached_tokens,
+            _ => None,
+        };
+        let cached = u
+            .cache_read_input_tokens
+            .or(u.cached_content_token_count)
+            .or_else(|| details(&u.prompt_tokens_details))
+            .or_else(|| details(&u.input_tokens_details));
+        if let Some(c) = cached {
+            self.cached = Some(c);
         }
     }
 
@@ -296,8 +309,9 @@ impl UsageScanner {
                         &joined
                     }
                 };
-                let v = UsageOnly::parse(bytes)?;
-                self.partial.merge_event(&v);
+                if !self.partial.merge_json(bytes) {
+                    return None;
+                }
             }
             Mode::Sse(state) => {
                 // A stream that ends without the final blank line still ends its event.
@@ -392,44 +406,9 @@ impl SseState {
         if !skipped && !self.data.is_empty() && memchr::memmem::find(&self.data, b"sage").is_some()
         {
             // Only events that mention `usage` or `usageMetadata` are parsed.
-            if let Ok(v) = serde_json::from_slice::<Value>(&self.data) {
-                partial.merge_event(&v);
-            }
+            partial.merge_json(&self.data);
         }
         self.data.clear();
-    }
-}
-
-/// The parts of a JSON answer that can hold its usage, and nothing else: the rest (the
-/// answer's text, above all) is skipped without being allocated.
-#[derive(serde::Deserialize)]
-struct UsageOnly {
-    usage: Option<Value>,
-    #[serde(rename = "usageMetadata")]
-    usage_metadata: Option<Value>,
-    // Rare in a JSON answer (they carry usage in SSE events), so kept whole: a value of
-    // an unexpected shape must not make the rest unreadable.
-    message: Option<Value>,
-    response: Option<Value>,
-}
-
-impl UsageOnly {
-    /// The answer reduced to an object with only those parts, for `merge_event`.
-    fn parse(bytes: &[u8]) -> Option<Value> {
-        let u: UsageOnly = serde_json::from_slice(bytes).ok()?;
-        let mut obj = serde_json::Map::new();
-        if let Some(v) = u.usage {
-            obj.insert("usage".into(), v);
-        }
-        if let Some(v) = u.usage_metadata {
-            obj.insert("usageMetadata".into(), v);
-        }
-        for (name, nested) in [("message", u.message), ("response", u.response)] {
-            if let Some(v) = nested {
-                obj.insert(name.into(), v);
-            }
-        }
-        Some(Value::Object(obj))
     }
 }
 

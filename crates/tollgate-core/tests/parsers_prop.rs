@@ -214,3 +214,167 @@ proptest! {
         let _ = Usage::from_json(&v);
     }
 }
+
+/// The usage reading as it was written over a `serde_json::Value` (`as_u64` and `get`
+/// chains), kept as the oracle the reader without a `Value` must agree with.
+fn usage_by_value(v: &serde_json::Value) -> Option<Usage> {
+    use serde_json::Value;
+    let obj = v.as_object()?;
+    let found = obj
+        .get("usage")
+        .filter(|u| u.is_object())
+        .or_else(|| obj.get("usageMetadata"))
+        .or_else(|| obj.get("message").and_then(|m| m.get("usage")))
+        .or_else(|| obj.get("response").and_then(|r| r.get("usage")));
+    let Some(Value::Object(u)) = found else {
+        return None;
+    };
+    let n = |k: &str| u.get(k).and_then(Value::as_u64);
+    let sum = |ks: &[&str]| {
+        ks.iter()
+            .filter_map(|k| n(k))
+            .fold(None, |acc: Option<u64>, x| {
+                Some(acc.unwrap_or(0).saturating_add(x))
+            })
+    };
+    let (mut input, mut output, mut total, mut cached) = (None, None, None, None);
+    if let Some(p) = n("prompt_tokens") {
+        input = Some(p);
+    }
+    if let Some(c) = n("completion_tokens") {
+        output = Some(c);
+    }
+    if let Some(i) = sum(&[
+        "input_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ]) {
+        input = Some(i);
+    }
+    if let Some(o) = n("output_tokens") {
+        output = Some(o);
+    }
+    if let Some(p) = n("promptTokenCount") {
+        input = Some(p);
+    }
+    if let Some(o) = sum(&["candidatesTokenCount", "thoughtsTokenCount"]) {
+        output = Some(o);
+    }
+    if let Some(t) = n("total_tokens").or_else(|| n("totalTokenCount")) {
+        total = Some(t);
+    }
+    if let Some(c) = n("cache_read_input_tokens")
+        .or_else(|| n("cachedContentTokenCount"))
+        .or_else(|| {
+            ["prompt_tokens_details", "input_tokens_details"]
+                .iter()
+                .find_map(|d| u.get(*d)?.get("cached_tokens")?.as_u64())
+        })
+    {
+        cached = Some(c);
+    }
+    if input.is_none() && output.is_none() && total.is_none() {
+        return None;
+    }
+    let (i, o) = (input.unwrap_or(0), output.unwrap_or(0));
+    Some(Usage {
+        input_tokens: i,
+        output_tokens: o,
+        total_tokens: total
+            .unwrap_or(i.saturating_add(o))
+            .max(i.saturating_add(o)),
+        cached_input_tokens: cached.unwrap_or(0),
+    })
+}
+
+/// JSON shaped like answers and events, dense in the names usage hides under, with
+/// counts of every kind a provider (or a broken one) might send.
+fn usage_shaped() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::Value;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        (0u64..1_000_000).prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        (-5i64..0).prop_map(Value::from),
+        (0.0f64..100.0).prop_map(Value::from),
+        "[a-z]{0,4}".prop_map(Value::from),
+    ];
+    let names = prop_oneof![
+        Just("usage"),
+        Just("usageMetadata"),
+        Just("message"),
+        Just("response"),
+        Just("prompt_tokens"),
+        Just("completion_tokens"),
+        Just("total_tokens"),
+        Just("input_tokens"),
+        Just("output_tokens"),
+        Just("cache_creation_input_tokens"),
+        Just("cache_read_input_tokens"),
+        Just("promptTokenCount"),
+        Just("candidatesTokenCount"),
+        Just("thoughtsTokenCount"),
+        Just("totalTokenCount"),
+        Just("cachedContentTokenCount"),
+        Just("prompt_tokens_details"),
+        Just("input_tokens_details"),
+        Just("cached_tokens"),
+        Just("choices"),
+    ];
+    let top = names.clone();
+    let any = leaf.prop_recursive(4, 48, 6, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..3).prop_map(Value::from),
+            prop::collection::btree_map(names.clone().prop_map(str::to_owned), inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    });
+    // An answer is an object: the top level always is one.
+    prop::collection::btree_map(top.prop_map(str::to_owned), any, 1..6)
+        .prop_map(|m| Value::Object(m.into_iter().collect()))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2_000))]
+    #[test]
+    fn usage_read_without_a_value_agrees_with_the_value_reading(v in usage_shaped()) {
+        let expected = usage_by_value(&v);
+        prop_assert_eq!(Usage::from_json(&v), expected);
+        prop_assert_eq!(Usage::from_json_bytes(v.to_string().as_bytes()), expected);
+        let mut json = UsageScanner::json(1 << 20);
+        json.feed(&Bytes::from(v.to_string()));
+        prop_assert_eq!(json.finish(), expected);
+    }
+}
+
+#[test]
+fn usage_in_odd_places_reads_as_a_value_does() {
+    for body in [
+        r#"{"usage":null,"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":1}}"#,
+        r#"{"usage":[1],"message":{"usage":{"input_tokens":4,"output_tokens":1}}}"#,
+        r#"{"usageMetadata":null,"message":{"usage":{"input_tokens":4,"output_tokens":1}}}"#,
+        r#"{"message":{"usage":null},"response":{"usage":{"input_tokens":4,"output_tokens":1}}}"#,
+        r#"{"message":"text","response":{"usage":{"input_tokens":4,"output_tokens":1}}}"#,
+        r#"{"usage":{"prompt_tokens":4.0,"completion_tokens":-1,"total_tokens":"9"}}"#,
+        r#"{"usage":{"prompt_tokens":4,"prompt_tokens_details":null,"input_tokens_details":{"cached_tokens":2}}}"#,
+        r#"{"usage":{"prompt_tokens":4,"prompt_tokens_details":{"cached_tokens":[1]},"input_tokens_details":{"cached_tokens":2}}}"#,
+        r#"{"usage":{"input_tokens":18446744073709551615,"cache_read_input_tokens":5}}"#,
+    ] {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        let expected = usage_by_value(&v);
+        assert_eq!(Usage::from_json_bytes(body.as_bytes()), expected, "{body}");
+        assert_eq!(Usage::from_json(&v), expected, "{body}");
+    }
+}
+
+#[test]
+fn usage_sent_twice_reads_the_last_as_a_value_does() {
+    let body = br#"{"usage":{"prompt_tokens":1,"completion_tokens":1},"usage":{"prompt_tokens":7,"completion_tokens":3}}"#;
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(Usage::from_json_bytes(body), usage_by_value(&v));
+    assert_eq!(
+        Usage::from_json_bytes(body).map(|u| u.input_tokens),
+        Some(7)
+    );
+}
