@@ -31,10 +31,11 @@ const ANSWER: &[u8] = br#"{"choices":[{"index":0,"message":{"role":"assistant","
 /// backend stacks stopped boxing each layer (a boxed service allocates on every clone,
 /// and every layer clones its inner service per call); at 85 once `Content-Length` and
 /// the facts were written only where they changed and failover cloned only the backend
-/// it tries; at 81 once the in-memory cache store answered without a boxed future. The
-/// ceiling leaves room for the allocator's and the maps' own growth, not for
-/// a new allocation on every request.
-const CEILING: f64 = 100.0;
+/// it tries; at 81 once the in-memory cache store answered without a boxed future; at 75
+/// once an answer's usage was read without a `serde_json::Value` and a cached answer was
+/// kept in one allocation. The ceiling leaves room for the allocator's and the maps' own
+/// growth, not for a new allocation on every request.
+const CEILING: f64 = 85.0;
 
 #[test]
 fn a_cache_miss_through_every_layer_allocates_less_than_the_ceiling() {
