@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 
-use crate::key::CacheKey;
+use crate::key::{CacheKey, KeyHash};
 
 enum State<V> {
     Running,
@@ -41,7 +41,7 @@ struct Flight<V> {
     notify: Notify,
 }
 
-type Flights<V> = Arc<Mutex<HashMap<CacheKey, Arc<Flight<V>>>>>;
+type Flights<V> = Arc<Mutex<HashMap<CacheKey, Arc<Flight<V>>, KeyHash>>>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section is a map operation or a state assignment: a panic elsewhere
@@ -103,7 +103,7 @@ impl<V: Clone> SingleFlight<V> {
     /// No flights.
     pub fn new() -> Self {
         Self {
-            flights: Arc::new(Mutex::new(HashMap::new())),
+            flights: Arc::new(Mutex::new(HashMap::default())),
         }
     }
 

@@ -41,13 +41,7 @@ impl quick_cache::Lifecycle<CacheKey, Entry> for CountEvictions {
     }
 }
 
-type Inner = quick_cache::sync::Cache<
-    CacheKey,
-    Entry,
-    Weigh,
-    std::collections::hash_map::RandomState,
-    CountEvictions,
->;
+type Inner = quick_cache::sync::Cache<CacheKey, Entry, Weigh, crate::key::KeyHash, CountEvictions>;
 
 /// The in-memory store: `quick_cache` (sharded CLOCK-Pro), bounded in bytes by a weigher.
 /// Expiry is kept on the core clock (so a paused clock drives it): an expired entry is
