@@ -1,7 +1,7 @@
 //! The dashboard in a real browser: Debian's Chromium, headless, driven over the WebDriver
 //! protocol by chromedriver. Known traffic goes through the gateway; the page must show
 //! the gateway's own counts, a curve point and the limit line; a screenshot is saved as
-//! `target/dashboard.png`.
+//! `dashboard.png` in Cargo's scratch directory for tests (`target/tmp/`).
 //!
 //! Skips (with a line saying so) on a machine without `chromium` and `chromedriver`,
 //! unless `TOLLGATE_REQUIRE_BROWSER=1` (as `.ci/run` sets it, after installing them).
@@ -247,7 +247,9 @@ tenants:
     let png = base64::engine::general_purpose::STANDARD
         .decode(shot["value"].as_str().unwrap())
         .unwrap();
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/dashboard.png");
+    // Cargo's scratch directory for integration tests: it exists wherever the target
+    // directory is (`CARGO_TARGET_DIR` may put it outside the checkout).
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     std::fs::write(&out, &png).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
     eprintln!("dashboard screenshot: {}", out.display());
