@@ -115,43 +115,41 @@ impl KeyRules {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
         }
-        match facts.json() {
-            Some(Value::Object(obj)) => CANONICAL.with_borrow_mut(|buf| {
-                buf.clear();
-                // serde_json's map is ordered by key, so writing it is canonical: sorted
-                // keys at every depth, no whitespace.
-                buf.push(b'{');
-                for (k, v) in obj {
-                    if self.excluded.iter().any(|e| e == k) {
-                        continue;
+        let Some(json) = facts.json() else {
+            h.update(b"raw:");
+            h.update(facts.body());
+            return CacheKey(h.finalize().into());
+        };
+        CANONICAL.with_borrow_mut(|buf| {
+            buf.clear();
+            // Writing to a `Vec` cannot fail, and a `Value` always serializes.
+            match json {
+                Value::Object(obj) => {
+                    // serde_json's map is ordered by key, so writing it is canonical:
+                    // sorted keys at every depth, no whitespace.
+                    buf.push(b'{');
+                    for (k, v) in obj {
+                        if self.excluded.iter().any(|e| e == k) {
+                            continue;
+                        }
+                        if buf.len() > 1 {
+                            buf.push(b',');
+                        }
+                        let _ = serde_json::to_writer(&mut *buf, k);
+                        buf.push(b':');
+                        let _ = serde_json::to_writer(&mut *buf, v);
                     }
-                    if buf.len() > 1 {
-                        buf.push(b',');
-                    }
-                    // Writing to a `Vec` cannot fail, and a `Value` always serializes.
-                    let _ = serde_json::to_writer(&mut *buf, k);
-                    buf.push(b':');
-                    let _ = serde_json::to_writer(&mut *buf, v);
+                    buf.push(b'}');
                 }
-                buf.push(b'}');
-                h.update(&buf[..]);
-                if buf.capacity() > KEEP_BUFFER {
-                    *buf = Vec::new();
+                other => {
+                    let _ = serde_json::to_writer(&mut *buf, other);
                 }
-            }),
-            Some(other) => CANONICAL.with_borrow_mut(|buf| {
-                buf.clear();
-                let _ = serde_json::to_writer(&mut *buf, other);
-                h.update(&buf[..]);
-                if buf.capacity() > KEEP_BUFFER {
-                    *buf = Vec::new();
-                }
-            }),
-            None => {
-                h.update(b"raw:");
-                h.update(facts.body());
             }
-        }
+            h.update(&buf[..]);
+            if buf.capacity() > KEEP_BUFFER {
+                *buf = Vec::new();
+            }
+        });
         CacheKey(h.finalize().into())
     }
 }
