@@ -24,7 +24,7 @@ use tollgate_testkit::Provider;
 
 use crate::load::{self, Outcome, Plan};
 use crate::report;
-use crate::Args;
+use crate::{Args, OverheadSide};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -168,6 +168,10 @@ pub(crate) async fn run(args: &Args) -> Result<(), BoxError> {
     let (mut b, mut s) = (Side::new(), Side::new());
     let offset = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let next = || offset.fetch_add(10_000_000, std::sync::atomic::Ordering::Relaxed);
+    let (run_bare, run_stack) = match args.side {
+        None => (true, true),
+        Some(side) => (side == OverheadSide::Bare, side == OverheadSide::Stack),
+    };
     for round in 0..rounds {
         if round == 0 {
             // Warm-up, outside the CPU count: connections, the tokenizer's tables.
@@ -175,23 +179,49 @@ pub(crate) async fn run(args: &Args) -> Result<(), BoxError> {
                 requests: 2_000,
                 ..plan(0)
             };
-            let _ = drive(warm, bare_client.clone(), uri.clone(), next()).await;
-            let _ = drive(warm, svc.clone(), stack_uri.clone(), next()).await;
+            if run_bare {
+                let _ = drive(warm, bare_client.clone(), uri.clone(), next()).await;
+            }
+            if run_stack {
+                let _ = drive(warm, svc.clone(), stack_uri.clone(), next()).await;
+            }
         }
-        let out = on_cpu(
-            &mut b.cpu_ticks,
-            drive(plan(0), bare_client.clone(), uri.clone(), next()),
-        )
-        .await;
-        b.add(out);
-        let out = on_cpu(
-            &mut s.cpu_ticks,
-            drive(plan(0), svc.clone(), stack_uri.clone(), next()),
-        )
-        .await;
-        s.add(out);
+        if run_bare {
+            let out = on_cpu(
+                &mut b.cpu_ticks,
+                drive(plan(0), bare_client.clone(), uri.clone(), next()),
+            )
+            .await;
+            b.add(out);
+        }
+        if run_stack {
+            let out = on_cpu(
+                &mut s.cpu_ticks,
+                drive(plan(0), svc.clone(), stack_uri.clone(), next()),
+            )
+            .await;
+            s.add(out);
+        }
     }
     let tick_s = crate::gateway::clock_ticks();
+    if let Some(side) = args.side {
+        provider.shutdown().await;
+        let one = if side == OverheadSide::Bare { &b } else { &s };
+        report::result_line(
+            "overhead-side",
+            &[
+                ("side", format!("{side:?}").to_lowercase()),
+                ("ok", one.ok.to_string()),
+                ("errors", one.errors.to_string()),
+                ("rps", format!("{:.0}", one.rps())),
+                ("cpu_us", format!("{:.1}", one.cpu_us(tick_s))),
+            ],
+        );
+        return match one.errors {
+            0 => Ok(()),
+            n => Err(format!("{n} requests failed").into()),
+        };
+    }
     let (bare_cpu, stack_cpu) = (b.cpu_us(tick_s), s.cpu_us(tick_s));
     let cpu_ratio = bare_cpu / stack_cpu.max(1e-9);
     let served = provider.stats();
